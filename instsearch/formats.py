@@ -96,10 +96,7 @@ class Benchmark:
             raise FileNotFoundError(
                 f"benchmark file not found: {path} (expected a JSON file in the "
                 f"'{BENCHMARK_FORMAT}' format, e.g. written by 'instsearch synth' or 'instsearch convert')")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{path}: not valid JSON ({e})") from None
+        data = _read_json_object(path)
         return cls.from_dict(data, root=path.resolve().parent, source=str(path))
 
     @classmethod
@@ -111,6 +108,8 @@ class Benchmark:
                 raise FormatError(f"{source}: '{key}' must be a {kind.__name__}")
             return data[key]
 
+        if not isinstance(data, Mapping):
+            raise FormatError(f"{source}: expected a JSON object, got {type(data).__name__}")
         fmt = data.get("format")
         if fmt != BENCHMARK_FORMAT:
             raise FormatError(f"{source}: 'format' must be '{BENCHMARK_FORMAT}', got {fmt!r}")
@@ -127,9 +126,14 @@ class Benchmark:
                 raise FormatError(f"{where}: duplicate image id '{entry.id}'")
             images[entry.id] = entry
         database = [str(x) for x in need("database", list)]
+        in_database: set[str] = set()
         for image_id in database:
             if image_id not in images:
                 raise FormatError(f"{source}: database names unknown image '{image_id}'")
+            if image_id in in_database:
+                # A repeated entry would be indexed and returned twice.
+                raise FormatError(f"{source}: database lists image '{image_id}' twice")
+            in_database.add(image_id)
         queries = []
         seen: set[str] = set()
         for i, q in enumerate(need("queries", list)):
@@ -152,6 +156,10 @@ class Benchmark:
             if q.id not in gt_raw:
                 raise FormatError(f"{source}: ground_truth has no entry for query '{q.id}'")
             g = gt_raw[q.id]
+            if not isinstance(g, dict) or not isinstance(g.get("positives", []), list) \
+                    or not isinstance(g.get("junk", []), list):
+                raise FormatError(f"{source}: ground_truth['{q.id}'] must be an object "
+                                  f"{{\"positives\": [...], \"junk\": [...]}}, got {g!r}")
             positives: dict[str, list[Box]] = {}
             for j, p in enumerate(g.get("positives", [])):
                 where = f"{source}: ground_truth['{q.id}'].positives[{j}]"
@@ -160,6 +168,8 @@ class Benchmark:
                     raise FormatError(f"{where}: unknown image '{image}'")
                 im = images[image]
                 boxes = p.get("boxes", []) if isinstance(p, dict) else []
+                if not isinstance(boxes, list):
+                    raise FormatError(f"{where}: 'boxes' must be a list of [x1, y1, x2, y2], got {boxes!r}")
                 positives[image] = [parse_box(b, where, size=(im.width, im.height)) for b in boxes]
             junk = {str(x) for x in g.get("junk", [])}
             for image in junk:
@@ -199,6 +209,18 @@ class Benchmark:
         return path
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise FormatError(f"{path}: not a UTF-8 text file") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
+
+
 def _round_box(box: Sequence[float]) -> list[float]:
     return [round(float(v), 2) for v in box]
 
@@ -224,14 +246,13 @@ class Run:
         if not path.is_file():
             raise FileNotFoundError(f"run file not found: {path} (expected a JSON file in the '{RUN_FORMAT}' format, "
                                     "as written by 'instsearch test')")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{path}: not valid JSON ({e})") from None
+        data = _read_json_object(path)
         return cls.from_dict(data, benchmark=benchmark, source=str(path))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], benchmark: Benchmark | None = None, source: str = "<run>") -> "Run":
+        if not isinstance(data, Mapping):
+            raise FormatError(f"{source}: expected a JSON object, got {type(data).__name__}")
         if data.get("format") != RUN_FORMAT:
             raise FormatError(f"{source}: 'format' must be '{RUN_FORMAT}', got {data.get('format')!r}")
         raw = data.get("rankings")
@@ -296,8 +317,12 @@ class Run:
             if len(parts) != 6:
                 raise FormatError(f"TREC run line {n}: expected 'qid Q0 docid rank score tag', got {line!r}")
             qid, _, doc, rank, score, run_tag = parts
+            try:
+                parsed = (int(rank), Hit(doc, float(score)))
+            except ValueError:
+                raise FormatError(f"TREC run line {n}: rank must be an integer and score a number, got {line!r}") from None
             tag = tag or run_tag
-            per_query.setdefault(qid, []).append((int(rank), Hit(doc, float(score))))
+            per_query.setdefault(qid, []).append(parsed)
         # trec_eval orders by score, ties by docid; keep the file's ranks which agree for our runs.
         return cls(method=tag or "trec", rankings={q: [h for _, h in sorted(v, key=lambda t: t[0])]
                                                     for q, v in per_query.items()})
