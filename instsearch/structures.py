@@ -7,7 +7,7 @@ per region.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Optional
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -80,3 +80,26 @@ class ImageMeta:
     query_id: Optional[str] = None  # set for query items
     query_box: Optional[tuple[float, float, float, float]] = None  # original pixels
     extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class RegionSearchModel(Protocol):
+    """What the evaluation side needs from any method's network (a plain ``nn.Module``).
+
+    ``images`` are float RGB tensors ``(3, H, W)`` in ``[0, 1]`` at the resolution the loader
+    served (the original resolution unless the loader had to shrink a huge image); the network
+    does its own resizing and normalisation and returns boxes in the pixels of the images it was
+    given. Both methods run under ``torch.no_grad()`` in eval mode.
+    """
+
+    def detect_regions(self, images: list[Tensor]) -> list[Regions]:
+        """Database side: the image's regions with one feature per region."""
+        ...
+
+    def describe_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
+        """Query side: one feature per given box, ``(n_i, D)`` for ``boxes[i]`` of shape ``(n_i, 4)``.
+
+        Labels for category pruning, when the method predicts them, come from
+        :meth:`classify_boxes` if the network has it.
+        """
+        ...

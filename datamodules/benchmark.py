@@ -1,0 +1,102 @@
+"""Serving a ``benchmark.json`` to an extractor: database images and query images with their boxes.
+
+Items are ``(image, ImageMeta)``; a file that cannot be decoded yields ``(None, meta)`` with the
+reason in ``meta.extra["error"]``, so the evaluator can skip it, count it and list it in its
+report instead of crashing mid-run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import pil_to_tensor
+
+from datamodules.image_io import MAX_PIXELS, BadImageError, load_rgb
+from instsearch.formats import Benchmark
+from instsearch.structures import ImageMeta
+
+Part = Literal["database", "queries", "all"]
+
+
+class BenchmarkImages(Dataset):
+    """Database images first, then one item per query (its image, with ``query_box`` set).
+
+    ``max_side`` shrinks images whose long side exceeds it (memory guard for huge photos); the
+    meta's ``scale`` records it so boxes can be mapped back to original pixels.
+    """
+
+    def __init__(self, benchmark: Benchmark | str | Path, part: Part = "all", max_side: Optional[int] = None,
+                 max_pixels: int = MAX_PIXELS):
+        self.benchmark = benchmark if isinstance(benchmark, Benchmark) else Benchmark.load(benchmark)
+        self.max_side = max_side
+        self.max_pixels = max_pixels
+        self.items: list[tuple[str, Optional[str]]] = []
+        if part in ("database", "all"):
+            self.items += [(image_id, None) for image_id in self.benchmark.database]
+        if part in ("queries", "all"):
+            self.items += [(q.image, q.id) for q in self.benchmark.queries]
+        self._queries = self.benchmark.query_by_id
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Optional[torch.Tensor], ImageMeta]:
+        image_id, query_id = self.items[index]
+        entry = self.benchmark.images[image_id]
+        meta = ImageMeta(image_id=image_id, orig_size=(entry.height, entry.width), query_id=query_id,
+                         query_box=self._queries[query_id].box if query_id else None)
+        try:
+            image = load_rgb(self.benchmark.image_path(image_id), max_pixels=self.max_pixels)
+        except BadImageError as e:
+            meta.extra["error"] = e.reason
+            meta.extra["path"] = e.path
+            return None, meta
+        if image.size != (entry.width, entry.height):
+            # The benchmark's declared size is the coordinate frame of every box: rescale to it.
+            meta.extra["declared_size_mismatch"] = image.size
+            image = image.resize((entry.width, entry.height))
+        if self.max_side and max(image.size) > self.max_side:
+            meta.scale = self.max_side / max(image.size)
+            image = image.resize((max(1, round(image.width * meta.scale)), max(1, round(image.height * meta.scale))))
+        return pil_to_tensor(image).float().div_(255.0), meta
+
+
+def collate_images(batch):
+    """Lists, not stacks: images differ in size and the detectors batch them themselves."""
+    images, metas = zip(*batch)
+    return list(images), list(metas)
+
+
+def benchmark_dataloader(benchmark: Benchmark | str | Path, part: Part = "all", batch_size: int = 4,
+                         num_workers: int = 0, max_side: Optional[int] = None,
+                         indices: Optional[list[int]] = None) -> DataLoader:
+    dataset: Dataset = BenchmarkImages(benchmark, part=part, max_side=max_side)
+    if indices is not None:
+        dataset = torch.utils.data.Subset(dataset, indices)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate_images, persistent_workers=False)
+
+
+class BenchmarkDataModule(pl.LightningDataModule):
+    """Any ``benchmark.json`` for ``instsearch test`` / ``predict``: no training data needed.
+
+    Training DataModules take the same ``benchmark`` argument and serve it the same way.
+    """
+
+    def __init__(self, benchmark: Optional[str] = None, batch_size: int = 4, num_workers: int = 0,
+                 max_side: Optional[int] = 1600):
+        super().__init__()
+        self.benchmark = benchmark
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.max_side = max_side
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.benchmark:
+            raise ValueError("no benchmark given: pass --data.benchmark path/to/benchmark.json")
+        return benchmark_dataloader(self.benchmark, "all", self.batch_size, self.num_workers, self.max_side)
+
+    predict_dataloader = test_dataloader

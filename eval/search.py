@@ -1,0 +1,212 @@
+"""Search over region features: image score = its best region, returned box = that region's box.
+
+Every method's database side ends up as one :class:`RegionStore` (features, owning image, box,
+score, label of every region, concatenated). :class:`RegionIndex` puts the features in a faiss
+index and answers a batch of queries with a ranking of *images*:
+
+1. faiss returns, per query, the top ``k`` regions by inner product (cosine for l2-normalised
+   features), best first;
+2. the first time an image appears in that list is its best region, so image scores and boxes
+   are read off with one ``np.unique`` over ``(query, image)`` keys - no loop over regions;
+3. if fewer than the wanted number of distinct images came back, ``k`` grows (×4) for those
+   queries only. With ``k`` = all regions the ranking is exact and complete.
+
+The ranking of the images that appear is exact whatever ``k``: if any region of an image is in
+the top ``k``, its best region is too (it scores at least as high).
+
+Category pruning (FCIS+XD, seed §3.4): with ``prune_by_label`` a query is compared only with the
+regions whose predicted label equals the query's; one flat sub-index per label is built lazily.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import faiss
+import numpy as np
+import torch
+
+from instsearch.formats import Hit, Run
+from instsearch.structures import Regions
+
+
+@dataclass
+class RegionStore:
+    """All database regions, concatenated. ``image_index[r]`` is the position of region r's image."""
+
+    image_ids: list[str]
+    features: np.ndarray  # (M, D) float32, C-contiguous
+    image_index: np.ndarray  # (M,) int64
+    boxes: np.ndarray  # (M, 4) float32
+    scores: np.ndarray  # (M,) float32
+    labels: Optional[np.ndarray] = None  # (M,) int64
+
+    @classmethod
+    def from_regions(cls, image_ids: Sequence[str], regions: Sequence[Regions]) -> "RegionStore":
+        if len(image_ids) != len(regions):
+            raise ValueError(f"{len(image_ids)} image ids for {len(regions)} region sets")
+        dims = {int(r.features.shape[1]) for r in regions if r.features is not None and len(r)}
+        if len(dims) > 1:
+            raise ValueError(f"regions have features of different sizes: {sorted(dims)}")
+        dim = dims.pop() if dims else 0
+        counts = np.array([len(r) for r in regions], dtype=np.int64)
+        if any(r.features is None for r in regions if len(r)):
+            raise ValueError("every database region needs a feature")
+
+        def cat(name: str, width: int | None, dtype) -> np.ndarray:
+            parts = [getattr(r, name).detach().cpu().numpy() for r in regions if len(r)]
+            if not parts:
+                return np.zeros((0, width) if width else (0,), dtype=dtype)
+            return np.ascontiguousarray(np.concatenate(parts).astype(dtype, copy=False))
+
+        has_labels = len(regions) > 0 and all(r.labels is not None for r in regions if len(r))
+        return cls(
+            image_ids=list(image_ids),
+            features=cat("features", dim, np.float32),
+            image_index=np.repeat(np.arange(len(regions), dtype=np.int64), counts),
+            boxes=cat("boxes", 4, np.float32),
+            scores=cat("scores", None, np.float32),
+            labels=cat("labels", None, np.int64) if has_labels else None,
+        )
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+
+@dataclass
+class ImageRanking:
+    """One query's ranking: positions into ``RegionStore.image_ids`` and the winning regions."""
+
+    images: np.ndarray  # (n,) int64, best first
+    scores: np.ndarray  # (n,) float32
+    regions: np.ndarray  # (n,) int64, the best region of each image (its box is the localisation)
+
+
+def best_region_per_image(distances: np.ndarray, region_ids: np.ndarray, image_index: np.ndarray,
+                          num_images: int) -> list[ImageRanking]:
+    """Reduce per-query region hits (sorted best first, -1 = padding) to per-query image rankings."""
+    nq, k = region_ids.shape
+    valid = region_ids >= 0
+    q = np.broadcast_to(np.arange(nq, dtype=np.int64)[:, None], (nq, k))[valid]
+    regions = region_ids[valid]
+    scores = distances[valid]
+    images = image_index[regions]
+    # Row-major flattening keeps each query's hits best first, so the first occurrence of a
+    # (query, image) key is that image's best region.
+    _, first = np.unique(q * num_images + images, return_index=True)
+    q, images, regions, scores = q[first], images[first], regions[first], scores[first]
+    order = np.lexsort((-scores, q))  # by query, then score descending
+    q, images, regions, scores = q[order], images[order], regions[order], scores[order]
+    bounds = np.searchsorted(q, np.arange(nq + 1))
+    return [ImageRanking(images[a:b], scores[a:b].astype(np.float32), regions[a:b])
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class RegionIndex:
+    """A faiss index over a :class:`RegionStore` answering image-level queries.
+
+    ``index_factory`` is any faiss factory string over inner product ("Flat" is exact; "IVF…",
+    "PQ…", "OPQ…" trade accuracy for speed and memory and are trained on the stored features).
+    """
+
+    def __init__(self, store: RegionStore, index_factory: str = "Flat", nprobe: int = 16):
+        self.store = store
+        self.index_factory = index_factory
+        self.nprobe = nprobe
+        self.index = self._build(store.features)
+        self._label_indexes: dict[int, tuple[faiss.Index, np.ndarray]] = {}
+
+    def _build(self, features: np.ndarray) -> faiss.Index:
+        dim = features.shape[1] if features.ndim == 2 and features.shape[1] else 1
+        index = faiss.index_factory(dim, self.index_factory, faiss.METRIC_INNER_PRODUCT)
+        if len(features):
+            if not index.is_trained:
+                index.train(features)
+            index.add(features)
+        if hasattr(index, "nprobe"):
+            index.nprobe = self.nprobe
+        return index
+
+    def _label_index(self, label: int) -> tuple[faiss.Index, np.ndarray]:
+        if label not in self._label_indexes:
+            members = np.flatnonzero(self.store.labels == label)
+            index = faiss.IndexFlatIP(max(self.store.dim, 1))
+            if len(members):
+                index.add(self.store.features[members])
+            self._label_indexes[label] = (index, members)
+        return self._label_indexes[label]
+
+    def search(self, queries: np.ndarray | torch.Tensor, top_images: int | None = None,
+               query_labels: Sequence[int] | np.ndarray | None = None, prune_by_label: bool = False,
+               batch_size: int = 256) -> list[ImageRanking]:
+        """Rank database images for each query feature row.
+
+        ``top_images=None`` ranks every image that has a region (exact, complete ranking).
+        """
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().cpu().numpy()
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2:
+            raise ValueError(f"queries must be (Q, D), got shape {queries.shape}")
+        if len(self.store) and queries.shape[1] != self.store.dim:
+            raise ValueError(f"query features are {queries.shape[1]}-D, database regions {self.store.dim}-D")
+        if prune_by_label:
+            if self.store.labels is None or query_labels is None:
+                raise ValueError("category pruning needs labels on the database regions and the queries")
+            query_labels = np.asarray(query_labels, dtype=np.int64)
+            results: list[ImageRanking | None] = [None] * len(queries)
+            for label in np.unique(query_labels):  # loop over categories, not regions
+                rows = np.flatnonzero(query_labels == label)
+                index, members = self._label_index(int(label))
+                for row, ranking in zip(rows, self._search_index(index, members, queries[rows], top_images, batch_size)):
+                    results[row] = ranking
+            return results  # type: ignore[return-value]
+        return self._search_index(self.index, None, queries, top_images, batch_size)
+
+    def _search_index(self, index: faiss.Index, members: np.ndarray | None, queries: np.ndarray,
+                      top_images: int | None, batch_size: int) -> list[ImageRanking]:
+        total = index.ntotal
+        num_images = len(self.store.image_ids)
+        if total == 0:
+            empty = ImageRanking(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
+            return [empty for _ in range(len(queries))]
+        image_index = self.store.image_index if members is None else self.store.image_index[members]
+        wanted = min(top_images, num_images) if top_images is not None else num_images
+        out: list[ImageRanking] = []
+        for start in range(0, len(queries), batch_size):
+            batch = queries[start:start + batch_size]
+            k = total if top_images is None else min(total, max(4 * wanted, 64))
+            pending = np.arange(len(batch))
+            found: dict[int, ImageRanking] = {}
+            while len(pending):
+                distances, ids = index.search(batch[pending], k)
+                rankings = best_region_per_image(distances, ids, image_index, num_images)
+                retry = []
+                for row, ranking in zip(pending, rankings):
+                    if len(ranking.images) >= wanted or k >= total:
+                        if members is not None:
+                            ranking.regions = members[ranking.regions]
+                        if top_images is not None:
+                            ranking = ImageRanking(ranking.images[:top_images], ranking.scores[:top_images],
+                                                   ranking.regions[:top_images])
+                        found[int(row)] = ranking
+                    else:
+                        retry.append(row)
+                pending = np.asarray(retry, dtype=np.int64)
+                k = min(total, k * 4)
+            out.extend(found[i] for i in range(len(batch)))
+        return out
+
+    def to_run(self, query_ids: Sequence[str], rankings: Sequence[ImageRanking], method: str) -> Run:
+        """A :class:`Run` with each hit's image id, score and its best region's box."""
+        ids = self.store.image_ids
+        rank = {}
+        for qid, r in zip(query_ids, rankings):
+            boxes = self.store.boxes[r.regions]
+            rank[qid] = [Hit(ids[i], float(s), tuple(float(v) for v in b))
+                         for i, s, b in zip(r.images.tolist(), r.scores.tolist(), boxes.tolist())]
+        return Run(method=method, rankings=rank)

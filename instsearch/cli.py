@@ -1,0 +1,77 @@
+"""The ``instsearch`` command: Lightning's fit/validate/test/predict plus the project's tools."""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable, Optional
+
+from pytorch_lightning.cli import LightningCLI
+
+TOOLS: dict[str, tuple[str, str]] = {
+    "synth": ("datamodules.synthetic:main", "generate the synthetic instance-search benchmark"),
+    "convert": ("datamodules.converters:main", "convert a public benchmark (INSTRE, Oxford, Paris, Holidays, ...) to benchmark.json"),
+    "evaluate": ("eval.evaluate:main", "score a run.json against a benchmark.json (mAP@k, mIoU)"),
+    "demo": ("instsearch.demo:main", "synthetic benchmark -> untrained vs trained vs global GeM, end to end"),
+}
+LIGHTNING = {
+    "fit": "train a model (LightningCLI; --config configs/*.yaml)",
+    "validate": "run the validation loop and retrieval evaluation once",
+    "test": "score a checkpoint on a benchmark: --ckpt_path X.ckpt [--data.benchmark B.json]; writes run.json, metrics.json",
+    "predict": "extract regions and features of a benchmark's database",
+}
+
+
+class InstsearchCLI(LightningCLI):
+    """LightningCLI with the retrieval evaluation callback always attached (``--retrieval.*``)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from eval.callback import RetrievalEvaluation
+
+        parser.add_lightning_class_args(RetrievalEvaluation, "retrieval")
+
+
+def lightning_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs) -> InstsearchCLI:
+    import pytorch_lightning as pl
+
+    defaults = {
+        "logger": [
+            {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "instsearch"}},
+        ],
+    }
+    return InstsearchCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                         trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args, run=run,
+                         auto_configure_optimizers=False, **kwargs)
+
+
+def _usage() -> str:
+    width = max(map(len, list(TOOLS) + list(LIGHTNING)))
+    lines = ["usage: instsearch <command> [options]   (instsearch <command> --help for a command's options)", "",
+             "training and evaluation (LightningCLI):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING.items()]
+    lines += ["", "tools:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in TOOLS.items()]
+    return "\n".join(lines)
+
+
+def _load(target: str) -> Callable[[list[str]], int]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in TOOLS:
+        return int(_load(TOOLS[command][0])(rest) or 0)
+    if command in LIGHTNING:
+        lightning_cli([command, *rest])
+        return 0
+    print(f"instsearch: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

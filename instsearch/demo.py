@@ -1,0 +1,127 @@
+"""``instsearch demo``: the whole pipeline on the synthetic benchmark, in one run.
+
+1. generate the tiny synthetic benchmark (or reuse it when already there);
+2. evaluate the untrained deep region CNN (random initialisation);
+3. fine-tune it (Faster R-CNN, conv1-2 frozen) with the retrieval callback attached;
+4. evaluate the trained model, and a whole-image GeM descriptor from the same trained backbone;
+5. write ``metrics.json`` (rows ``untrained``, ``trained``, ``global_gem``), ``results.png``,
+   ``config.yaml`` (the full LightningCLI config) and ``checkpoints/last.ckpt``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+DEFAULT_EPOCHS = 8
+
+
+def build_args(out: Path, data: Path, accelerator: str, epochs: int, seed: int, num_classes: int,
+               num_workers: int) -> list[str]:
+    """The LightningCLI arguments of the demo run (the same keys a YAML config would hold)."""
+    return [
+        f"--seed_everything={seed}",
+        "--model=lightning_modules.deep_region_cnn.DeepRegionCNNModule",
+        "--model.backbone=small",
+        f"--model.num_classes={num_classes}",
+        "--model.min_size=160",
+        "--model.max_size=200",
+        "--model.optim.lr=0.02",
+        "--model.optim.warmup_steps=50",
+        f"--model.optim.milestones=[{max(epochs - 2, 1)}]",
+        "--data=datamodules.coco.SyntheticDataModule",
+        f"--data.root={data}",
+        "--data.batch_size=8",
+        f"--data.num_workers={num_workers}",
+        f"--trainer.max_epochs={epochs}",
+        f"--trainer.accelerator={accelerator}",
+        "--trainer.devices=1",
+        f"--trainer.default_root_dir={out}",
+        "--trainer.log_every_n_steps=10",
+        f"--trainer.check_val_every_n_epoch={epochs}",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.logger+=pytorch_lightning.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={out}",
+        "--trainer.logger.name=logs",
+        "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={out / 'checkpoints'}",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.save_top_k=0",
+        f"--retrieval.every_n_epochs={epochs}",
+    ]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="instsearch demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
+    parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--wandb", action="store_true", help="also log to wandb (offline without an API key)")
+    args = parser.parse_args(argv)
+
+    from datamodules.synthetic import generate
+    from eval.callback import RetrievalEvaluation
+    from eval.evaluate import format_metrics_table
+    from eval.evaluator import RetrievalEvaluator, run_evaluation
+    from eval.visualize import save_result_grid
+    from instsearch.cli import lightning_cli
+    from instsearch.formats import Benchmark
+    from datamodules.benchmark import benchmark_dataloader
+    from networks.global_search import GlobalDescriptorSearch
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    start = time.perf_counter()
+    out: Path = args.out.resolve()
+    data = out / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    bench_path = data / "benchmark.json"
+    if not bench_path.is_file():
+        print(f"[1/5] generating the {args.preset} synthetic benchmark in {data}")
+        generate(data, preset=args.preset, seed=args.seed)
+    else:
+        print(f"[1/5] reusing the synthetic benchmark in {data}")
+    num_classes = len(json.loads((data / "train.json").read_text())["categories"]) + 1
+    benchmark = Benchmark.load(bench_path)
+
+    cli_args = build_args(out, data, args.accelerator, args.epochs, args.seed, num_classes, args.num_workers)
+    if args.wandb:
+        cli_args += ["--trainer.logger+=instsearch.loggers.WandbLogger", f"--trainer.logger.save_dir={out}"]
+    cli = lightning_cli(cli_args, run=False)
+    (out / "config.yaml").write_text(cli.parser.dump(cli.config, skip_none=False))
+    model, trainer = cli.model, cli.trainer
+    device = torch.device("cuda" if trainer.strategy.root_device.type == "cuda" else "cpu")
+
+    def evaluate(net, method: str, desc: str):
+        net.to(device)
+        loader = benchmark_dataloader(benchmark, "all", batch_size=8, num_workers=args.num_workers)
+        return run_evaluation(net, loader, RetrievalEvaluator(benchmark, method=method), desc=desc)
+
+    print("[2/5] evaluating the untrained model")
+    torch.manual_seed(args.seed)
+    untrained = evaluate(model, "untrained", "untrained")
+    print(f"[3/5] training for {args.epochs} epochs on {trainer.strategy.root_device}")
+    trainer.fit(model, datamodule=cli.datamodule)
+    print("[4/5] evaluating the trained model and the whole-image GeM baseline")
+    cb = next((c for c in trainer.callbacks if isinstance(c, RetrievalEvaluation)), None)
+    trained = cb.last_result if cb is not None and cb.last_result is not None else evaluate(model, "trained", "trained")
+    global_gem = evaluate(GlobalDescriptorSearch(model.net), "global_gem", "global GeM")
+
+    rows = {"untrained": untrained.metrics, "trained": trained.metrics, "global_gem": global_gem.metrics}
+    (out / "metrics.json").write_text(json.dumps(rows, indent=1) + "\n")
+    trained.run.method = "deep_region_cnn"
+    trained.run.save(out / "run.json")
+    save_result_grid(out / "results.png", benchmark, trained.run, num_queries=6)
+    print("[5/5] done in {:.0f} s".format(time.perf_counter() - start))
+    print(format_metrics_table(rows))
+    for name in ("metrics.json", "results.png", "config.yaml", "run.json", "checkpoints/last.ckpt"):
+        print(f"  {out / name}")
+    return 0

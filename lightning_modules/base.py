@@ -1,0 +1,175 @@
+"""The thin LightningModule every instsearch method shares.
+
+A subclass builds ``self.net`` (a plain ``nn.Module`` implementing
+:class:`~instsearch.structures.RegionSearchModel` whose ``forward(images, targets)`` returns a
+loss dict in training and detections in eval mode, as torchvision's detectors do) and nothing
+else is method-specific: optimisation, detection AP on the validation set, and the retrieval
+protocol of ``instsearch test`` live here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from eval.callback import publish, resolve_benchmark
+from eval.evaluator import RetrievalEvaluator
+from instsearch.structures import Regions
+
+
+@dataclass
+class OptimizerConfig:
+    """SGD with linear warm-up and step decay, the schedule of the detection papers."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    warmup_factor: float = 0.001
+    milestones: list[int] = field(default_factory=list)  # epochs at which lr *= gamma
+    gamma: float = 0.1
+
+
+@dataclass
+class RetrievalConfig:
+    """How ``instsearch test`` scores a checkpoint (see design.md §4)."""
+
+    normalization: str = "relevant"
+    protocol: str = "standard"
+    regions_per_image: Optional[int] = None
+    prune_by_label: bool = False
+    grid_queries: int = 4
+
+
+class RegionSearchModule(pl.LightningModule):
+    net: nn.Module
+    box_iou_types: Sequence[str] = ("bbox",)
+
+    def __init__(self, optim: Optional[OptimizerConfig] = None, retrieval: Optional[RetrievalConfig] = None):
+        super().__init__()
+        self.optim = optim or OptimizerConfig()
+        self.retrieval = retrieval or RetrievalConfig()
+        self._evaluator: Optional[RetrievalEvaluator] = None
+        self._val_map = None
+
+    # ------------------------------------------------------------ the RegionSearchModel protocol
+    def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None):
+        return self.net(images, targets)
+
+    def detect_regions(self, images: list[Tensor]) -> list[Regions]:
+        return self.net.detect_regions(images)
+
+    def describe_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
+        return self.net.describe_boxes(images, boxes)
+
+    def classify_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
+        if not hasattr(self.net, "classify_boxes"):
+            raise TypeError(f"{type(self.net).__name__} predicts no categories")
+        return self.net.classify_boxes(images, boxes)
+
+    # ------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses = self.net(list(images), list(targets))
+        loss = sum(losses.values())
+        batch_size = len(images)
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=batch_size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        from torchmetrics.detection import MeanAveragePrecision
+
+        if self._val_map is None:
+            self._val_map = MeanAveragePrecision(iou_type=list(self.box_iou_types), backend="pycocotools")
+        self._val_map.to(self.device)
+        self._val_map.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        detections = self.net(list(images))
+        preds = [{k: v for k, v in d.items() if k in ("boxes", "scores", "labels", "masks")} for d in detections]
+        if "segm" in self.box_iou_types:
+            for p in preds:
+                p["masks"] = p["masks"].squeeze(1) > 0.5
+        gts = []
+        for t in targets:
+            g = {"boxes": t["boxes"], "labels": t["labels"]}
+            if "iscrowd" in t:
+                g["iscrowd"] = t["iscrowd"]
+            if "segm" in self.box_iou_types:
+                g["masks"] = t["masks"].bool()
+            gts.append(g)
+        self._val_map.update(preds, gts)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_map is None:
+            return
+        if self.trainer.sanity_checking:
+            self._val_map.reset()
+            return
+        result = self._val_map.compute()
+        for iou_type in self.box_iou_types:
+            key = "" if len(self.box_iou_types) == 1 else f"{iou_type}_"
+            tag = "box" if iou_type == "bbox" else "mask"
+            self.log_dict({f"val/{tag}_AP@0.5": result[f"{key}map_50"].float(),
+                           f"val/{tag}_AP@0.75": result[f"{key}map_75"].float(),
+                           f"val/{tag}_AP": result[f"{key}map"].float()}, sync_dist=False, batch_size=1)
+        self._val_map.reset()
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        o = self.optim
+        optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        steps_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / max(self.trainer.max_epochs or 1, 1)))
+        milestones = [m * steps_per_epoch for m in o.milestones]
+
+        def factor(step: int) -> float:
+            warm = 1.0
+            if step < o.warmup_steps:
+                alpha = step / max(o.warmup_steps, 1)
+                warm = o.warmup_factor * (1 - alpha) + alpha
+            return warm * o.gamma ** sum(step >= m for m in milestones)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------ instsearch test / predict
+    def on_test_epoch_start(self) -> None:
+        benchmark = resolve_benchmark(self.trainer)
+        if benchmark is None:
+            raise ValueError("instsearch test needs a benchmark: pass --data.benchmark path/to/benchmark.json")
+        r = self.retrieval
+        self._evaluator = RetrievalEvaluator(benchmark, method=type(self).__name__, normalization=r.normalization,
+                                             protocol=r.protocol, regions_per_image=r.regions_per_image,
+                                             prune_by_label=r.prune_by_label)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        images, metas = batch
+        self._evaluator.update(self, images, metas)
+
+    def on_test_epoch_end(self) -> None:
+        result = self._evaluator.compute()
+        self.test_result = result
+        written = publish(self.trainer, self, self._evaluator.benchmark, result, prefix="test/",
+                          grid_queries=self.retrieval.grid_queries, write_files=True)
+        if self.trainer.is_global_zero:
+            from eval.evaluate import format_metrics_table
+
+            rank_zero_info(format_metrics_table({"test": result.metrics}))
+            for name in ("run", "metrics", "grid"):
+                if name in written:
+                    print(f"{name}: {written[name]}")
+
+    def predict_step(self, batch, batch_idx: int) -> list[tuple[str, Regions]]:
+        images, metas = batch
+        keep = [(im, m) for im, m in zip(images, metas) if im is not None and m.query_id is None]
+        if not keep:
+            return []
+        regions = self.detect_regions([im.to(self.device) for im, _ in keep])
+        return [(m.image_id, r.detach_cpu()) for r, (_, m) in zip(regions, keep)]
