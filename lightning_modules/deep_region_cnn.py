@@ -1,0 +1,33 @@
+"""Deep region CNN (Mei et al. 2018): fine-tuned Faster R-CNN, top-K detected regions, fused features.
+
+The module is wiring only; the network is :class:`networks.deep_region_cnn.DeepRegionCNN`,
+injected by the config (``model.net``), so every network option is reachable from the CLI::
+
+    model:
+      class_path: lightning_modules.deep_region_cnn.DeepRegionCNNModule
+      init_args:
+        net:
+          class_path: networks.deep_region_cnn.DeepRegionCNN
+          init_args: {backbone: vgg16, num_classes: 201, top_k: 2}
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from lightning_modules.base import OptimizerConfig, RegionSearchModule, RetrievalConfig
+from networks.deep_region_cnn import DeepRegionCNN
+
+
+class DeepRegionCNNModule(RegionSearchModule):
+    def __init__(self, net: DeepRegionCNN, optim: Optional[OptimizerConfig] = None,
+                 retrieval: Optional[RetrievalConfig] = None):
+        super().__init__(optim=optim, retrieval=retrieval)
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+
+    def on_fit_start(self) -> None:
+        dm_classes = getattr(self.trainer.datamodule, "num_classes", None)
+        net_classes = self.net.detector.roi_heads.box_predictor.cls_score.out_features
+        if dm_classes is not None and dm_classes != net_classes:
+            raise ValueError(f"the data has {dm_classes} classes (background included) but the detector predicts "
+                             f"{net_classes}: set model.net.init_args.num_classes={dm_classes}")
