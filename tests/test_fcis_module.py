@@ -1,0 +1,107 @@
+"""FCISModule: a short fit on the synthetic set, mask / box AP logging, the configs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_modules.fcis import COCO_IOU_THRESHOLDS, FCISModule, ap_at_threshold
+from networks.fcis import FCIS
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _tiny_fcis(num_classes: int) -> FCIS:
+    torch.manual_seed(0)
+    return FCIS(num_classes=num_classes, backbone="resnet26", deformable=True, min_size=96, max_size=160,
+                anchor_sizes=(16, 32, 64), rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=50,
+                rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=50, roi_batch_size_per_image=16,
+                head_channels=64, group_size=3, mask_size=9, detections_per_img=20)
+
+
+def test_fit_logs_losses_and_mask_ap(tmp_path, synthetic_root, num_classes):
+    from datamodules.coco import SyntheticDataModule
+
+    pl.seed_everything(0)
+    model = FCISModule(_tiny_fcis(num_classes))
+    before = {k: v.clone() for k, v in model.net.head.state_dict().items()}
+    dm = SyntheticDataModule(root=synthetic_root, batch_size=2, num_workers=0)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
+                         accelerator="cpu", devices=1, logger=pl.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    metrics = trainer.callback_metrics
+    for key in ("train/loss_mask", "train/loss_classifier", "train/loss_box_reg", "train/loss_objectness"):
+        assert torch.isfinite(metrics[key]), key
+    for tag in ("box", "mask"):
+        for name in ("AP@0.5", "AP@0.7", "AP"):
+            value = float(metrics[f"val/{tag}_{name}"])
+            assert -1.0 <= value <= 1.0  # -1 only when COCOeval has nothing defined
+    assert any(not torch.equal(before[k], v) for k, v in model.net.head.state_dict().items())
+
+
+def test_fit_refuses_a_class_count_mismatch(tmp_path, synthetic_root, num_classes):
+    from datamodules.coco import SyntheticDataModule
+
+    model = FCISModule(_tiny_fcis(num_classes + 1))
+    dm = SyntheticDataModule(root=synthetic_root, batch_size=2, num_workers=0)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, accelerator="cpu", devices=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=f"num_classes={num_classes}"):
+        trainer.fit(model, datamodule=dm)
+
+
+def test_ap_at_threshold_matches_torchmetrics():
+    """AP@t read from COCOeval's precision array equals torchmetrics' own AP@0.5 / AP@0.75."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(iou_type="bbox", iou_thresholds=COCO_IOU_THRESHOLDS, extended_summary=True,
+                                  backend="pycocotools")
+    gt = [{"boxes": torch.tensor([[10.0, 10, 50, 50], [60, 60, 100, 90]]), "labels": torch.tensor([1, 2])},
+          {"boxes": torch.tensor([[0.0, 0, 30, 40]]), "labels": torch.tensor([1])}]
+    preds = [{"boxes": torch.tensor([[12.0, 10, 50, 52], [60, 62, 95, 90], [0, 0, 20, 20]]),
+              "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([1, 2, 1])},
+             {"boxes": torch.tensor([[5.0, 0, 30, 40]]), "scores": torch.tensor([0.6]), "labels": torch.tensor([1])}]
+    metric.update(preds, gt)
+    result = metric.compute()
+    torch.testing.assert_close(ap_at_threshold(result["precision"], COCO_IOU_THRESHOLDS, 0.5), result["map_50"].float())
+    torch.testing.assert_close(ap_at_threshold(result["precision"], COCO_IOU_THRESHOLDS, 0.75), result["map_75"].float())
+    with pytest.raises(ValueError, match="0.33"):
+        ap_at_threshold(result["precision"], COCO_IOU_THRESHOLDS, 0.33)
+
+
+@pytest.mark.parametrize("variant,arch,deformable", [
+    ("fcis", "resnet101", False), ("fcis_d", "resnet101", True),
+    ("fcis_x", "resnext101_32x4d", False), ("fcis_xd", "resnext101_32x4d", True),
+])
+def test_synthetic_configs_parse(variant, arch, deformable, tmp_path):
+    """Each config builds its module through the CLI (backbone shrunk to keep the test fast)."""
+    import yaml
+
+    from instsearch.cli import lightning_cli
+
+    path = CONFIGS / f"{variant}_synthetic.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    net_args = cfg["model"]["init_args"]["net"]["init_args"]
+    assert (net_args["backbone"], net_args["deformable"]) == (arch, deformable)
+    cli = lightning_cli(["--config", str(path), "--model.init_args.net.init_args.backbone=resnet26",
+                         "--trainer.logger=false", "--trainer.accelerator=cpu", "--trainer.devices=1",
+                         f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.root={tmp_path}"], run=False)
+    assert isinstance(cli.model, FCISModule) and isinstance(cli.model.net, FCIS)
+    net = cli.model.net
+    assert net.num_classes == 7 and net.roi_sampling == "ohem" and net.feature_dim == 1536
+    assert any(type(m).__name__ == "DeformableConv2d" for m in net.backbone.modules()) == deformable
+    assert cli.model.retrieval.prune_by_label
+
+
+def test_coco_config_is_the_papers_setting():
+    import yaml
+
+    cfg = yaml.safe_load((CONFIGS / "fcis_xd_coco.yaml").read_text())
+    net = cfg["model"]["init_args"]["net"]["init_args"]
+    assert (net["backbone"], net["deformable"], net["num_classes"]) == ("resnext101_32x4d", True, 81)
+    assert (net["min_size"], net["max_size"], net["box_nms_thresh"], net["group_size"], net["mask_size"]) == (600, 1000, 0.3, 7, 21)
+    assert net["feature_layers"] == ["conv3", "conv4"] and net["feature_pooling"] == "max"
+    assert cfg["data"]["init_args"]["year"] == 2014
