@@ -80,23 +80,35 @@ def benchmark_dataloader(benchmark: Benchmark | str | Path, part: Part = "all", 
                       collate_fn=collate_images, persistent_workers=False)
 
 
-class BenchmarkDataModule(pl.LightningDataModule):
-    """Any ``benchmark.json`` for ``instsearch test`` / ``predict``: no training data needed.
+class ServesBenchmark:
+    """Mixin for DataModules with a ``benchmark`` argument: ``test``/``predict`` serve it.
 
-    Training DataModules take the same ``benchmark`` argument and serve it the same way.
+    ``instsearch test --data.benchmark B.json`` then scores a checkpoint on any benchmark with
+    whatever DataModule the training config named.
     """
+
+    benchmark: Optional[str]
+    num_workers: int = 0
+    benchmark_batch_size: int = 4
+    benchmark_max_side: Optional[int] = 1600
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.benchmark:
+            raise ValueError(f"{type(self).__name__} has no benchmark: pass --data.benchmark path/to/benchmark.json")
+        return benchmark_dataloader(self.benchmark, "all", self.benchmark_batch_size, self.num_workers,
+                                    self.benchmark_max_side)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+
+class BenchmarkDataModule(ServesBenchmark, pl.LightningDataModule):
+    """Any ``benchmark.json`` for ``instsearch test`` / ``predict``: no training data needed."""
 
     def __init__(self, benchmark: Optional[str] = None, batch_size: int = 4, num_workers: int = 0,
                  max_side: Optional[int] = 1600):
         super().__init__()
         self.benchmark = benchmark
-        self.batch_size = batch_size
+        self.benchmark_batch_size = batch_size
         self.num_workers = num_workers
-        self.max_side = max_side
-
-    def test_dataloader(self) -> DataLoader:
-        if not self.benchmark:
-            raise ValueError("no benchmark given: pass --data.benchmark path/to/benchmark.json")
-        return benchmark_dataloader(self.benchmark, "all", self.batch_size, self.num_workers, self.max_side)
-
-    predict_dataloader = test_dataloader
+        self.benchmark_max_side = max_side

@@ -1,0 +1,183 @@
+"""Loading pretrained weights from local files.
+
+instsearch never downloads weights itself: the workplaces it runs in may have no model hub. A network
+is given the path of a state-dict file (``weights: /path/to/file.pth``) and loads it here. Online
+users get the very same file by letting the library download it once, e.g.::
+
+    from torchvision.models import VGG16_Weights
+    VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True)   # -> ~/.cache/torch/hub/checkpoints/vgg16-397923af.pth
+
+and pass that path. Without a file the network runs randomly initialised, which is fine for tests
+and for the synthetic demo but worthless for real benchmarks, so that is said once, loudly.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["load_weights", "read_state_dict", "KNOWN_WEIGHT_FILES", "reset_random_init_warnings"]
+
+log = logging.getLogger(__name__)
+
+#: What file each named network expects, for error messages and the random-init warning.
+KNOWN_WEIGHT_FILES: dict[str, str] = {
+    "vgg16": "torchvision's VGG-16 ImageNet state dict `vgg16-397923af.pth` (VGG16_Weights.IMAGENET1K_V1)",
+    "resnet50": "torchvision's ResNet-50 ImageNet state dict `resnet50-0676ba61.pth` "
+                "(ResNet50_Weights.IMAGENET1K_V1) or `resnet50-11ad3fa6.pth` (IMAGENET1K_V2)",
+    "resnet50_fpn": "torchvision's ResNet-50 ImageNet state dict `resnet50-0676ba61.pth` "
+                    "(ResNet50_Weights.IMAGENET1K_V1) or `resnet50-11ad3fa6.pth` (IMAGENET1K_V2)",
+    "fasterrcnn_resnet50_fpn": "torchvision's COCO detector `fasterrcnn_resnet50_fpn_coco-258fb6c6.pth` "
+                               "(FasterRCNN_ResNet50_FPN_Weights.COCO_V1)",
+    "small": "a state dict of the `small` backbone saved by instsearch (no public pretrained file exists)",
+}
+
+# Wrappers that training frameworks put around a model: DataParallel/DDP ('module.'), torch.compile
+# ('_orig_mod.'), Lightning modules holding the network as an attribute ('model.', 'net.', 'network.').
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "network.")
+
+_warned_random_init: set[str] = set()
+
+KeyMap = Union[Mapping[str, str], Callable[[str], Optional[str]]]
+
+
+def reset_random_init_warnings() -> None:
+    """Forget which random-init warnings were given (for tests of the once-per-process rule)."""
+    _warned_random_init.clear()
+
+
+def _expected(name: str) -> str:
+    return KNOWN_WEIGHT_FILES.get(name, f"a PyTorch state-dict file for `{name}`")
+
+
+def read_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
+    """Read a state dict from ``path``: a raw state dict, or a checkpoint holding one under
+    ``'state_dict'`` (Lightning) or ``'model'`` (detectron2, torchvision references).
+
+    ``torch.load`` runs with ``weights_only=True``: a weights file never needs to execute code.
+    """
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: holds objects other than tensors and plain containers, which a weights file "
+                         f"is not allowed to execute; save only the state dict (torch.save(model.state_dict(), "
+                         f"path)). Loader message: {str(err).splitlines()[0]}") from err
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not a state dict (expected a mapping of parameter names to tensors, or a "
+                         f"checkpoint with one under 'state_dict' or 'model'); got {type(obj).__name__}")
+    return dict(obj)
+
+
+def _strip_wrapper_prefixes(state: dict[str, Tensor], target_keys: set[str]) -> dict[str, Tensor]:
+    """Strip wrapper prefixes shared by every key, as long as that helps match the module."""
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                stripped = {k[len(prefix):]: v for k, v in state.items()}
+                # Keep the prefix when the module itself uses it (e.g. a module with a `model` child).
+                if len(target_keys & stripped.keys()) >= len(target_keys & state.keys()):
+                    state, changed = stripped, True
+                    break
+    return state
+
+
+def _apply_key_map(state: dict[str, Tensor], key_map: KeyMap) -> dict[str, Tensor]:
+    """Rename keys: a mapping replaces the longest matching prefix; a callable returns the new key
+    or ``None`` to drop the entry."""
+    out: dict[str, Tensor] = {}
+    if callable(key_map):
+        for k, v in state.items():
+            new = key_map(k)
+            if new is not None:
+                out[new] = v
+        return out
+    prefixes = sorted(key_map, key=len, reverse=True)
+    for k, v in state.items():
+        for prefix in prefixes:
+            if k.startswith(prefix):
+                k = key_map[prefix] + k[len(prefix):]
+                break
+        out[k] = v
+    return out
+
+
+def load_weights(module: nn.Module, weights: Union[str, Path, None], *, name: str, strict: bool = False,
+                 key_map: Optional[KeyMap] = None) -> bool:
+    """Load a local weights file into ``module``.
+
+    Args:
+        module: the network to fill.
+        weights: path of the file, or ``None`` to run randomly initialised (one loud warning per
+            process per ``name``).
+        name: what the weights are for (``"vgg16"``, ``"resnet50_fpn"``, ...); names the expected
+            file in messages.
+        strict: raise on missing / unexpected keys or shape mismatches instead of logging them.
+            Non-strict loading is the norm for fine-tuning: a detector head with another class
+            count, or a classifier the backbone drops, must not stop the load.
+        key_map: renames applied after wrapper prefixes are stripped: ``{"old.prefix.": "new.prefix."}``
+            or a callable ``key -> new key | None`` (``None`` drops it).
+
+    Returns:
+        ``True`` when a file was loaded, ``False`` when running randomly initialised.
+
+    Raises:
+        FileNotFoundError: ``weights`` does not exist (the message names the file expected there).
+        ValueError: the file is not a state dict, or none of its tensors fit ``module``.
+        RuntimeError: ``strict`` and the file does not match ``module`` exactly.
+    """
+    if weights is None:
+        if name not in _warned_random_init:
+            _warned_random_init.add(name)
+            log.warning("!!! %s: no pretrained weights given, the model runs RANDOMLY INITIALISED. Pretrained "
+                        "weights were not found (this workplace has no model hub); pass `weights: /path` to "
+                        "%s.", name, _expected(name))
+        return False
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: weights file {str(path)!r} not found; expected {_expected(name)}. "
+                                f"Download it where a network is available (e.g. through the library's weights "
+                                f"enum) and pass its local path.")
+    target = module.state_dict()
+    state = _strip_wrapper_prefixes(read_state_dict(path), set(target))
+    if key_map is not None:
+        state = _apply_key_map(state, key_map)
+
+    mismatched = sorted(k for k, v in state.items() if k in target and target[k].shape != v.shape)
+    if mismatched:
+        details = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in mismatched[:5])
+        if strict:
+            raise RuntimeError(f"{name}: {path}: shape mismatch for {len(mismatched)} tensors: {details}")
+        log.info("%s: %s: skipping %d tensors whose shape differs (%s)", name, path, len(mismatched), details)
+        state = {k: v for k, v in state.items() if k not in mismatched}
+    loadable = [k for k in state if k in target]
+    if not loadable:
+        raise ValueError(f"{name}: {path} holds no tensor that fits the model (file keys e.g. "
+                         f"{sorted(state)[:3]}, model keys e.g. {sorted(target)[:3]}); expected {_expected(name)}")
+    result = module.load_state_dict(state, strict=strict)
+    log.info("%s: loaded %d/%d tensors from %s", name, len(loadable), len(target), path)
+    if result.missing_keys:
+        log.info("%s: %d tensors not in the file (kept at initialisation): %s", name, len(result.missing_keys),
+                 _abbrev(result.missing_keys))
+    if result.unexpected_keys:
+        log.info("%s: %d tensors in the file not used by the model: %s", name, len(result.unexpected_keys),
+                 _abbrev(result.unexpected_keys))
+    return True
+
+
+def _abbrev(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "")

@@ -1,0 +1,165 @@
+"""End to end: CLI, evaluation of a real model, fit -> checkpoint -> test -> evaluate, loggers, DDP."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from datamodules.benchmark import benchmark_dataloader
+from eval.evaluator import RetrievalEvaluator, run_evaluation
+from instsearch.cli import main
+from instsearch.formats import Benchmark, Run
+
+METRIC_KEYS = {"mAP@10", "mAP@20", "mAP@50", "mAP@100", "mAP@all", "mIoU", "num_queries", "normalization", "protocol"}
+
+
+def small_net(num_classes: int):
+    from networks.deep_region_cnn import DeepRegionCNN
+
+    torch.manual_seed(0)
+    return DeepRegionCNN(backbone="small", num_classes=num_classes, top_k=5, feature_layers=["conv4"]).eval()
+
+
+def test_help_lists_every_subcommand(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "synth", "evaluate", "demo", "convert"):
+        assert f"  {command} " in out
+
+
+def test_unknown_command_fails(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_evaluation_of_a_region_model(small_benchmark, num_classes):
+    bench = Benchmark.load(small_benchmark)
+    result = run_evaluation(small_net(num_classes), benchmark_dataloader(bench, batch_size=8),
+                            RetrievalEvaluator(bench), progress=False)
+    assert METRIC_KEYS <= set(result.metrics)
+    assert result.metrics["num_queries"] == 4
+    for qid, hits in result.run.rankings.items():
+        # every database image with a region is ranked once, best first, with a box inside the image
+        assert len({h.image for h in hits}) == len(hits) == len(bench.database)
+        assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+        for h in hits:
+            e = bench.images[h.image]
+            assert 0 <= h.box[0] < h.box[2] <= e.width and 0 <= h.box[1] < h.box[3] <= e.height
+    # the run file round-trips through `instsearch evaluate` to the same numbers
+    assert 0.0 <= result.metrics["mAP@all"] <= 1.0
+    curve = result.recall_curve
+    assert curve["recall"] == sorted(curve["recall"], reverse=True)
+
+
+def test_query_box_matters(small_benchmark, num_classes):
+    """A query is described by its box: the same image with another box gives another feature."""
+    net = small_net(num_classes)
+    bench = Benchmark.load(small_benchmark)
+    q = bench.queries[0]
+    image, _ = benchmark_dataloader(bench, "queries").dataset[0]
+    whole = torch.tensor([[0.0, 0.0, image.shape[-1], image.shape[-2]]])
+    box = torch.tensor([q.box])
+    with torch.no_grad():
+        f_box, f_whole = net.describe_boxes([image, image], [box, whole])
+    assert torch.allclose(f_box.norm(dim=1), torch.ones(1), atol=1e-4)
+    assert (f_box - f_whole).abs().max() > 1e-3
+
+
+def _fit_config(tmp_path: Path, root: Path, num_classes: int, benchmark: Path) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0, "accelerator": "cpu",
+                    "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
+                    "default_root_dir": str(tmp_path),
+                    "logger": [{"class_path": "pytorch_lightning.loggers.CSVLogger",
+                                "init_args": {"save_dir": str(tmp_path), "name": "logs"}}],
+                    "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
+        "model": {"class_path": "lightning_modules.deep_region_cnn.DeepRegionCNNModule",
+                  "init_args": {"net": {"class_path": "networks.deep_region_cnn.DeepRegionCNN",
+                                        "init_args": {"backbone": "small", "num_classes": num_classes, "top_k": 5,
+                                                      "feature_layers": ["conv4"]}}}},
+        "data": {"class_path": "datamodules.coco.SyntheticDataModule",
+                 "init_args": {"root": str(root), "benchmark": str(benchmark), "batch_size": 2, "num_workers": 0}},
+        "retrieval": {"progress": False},
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_fit_checkpoint_test_evaluate(tmp_path, synthetic_root, small_benchmark, num_classes, capsys):
+    config = _fit_config(tmp_path, synthetic_root, num_classes, small_benchmark)
+    assert main(["fit", "--config", str(config)]) == 0
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    assert ckpt.is_file()
+    # retrieval metrics were logged at validation end, next to the detector's AP
+    rows = list((tmp_path / "logs").glob("version_*/metrics.csv"))
+    header = rows[0].read_text().splitlines()[0]
+    assert "retrieval/mAP@all" in header and "val/box_AP@0.5" in header
+    capsys.readouterr()
+    assert main(["test", "--config", str(config), "--ckpt_path", str(ckpt), "--data.benchmark", str(small_benchmark)]) == 0
+    out = capsys.readouterr().out
+    run_path = Path(next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("run: ")))
+    metrics_path = Path(next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("metrics: ")))
+    metrics = json.loads(metrics_path.read_text())
+    assert METRIC_KEYS <= set(metrics)
+    Run.load(run_path, benchmark=Benchmark.load(small_benchmark))
+    out_json = tmp_path / "m.json"
+    assert main(["evaluate", "--benchmark", str(small_benchmark), "--run", str(run_path), "--output", str(out_json)]) == 0
+    again = json.loads(out_json.read_text())
+    for key in ("mAP@10", "mAP@all", "mIoU"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-6)
+
+
+def _validate(devices: int, root: Path, benchmark: Path, num_classes: int, tmp_path: Path) -> dict:
+    from datamodules.coco import SyntheticDataModule
+    from eval.callback import RetrievalEvaluation
+    from lightning_modules.deep_region_cnn import DeepRegionCNNModule
+
+    pl.seed_everything(0)
+    model = DeepRegionCNNModule(small_net(num_classes))
+    dm = SyntheticDataModule(root=root, benchmark=str(benchmark), batch_size=2, num_workers=0)
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                         limit_val_batches=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         callbacks=[RetrievalEvaluation(progress=False, grid_queries=0)], default_root_dir=tmp_path)
+    trainer.validate(model, datamodule=dm)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("retrieval/")}
+
+
+def test_two_process_gloo_gives_the_same_metrics(tmp_path, synthetic_root, small_benchmark, num_classes):
+    one = _validate(1, synthetic_root, small_benchmark, num_classes, tmp_path / "one")
+    two = _validate(2, synthetic_root, small_benchmark, num_classes, tmp_path / "two")
+    assert "retrieval/mAP@all" in one and set(one) == set(two)
+    for key in one:
+        assert two[key] == pytest.approx(one[key], abs=1e-5), key
+
+
+def test_wandb_offline_run_receives_metrics_and_image(tmp_path, synthetic_root, small_benchmark, num_classes, monkeypatch):
+    from datamodules.coco import SyntheticDataModule
+    from eval.callback import RetrievalEvaluation
+    from instsearch.loggers import WandbLogger
+    from lightning_modules.deep_region_cnn import DeepRegionCNNModule
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(save_dir=str(tmp_path), project="instsearch-test")
+    model = DeepRegionCNNModule(small_net(num_classes))
+    dm = SyntheticDataModule(root=synthetic_root, benchmark=str(small_benchmark), batch_size=2, num_workers=0)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, limit_val_batches=1, logger=logger, enable_progress_bar=False,
+                         enable_checkpointing=False, callbacks=[RetrievalEvaluation(progress=False)],
+                         default_root_dir=tmp_path)
+    trainer.validate(model, datamodule=dm)
+    import wandb
+
+    wandb.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    images = list(runs[0].glob("files/media/images/*.png"))
+    assert images, "the result grid was not logged"
+    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
+    assert "retrieval/mAP@all" in summary and 0.0 <= summary["retrieval/mAP@all"] <= 1.0

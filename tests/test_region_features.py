@@ -1,0 +1,295 @@
+"""RoIFeaturePooler, fuse_regions and the global descriptors against hand-computed and slow
+direct references."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from networks.global_descriptors import GeM, MAC, RMAC, SPoC, build_global_pooling, rmac_regions, valid_mask
+from networks.region_features import RoIFeaturePooler, boxes_to_rois, fuse_regions, l2_concat
+
+
+# ------------------------------------------------------------------------------------------------
+# slow references
+def _bilinear(fmap: torch.Tensor, y: float, x: float) -> torch.Tensor:
+    """torchvision's RoIAlign bilinear sample (same border rules), one point, all channels."""
+    _, h, w = fmap.shape
+    if y < -1.0 or y > h or x < -1.0 or x > w:
+        return torch.zeros(fmap.shape[0], dtype=torch.float64)
+    y, x = max(y, 0.0), max(x, 0.0)
+    y_low, x_low = int(y), int(x)
+    if y_low >= h - 1:
+        y_low = y_high = h - 1
+        y = float(y_low)
+    else:
+        y_high = y_low + 1
+    if x_low >= w - 1:
+        x_low = x_high = w - 1
+        x = float(x_low)
+    else:
+        x_high = x_low + 1
+    ly, lx = y - y_low, x - x_low
+    hy, hx = 1 - ly, 1 - lx
+    f = fmap.double()
+    return (hy * hx * f[:, y_low, x_low] + hy * lx * f[:, y_low, x_high]
+            + ly * hx * f[:, y_high, x_low] + ly * lx * f[:, y_high, x_high])
+
+
+def _roi_bins_slow(fmap: torch.Tensor, box: list[float], scale: float, size: int, ratio: int) -> torch.Tensor:
+    """(C, size, size) aligned RoIAlign of one box, by explicit loops."""
+    x1, y1, x2, y2 = (c * scale - 0.5 for c in box)
+    bin_h, bin_w = (y2 - y1) / size, (x2 - x1) / size
+    out = torch.zeros(fmap.shape[0], size, size, dtype=torch.float64)
+    for ph in range(size):
+        for pw in range(size):
+            acc = torch.zeros(fmap.shape[0], dtype=torch.float64)
+            for iy in range(ratio):
+                for ix in range(ratio):
+                    yy = y1 + ph * bin_h + (iy + 0.5) * bin_h / ratio
+                    xx = x1 + pw * bin_w + (ix + 0.5) * bin_w / ratio
+                    acc += _bilinear(fmap, yy, xx)
+            out[:, ph, pw] = acc / (ratio * ratio)
+    return out
+
+
+def _pool_slow(features, layers, boxes, image_size, pooling, size, ratio, keep=None):
+    rows = []
+    for b, image_boxes in enumerate(boxes):
+        for box in image_boxes.tolist():
+            parts = []
+            for name in layers:
+                fmap = features[name][b]
+                bins = _roi_bins_slow(fmap, box, fmap.shape[-1] / image_size[1], size, ratio).flatten(1)
+                k = keep[len(rows)] if keep is not None else torch.ones(bins.shape[1], dtype=torch.bool)
+                v = bins[:, k].amax(dim=1) if pooling == "max" else bins[:, k].mean(dim=1)
+                parts.append(v / v.norm())
+            cat = torch.cat(parts)
+            rows.append(cat / cat.norm())
+    return torch.stack(rows).float()
+
+
+@pytest.fixture
+def two_layer_features():
+    g = torch.Generator().manual_seed(0)
+    return {"conv3": torch.rand(2, 5, 16, 16, generator=g), "conv4": torch.rand(2, 7, 8, 8, generator=g)}
+
+
+# ------------------------------------------------------------------------------------------------
+# RoIFeaturePooler
+def test_max_pool_equals_hand_crop_of_scaled_box():
+    # A box whose scaled extent is exactly cells [2, 6) x [1, 5) of a stride-4 map: with aligned
+    # RoIAlign, one sample per bin and one bin per cell, the samples hit the cell centres, so the
+    # pooled vector is the max over that hand-cut crop.
+    fmap = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    pooler = RoIFeaturePooler(["conv4"], pooling="max", output_size=4, sampling_ratio=1, normalize=False)
+    box = torch.tensor([[4.0 * 1, 4.0 * 2, 4.0 * 5, 4.0 * 6]])  # x1, y1, x2, y2 in 64 px image
+    out = pooler({"conv4": fmap}, [box], (64, 64))
+    expected = fmap[0, :, 2:6, 1:5].amax(dim=(1, 2))
+    torch.testing.assert_close(out[0], expected)
+
+
+def test_avg_pool_two_layers_l2_each_then_concat_then_l2():
+    g = torch.Generator().manual_seed(2)
+    c3 = torch.rand(1, 4, 16, 16, generator=g)
+    # conv4 is linear in the cell position, so bilinear samples are exact and their mean is the
+    # value at the mean sample position, which is also the mean over the hand-cut crop.
+    coef = torch.rand(3, 6, 1, 1, generator=g)
+    ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    c4 = (coef[0] + coef[1] * xs + coef[2] * ys)[None]
+    # Box [16, 16, 48, 48] of a 64 px image: cells 4..12 of conv3 (stride 4), 2..6 of conv4
+    # (stride 8). On conv3, two samples per bin side land on the cell centres.
+    pooler = RoIFeaturePooler(["conv3", "conv4"], pooling="avg", output_size=4, sampling_ratio=2)
+    out = pooler({"conv3": c3, "conv4": c4}, [torch.tensor([[16.0, 16.0, 48.0, 48.0]])], (64, 64))
+    v3 = c3[0, :, 4:12, 4:12].mean(dim=(1, 2))
+    v4 = c4[0, :, 2:6, 2:6].mean(dim=(1, 2))
+    expected = torch.cat([v3 / v3.norm(), v4 / v4.norm()])
+    torch.testing.assert_close(out[0], expected / expected.norm(), atol=1e-6, rtol=1e-5)
+    assert out.shape == (1, 10)
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_pooler_matches_slow_reference_on_fractional_boxes(two_layer_features, pooling):
+    boxes = [torch.tensor([[3.3, 7.1, 40.2, 29.9], [0.0, 0.0, 64.0, 64.0], [50.5, 10.0, 63.9, 60.0]]),
+             torch.tensor([[12.0, 31.5, 20.25, 33.0]])]
+    pooler = RoIFeaturePooler(["conv3", "conv4"], pooling=pooling, output_size=3, sampling_ratio=2)
+    out = pooler(two_layer_features, boxes, (64, 64))
+    ref = _pool_slow(two_layer_features, ["conv3", "conv4"], boxes, (64, 64), pooling, 3, 2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(4))
+
+
+def test_pooler_handles_images_without_boxes_and_empty_batches(two_layer_features):
+    pooler = RoIFeaturePooler(["conv3", "conv4"])
+    boxes = [torch.zeros(0, 4), torch.tensor([[1.0, 2.0, 30.0, 40.0]])]
+    out = pooler(two_layer_features, boxes, (64, 64))
+    alone = pooler({k: v[1:] for k, v in two_layer_features.items()}, boxes[1:], (64, 64))
+    torch.testing.assert_close(out, alone)  # the second image's box reads the second feature map
+    assert pooler(two_layer_features, [torch.zeros(0, 4)] * 2, (64, 64)).shape == (0, 12)
+
+
+def test_pooler_errors_name_the_problem(two_layer_features):
+    with pytest.raises(KeyError, match="conv5"):
+        RoIFeaturePooler(["conv5"])(two_layer_features, [torch.zeros(0, 4)] * 2, (64, 64))
+    with pytest.raises(ValueError, match="1 box lists for a batch of 2"):
+        RoIFeaturePooler(["conv3"])(two_layer_features, [torch.zeros(0, 4)], (64, 64))
+    with pytest.raises(ValueError, match="pooling"):
+        RoIFeaturePooler(["conv3"], pooling="sum")
+
+
+def test_pooler_is_differentiable(two_layer_features):
+    feats = {k: v.clone().requires_grad_(True) for k, v in two_layer_features.items()}
+    out = RoIFeaturePooler(["conv3", "conv4"])(feats, [torch.tensor([[1.0, 2.0, 30.0, 40.0]]), torch.zeros(0, 4)],
+                                                 (64, 64))
+    out.sum().backward()
+    assert feats["conv3"].grad[0].abs().sum() > 0 and feats["conv3"].grad[1].abs().sum() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# mask pooling
+def test_mask_excludes_bins_outside_the_mask():
+    fmap = torch.zeros(1, 2, 16, 16)
+    fmap[0, :, 4:12, 4:8] = 10.0  # strong activations in the left half of the box
+    fmap[0, 0, 4:12, 8:12] = torch.arange(32.0).reshape(8, 4) / 32  # right half: known values
+    fmap[0, 1, 4:12, 8:12] = 0.5
+    box = torch.tensor([[16.0, 16.0, 48.0, 48.0]])  # cells 4..12 of the 16x16 (stride 4) map
+    mask = torch.zeros(1, 64, 64)
+    mask[0, :, 32:] = 1.0  # right half of the box (and of the image)
+    pooler = RoIFeaturePooler(["conv3"], pooling="max", output_size=8, sampling_ratio=1, normalize=False)
+    unmasked = pooler({"conv3": fmap}, [box], (64, 64))
+    masked = pooler({"conv3": fmap}, [box], (64, 64), masks=[mask])
+    torch.testing.assert_close(unmasked[0], torch.tensor([10.0, 10.0]))
+    torch.testing.assert_close(masked[0], torch.tensor([31 / 32, 0.5]))
+    avg = RoIFeaturePooler(["conv3"], pooling="avg", output_size=8, sampling_ratio=1, normalize=False)
+    torch.testing.assert_close(avg({"conv3": fmap}, [box], (64, 64), masks=[mask])[0],
+                               torch.tensor([fmap[0, 0, 4:12, 8:12].mean().item(), 0.5]))
+
+
+def test_mask_matches_slow_reference_and_empty_mask_falls_back_to_box(two_layer_features):
+    boxes = [torch.tensor([[3.3, 7.1, 40.2, 29.9], [10.0, 10.0, 50.0, 50.0]]), torch.tensor([[12.0, 20.0, 40.0, 60.0]])]
+    masks = [torch.zeros(2, 64, 64), torch.zeros(1, 48, 56)]  # second image smaller than the batch tensor
+    masks[0][0, 5:20, 0:25] = 1.0
+    masks[1][0, 30:48, 20:40] = 1.0  # mask[0][1] stays empty
+    pooler = RoIFeaturePooler(["conv3", "conv4"], pooling="max", output_size=4, sampling_ratio=2)
+    out = pooler(two_layer_features, boxes, (64, 64), masks=masks)
+    # reference: resample each mask on the same grid by the slow RoIAlign, keep bins >= 0.5
+    keep = []
+    for image_boxes, image_masks in zip(boxes, masks):
+        padded = F.pad(image_masks, (0, 64 - image_masks.shape[2], 0, 64 - image_masks.shape[1]))
+        for box, m in zip(image_boxes.tolist(), padded):
+            k = _roi_bins_slow(m[None], box, 1.0, 4, 2).flatten() >= 0.5
+            keep.append(k if k.any() else torch.ones_like(k))
+    ref = _pool_slow(two_layer_features, ["conv3", "conv4"], boxes, (64, 64), "max", 4, 2, keep=keep)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    no_mask = pooler(two_layer_features, boxes, (64, 64))
+    torch.testing.assert_close(out[1], no_mask[1])  # empty mask -> whole box
+    assert not torch.allclose(out[0], no_mask[0])
+
+
+def test_mask_shape_errors(two_layer_features):
+    pooler = RoIFeaturePooler(["conv3"])
+    boxes = [torch.tensor([[1.0, 1.0, 9.0, 9.0]]), torch.zeros(0, 4)]
+    with pytest.raises(ValueError, match=r"masks\[0\]"):
+        pooler(two_layer_features, boxes, (64, 64), masks=[torch.zeros(2, 64, 64), torch.zeros(0, 64, 64)])
+    with pytest.raises(ValueError, match="larger than the image tensor"):
+        pooler(two_layer_features, boxes, (64, 64), masks=[torch.zeros(1, 80, 64), torch.zeros(0, 64, 64)])
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers and fusion
+def test_boxes_to_rois_and_l2_concat():
+    rois = boxes_to_rois([torch.tensor([[1.0, 2, 3, 4]]), torch.zeros(0, 4), torch.tensor([[5.0, 6, 7, 8]] * 2)])
+    torch.testing.assert_close(rois[:, 0], torch.tensor([0.0, 2.0, 2.0]))
+    torch.testing.assert_close(rois[0, 1:], torch.tensor([1.0, 2, 3, 4]))
+    out = l2_concat([torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 2.0, 0.0]])])
+    torch.testing.assert_close(out, torch.tensor([[0.6, 0.8, 0.0, 1.0, 0.0]]) / math.sqrt(2))
+
+
+def test_fuse_regions_modes():
+    f = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, 0.8]])
+    torch.testing.assert_close(fuse_regions(f, "concat"), torch.tensor([1.0, 0, 0, 0, 0.6, 0.8]) / math.sqrt(2))
+    torch.testing.assert_close(fuse_regions(f, "mean"), torch.tensor([0.5, 0.3, 0.4]) / math.sqrt(0.5))
+    torch.testing.assert_close(fuse_regions(f, "max"), torch.tensor([1.0, 0.6, 0.8]) / math.sqrt(2))
+    # fewer regions than K: concat zero-pads to K*D; more: keeps the first K (best first)
+    torch.testing.assert_close(fuse_regions(f[:1], "concat", k=3), torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0, 0]))
+    torch.testing.assert_close(fuse_regions(f, "max", k=1), torch.tensor([1.0, 0.0, 0.0]))
+    assert fuse_regions(torch.zeros(0, 3), "concat", k=2).shape == (6,)
+    assert fuse_regions(torch.zeros(0, 3), "mean", k=2).shape == (3,)
+    with pytest.raises(ValueError, match="mode"):
+        fuse_regions(f, "sum")
+
+
+# ------------------------------------------------------------------------------------------------
+# global descriptors
+@pytest.fixture
+def relu_maps():
+    return torch.rand(3, 8, 5, 7, generator=torch.Generator().manual_seed(3))
+
+
+def test_gem_p1_is_spoc_and_large_p_tends_to_mac(relu_maps):
+    torch.testing.assert_close(GeM(p=1.0)(relu_maps), SPoC()(relu_maps))
+    mac = MAC()(relu_maps)
+    torch.testing.assert_close(mac, F.normalize(relu_maps.amax(dim=(2, 3)), dim=1))
+    err = [(GeM(p=p)(relu_maps.double()) - mac.double()).abs().max().item() for p in (3.0, 20.0, 200.0)]
+    assert err[0] > err[1] > err[2] and err[2] < 0.01
+
+
+def test_gem_matches_formula_and_learnable_p_gets_gradient(relu_maps):
+    expected = relu_maps.clamp_min(1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)
+    torch.testing.assert_close(GeM()(relu_maps), F.normalize(expected, dim=1))
+    gem = GeM(p=3.0, learnable=True)
+    gem(relu_maps)[:, 0].sum().backward()
+    assert gem.p.grad is not None and gem.p.grad.abs() > 0
+    assert "p" not in dict(GeM().named_parameters()) and "p" in GeM().state_dict()
+
+
+@pytest.mark.parametrize("pool", [GeM(), MAC(), SPoC(), RMAC()], ids=["gem", "mac", "spoc", "rmac"])
+def test_valid_mask_ignores_padding(relu_maps, pool):
+    # image 0 covers 3x4 cells of the 5x7 padded map; padding holds huge values that must not count
+    padded = relu_maps.clone()
+    valid = valid_mask([(24, 30), (40, 56), (40, 56)], (40, 56), (5, 7))
+    assert valid[0].sum() == 3 * 4 and valid[1].all()
+    padded[0][:, ~valid[0]] = 100.0
+    out = pool(padded, valid)
+    torch.testing.assert_close(out[0], pool(relu_maps[:1, :, :3, :4])[0])
+    torch.testing.assert_close(out[1:], pool(relu_maps[1:]))
+
+
+def _rmac_slow(x: torch.Tensor, levels: int = 3) -> torch.Tensor:
+    """R-MAC by the reference loop (Radenovic et al.'s cirtorch ``rmac``), one image."""
+    ovr, steps = 0.4, torch.tensor([2.0, 3, 4, 5, 6, 7])
+    h, w = x.shape[-2:]
+    side = min(w, h)
+    b = (max(h, w) - side) / (steps - 1)
+    idx = torch.argmin(torch.abs(((side ** 2 - side * b) / side ** 2) - ovr)).item()
+    wd = idx + 1 if h < w else 0
+    hd = idx + 1 if h > w else 0
+    v = F.normalize(x.amax(dim=(-2, -1)), dim=-1)
+    for level in range(1, levels + 1):
+        wl = math.floor(2 * side / (level + 1))
+        wl2 = math.floor(wl / 2 - 1)
+        bw = 0 if level + wd == 1 else (w - wl) / (level + wd - 1)
+        bh = 0 if level + hd == 1 else (h - wl) / (level + hd - 1)
+        cen_w = [math.floor(wl2 + i * bw) - wl2 for i in range(level + wd)]
+        cen_h = [math.floor(wl2 + i * bh) - wl2 for i in range(level + hd)]
+        for i_ in cen_h:
+            for j_ in cen_w:
+                v = v + F.normalize(x[..., i_:i_ + wl, j_:j_ + wl].amax(dim=(-2, -1)), dim=-1)
+    return F.normalize(v, dim=-1)
+
+
+@pytest.mark.parametrize("size", [(5, 7), (9, 6), (6, 6), (12, 30)])
+def test_rmac_matches_reference_loop(size):
+    x = torch.rand(2, 4, *size, generator=torch.Generator().manual_seed(4))
+    out = RMAC()(x)
+    torch.testing.assert_close(out, torch.stack([_rmac_slow(xi) for xi in x]))
+    assert len(rmac_regions(*size)) > 1 + 1  # full map + level-1 region(s) + ...
+
+
+def test_build_global_pooling():
+    assert isinstance(build_global_pooling("GeM", p=4.0), GeM)
+    assert isinstance(build_global_pooling("mac"), MAC)
+    with pytest.raises(ValueError, match="unknown global pooling"):
+        build_global_pooling("crow")
