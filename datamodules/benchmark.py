@@ -80,6 +80,41 @@ def benchmark_dataloader(benchmark: Benchmark | str | Path, part: Part = "all", 
                       collate_fn=collate_images, persistent_workers=False)
 
 
+def collate_distractors(batch):
+    """``DistractorImages`` yields ``(image, id)``: give each the same meta a database item has."""
+    images, ids = zip(*batch)
+    return list(images), [ImageMeta(image_id=i, orig_size=tuple(im.shape[-2:])) for im, i in zip(images, ids)]
+
+
+def distractor_dataloaders(benchmark: Benchmark | str | Path, batch_size: int = 4, num_workers: int = 0,
+                           max_side: Optional[int] = None, rank: Optional[int] = None,
+                           world_size: Optional[int] = None) -> list[DataLoader]:
+    """One streaming loader per distractor folder the benchmark names (empty when none).
+
+    The folders are walked lazily and sharded over ranks and workers by
+    :class:`~datamodules.distractors.DistractorImages`; nothing is listed in memory.
+    """
+    from datamodules.distractors import DistractorImages
+
+    bench = benchmark if isinstance(benchmark, Benchmark) else Benchmark.load(benchmark)
+
+    def to_tensor(image):
+        if max_side and max(image.size) > max_side:
+            # Distractors are never localised against ground truth, so a shrunk frame is harmless.
+            s = max_side / max(image.size)
+            image = image.resize((max(1, round(image.width * s)), max(1, round(image.height * s))))
+        return pil_to_tensor(image).float().div_(255.0)
+
+    loaders = []
+    for entry in bench.distractors:
+        dataset = DistractorImages(bench.distractor_root(entry), transform=to_tensor,
+                                   id_prefix=str(entry.get("id_prefix", "distractor:")), rank=rank,
+                                   world_size=world_size)
+        loaders.append(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                  collate_fn=collate_distractors))
+    return loaders
+
+
 class ServesBenchmark:
     """Mixin for DataModules with a ``benchmark`` argument: ``test``/``predict`` serve it.
 
@@ -92,13 +127,16 @@ class ServesBenchmark:
     benchmark_batch_size: int = 4
     benchmark_max_side: Optional[int] = 1600
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
         if not self.benchmark:
             raise ValueError(f"{type(self).__name__} has no benchmark: pass --data.benchmark path/to/benchmark.json")
-        return benchmark_dataloader(self.benchmark, "all", self.benchmark_batch_size, self.num_workers,
+        main = benchmark_dataloader(self.benchmark, "all", self.benchmark_batch_size, self.num_workers,
                                     self.benchmark_max_side)
+        extra = distractor_dataloaders(self.benchmark, self.benchmark_batch_size, self.num_workers,
+                                       self.benchmark_max_side)
+        return [main, *extra] if extra else main
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         return self.test_dataloader()
 
 

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from datamodules.benchmark import benchmark_dataloader
+from datamodules.benchmark import benchmark_dataloader, distractor_dataloaders
 from eval.evaluator import EvaluationResult, RetrievalEvaluator, run_evaluation
 from eval.visualize import result_grid
 from instsearch.formats import Benchmark
@@ -99,8 +99,10 @@ class RetrievalEvaluation(pl.Callback):
         num_items = len(benchmark.database) + len(benchmark.queries)
         loader = benchmark_dataloader(benchmark, "all", self.batch_size, self.num_workers, self.max_side,
                                       indices=list(range(rank, num_items, world)))
+        loaders = [loader, *distractor_dataloaders(benchmark, self.batch_size, self.num_workers, self.max_side,
+                                                   rank=rank, world_size=world)]
         evaluator = self.evaluator_for(benchmark, type(pl_module).__name__)
-        return run_evaluation(pl_module, loader, evaluator, progress=self.progress and trainer.is_global_zero)
+        return run_evaluation(pl_module, loaders, evaluator, progress=self.progress and trainer.is_global_zero)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:

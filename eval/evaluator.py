@@ -110,6 +110,9 @@ class RetrievalEvaluator:
             self.gather()
         bench = self.benchmark
         image_ids = [i for i in bench.database if i in self.database]
+        if bench.distractors:
+            listed = set(bench.database)
+            image_ids += sorted(i for i in self.database if i not in listed and bench.is_distractor(i))
         store = RegionStore.from_regions(image_ids, [self.database[i] for i in image_ids])
         index = RegionIndex(store, index_factory=self.index_factory)
         query_ids = [q.id for q in bench.queries if q.id in self.queries]
@@ -156,16 +159,19 @@ def _device_of(model: Any) -> torch.device:
 
 def run_evaluation(model: Any, loader, evaluator: RetrievalEvaluator, progress: bool = True,
                    desc: str = "retrieval evaluation") -> EvaluationResult:
-    """Extract everything ``loader`` serves with ``model`` (eval mode, no grad), then compute."""
+    """Extract everything ``loader`` (or each loader of a list) serves with ``model`` (eval mode,
+    no grad), then compute."""
     from tqdm.auto import tqdm
 
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
     evaluator.reset()
+    loaders = loader if isinstance(loader, (list, tuple)) else [loader]
     try:
-        for images, metas in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            evaluator.update(model, images, metas)
+        for one in loaders:
+            for images, metas in tqdm(one, desc=desc, disable=not progress, leave=False):
+                evaluator.update(model, images, metas)
     finally:
         if was_training:
             model.train()

@@ -12,7 +12,8 @@ Definitions (design notes §4). For one query the run's ranked list of database 
   like junk, and it is left out of ``R`` when the ground truth lists it as a positive;
 * images outside the benchmark's database are removed: the search was over the database, so
   they are neither judged positives nor judged negatives (a run that returns them gains nothing,
-  the positives it misses still count in ``R``).
+  the positives it misses still count in ``R``). Distractor images of the benchmark's
+  ``distractors`` folders are database images by reference: they stay, as negatives.
 
 ``rel_i`` is 1 when the i-th image of the cleaned list is a positive, ``P@i`` the precision at
 ``i``, and ``R`` the number of positives in the database (a positive never returned still counts;
@@ -212,11 +213,20 @@ def _clean(ids: np.ndarray, positives: np.ndarray, drop: np.ndarray, num_relevan
     return JudgedRanking(rel=np.isin(ids[kept], positives), num_relevant=num_relevant, kept=kept, db_index=ids[kept])
 
 
-def _ranking_ids(hits: Sequence[Hit] | Sequence[str], db_index: Mapping[str, int]) -> np.ndarray:
+def _ranking_ids(hits: Sequence[Hit] | Sequence[str], db_index: Mapping[str, int],
+                 benchmark: Benchmark | None = None) -> np.ndarray:
     # The hits are Python objects from JSON, so this one pass over them is unavoidable; all
     # judging after it works on the integer array.
-    return np.fromiter((db_index.get(h if isinstance(h, str) else h.image, -1) for h in hits),
-                       dtype=np.int64, count=len(hits))
+    ids = [h if isinstance(h, str) else h.image for h in hits]
+    out = np.fromiter((db_index.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+    if benchmark is not None and benchmark.distractors and (out < 0).any():
+        # Distractor images (appended by reference, never listed) are database images that are
+        # never positive: each distinct one gets its own index past the listed database.
+        extra: dict[str, int] = {}
+        for j in np.flatnonzero(out < 0):
+            if benchmark.is_distractor(ids[j]):
+                out[j] = extra.setdefault(ids[j], len(db_index) + len(extra))
+    return out
 
 
 def judge_ranking(benchmark: Benchmark, query_id: str, hits: Sequence[Hit] | Sequence[str]) -> JudgedRanking:
@@ -227,7 +237,7 @@ def judge_ranking(benchmark: Benchmark, query_id: str, hits: Sequence[Hit] | Seq
         raise KeyError(f"benchmark '{benchmark.name}' has no query '{query_id}'")
     db_index = _database_index(benchmark)
     positives, drop = _judged_sets(benchmark.ground_truth.get(query_id), query.image, db_index)
-    return _clean(_ranking_ids(hits, db_index), positives, drop, int(positives.size))
+    return _clean(_ranking_ids(hits, db_index, benchmark), positives, drop, int(positives.size))
 
 
 def _judge_all(benchmark: Benchmark, run: Run) -> dict[str, JudgedRanking]:
@@ -237,7 +247,7 @@ def _judge_all(benchmark: Benchmark, run: Run) -> dict[str, JudgedRanking]:
     out = {}
     for q in benchmark.queries:
         positives, drop = _judged_sets(benchmark.ground_truth.get(q.id), q.image, db_index)
-        ids = _ranking_ids(run.rankings.get(q.id, []), db_index)
+        ids = _ranking_ids(run.rankings.get(q.id, []), db_index, benchmark)
         out[q.id] = _clean(ids, positives, drop, int(positives.size))
     return out
 

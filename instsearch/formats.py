@@ -88,6 +88,19 @@ class Benchmark:
     def query_by_id(self) -> dict[str, Query]:
         return {q.id: q for q in self.queries}
 
+    @property
+    def distractors(self) -> list[dict[str, Any]]:
+        """Distractor folders appended to the database by reference (``instsearch convert --distractors``):
+        ``{"root": path relative to the benchmark file, "count": N, "id_prefix": "distractor:"}``."""
+        return list(self.extra.get("distractors", []))
+
+    def distractor_root(self, entry: Mapping[str, Any]) -> Path:
+        return self.root / str(entry["root"])
+
+    def is_distractor(self, image_id: str) -> bool:
+        """Distractor ids are ``id_prefix`` + path; they are database images that are never positive."""
+        return any(image_id.startswith(str(d.get("id_prefix", "distractor:"))) for d in self.distractors)
+
     # ------------------------------------------------------------------ io
     @classmethod
     def load(cls, path: str | Path) -> "Benchmark":
@@ -271,7 +284,7 @@ class Run:
                 if not isinstance(h, dict) or "image" not in h:
                     raise FormatError(f"{where}: needs 'image' (and 'score', 'box'), got {h!r}")
                 image = str(h["image"])
-                if benchmark is not None and image not in benchmark.images:
+                if benchmark is not None and image not in benchmark.images and not benchmark.is_distractor(image):
                     raise FormatError(f"{where}: unknown image '{image}'")
                 try:
                     score = float(h.get("score", -i))

@@ -149,7 +149,7 @@ class RegionSearchModule(pl.LightningModule):
                                              protocol=r.protocol, regions_per_image=r.regions_per_image,
                                              prune_by_label=r.prune_by_label)
 
-    def test_step(self, batch, batch_idx: int) -> None:
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, metas = batch
         self._evaluator.update(self, images, metas)
 
@@ -166,7 +166,7 @@ class RegionSearchModule(pl.LightningModule):
                 if name in written:
                     print(f"{name}: {written[name]}")
 
-    def predict_step(self, batch, batch_idx: int) -> list[tuple[str, Regions]]:
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> list[tuple[str, Regions]]:
         images, metas = batch
         keep = [(im, m) for im, m in zip(images, metas) if im is not None and m.query_id is None]
         if not keep:

@@ -163,3 +163,34 @@ def test_wandb_offline_run_receives_metrics_and_image(tmp_path, synthetic_root, 
     assert images, "the result grid was not logged"
     summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
     assert "retrieval/mAP@all" in summary and 0.0 <= summary["retrieval/mAP@all"] <= 1.0
+
+
+def test_distractor_folder_joins_the_database_as_negatives(tmp_path, small_benchmark, num_classes):
+    """Exact copies of the positives, in a nested distractor folder, tie with them and push AP down."""
+    import shutil
+
+    from datamodules.benchmark import distractor_dataloaders
+
+    bench = Benchmark.load(small_benchmark)
+    folder = tmp_path / "flickr" / "00" / "01"
+    folder.mkdir(parents=True)
+    for image_id in list(bench.ground_truth[bench.queries[0].id].positives)[:3]:
+        shutil.copy(bench.image_path(image_id), folder / f"copy_{image_id.replace('/', '_')}.jpg")
+    data = bench.to_dict()
+    data["image_root"] = str(bench.root / bench.image_root)
+    data["distractors"] = [{"root": str(tmp_path / "flickr"), "count": 3, "id_prefix": "distractor:"}]
+    path = tmp_path / "with_distractors.json"
+    path.write_text(json.dumps(data))
+    with_d = Benchmark.load(path)
+    net = small_net(num_classes)
+    plain = run_evaluation(net, benchmark_dataloader(bench, batch_size=8), RetrievalEvaluator(bench), progress=False)
+    loaders = [benchmark_dataloader(with_d, batch_size=8), *distractor_dataloaders(with_d, batch_size=2)]
+    assert len(loaders) == 2
+    result = run_evaluation(net, loaders, RetrievalEvaluator(with_d), progress=False)
+    hits = result.run.rankings[bench.queries[0].id]
+    distractors = [h.image for h in hits if h.image.startswith("distractor:")]
+    assert len(distractors) == 3 and len(hits) == len(bench.database) + 3
+    assert result.metrics["mAP@all"] < plain.metrics["mAP@all"]
+    # the run, distractors included, is a valid run of that benchmark for `instsearch evaluate`
+    run_path = result.run.save(tmp_path / "run.json")
+    assert main(["evaluate", "--benchmark", str(path), "--run", str(run_path)]) == 0
