@@ -18,12 +18,15 @@ from typing import Optional
 
 import torch
 
-DEFAULT_EPOCHS = 8
+DEFAULT_EPOCHS = 12
 
 
 def build_args(out: Path, data: Path, accelerator: str, epochs: int, seed: int, num_classes: int,
-               num_workers: int) -> list[str]:
+               num_workers: int, wandb: bool = False) -> list[str]:
     """The LightningCLI arguments of the demo run (the same keys a YAML config would hold)."""
+    loggers = [{"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "logs"}}]
+    if wandb:
+        loggers.append({"class_path": "instsearch.loggers.WandbLogger", "init_args": {"save_dir": str(out)}})
     return [
         f"--seed_everything={seed}",
         "--model=lightning_modules.deep_region_cnn.DeepRegionCNNModule",
@@ -31,7 +34,7 @@ def build_args(out: Path, data: Path, accelerator: str, epochs: int, seed: int, 
         "--model.net.backbone=small",
         f"--model.net.num_classes={num_classes}",
         "--model.net.top_k=10",
-        "--model.net.feature_layers=[conv4]",
+        "--model.net.feature_layers=[conv2,conv3]",
         "--model.optim.lr=0.02",
         "--model.optim.warmup_steps=50",
         f"--model.optim.milestones=[{max(epochs - 2, 1)}]",
@@ -46,13 +49,10 @@ def build_args(out: Path, data: Path, accelerator: str, epochs: int, seed: int, 
         "--trainer.log_every_n_steps=10",
         f"--trainer.check_val_every_n_epoch={epochs}",
         "--trainer.num_sanity_val_steps=0",
-        "--trainer.logger+=pytorch_lightning.loggers.CSVLogger",
-        f"--trainer.logger.save_dir={out}",
-        "--trainer.logger.name=logs",
-        "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
-        f"--trainer.callbacks.dirpath={out / 'checkpoints'}",
-        "--trainer.callbacks.save_last=true",
-        "--trainer.callbacks.save_top_k=0",
+        "--trainer.logger=" + json.dumps(loggers),
+        "--trainer.callbacks=" + json.dumps([{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                                              "init_args": {"dirpath": str(out / "checkpoints"), "save_last": True,
+                                                            "save_top_k": 0}}]),
         f"--retrieval.every_n_epochs={epochs}",
     ]
 
@@ -77,7 +77,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     from instsearch.cli import lightning_cli
     from instsearch.formats import Benchmark
     from datamodules.benchmark import benchmark_dataloader
-    from networks.global_search import GlobalDescriptorSearch
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     start = time.perf_counter()
@@ -93,9 +92,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     num_classes = len(json.loads((data / "train.json").read_text())["categories"]) + 1
     benchmark = Benchmark.load(bench_path)
 
-    cli_args = build_args(out, data, args.accelerator, args.epochs, args.seed, num_classes, args.num_workers)
-    if args.wandb:
-        cli_args += ["--trainer.logger+=instsearch.loggers.WandbLogger", f"--trainer.logger.save_dir={out}"]
+    cli_args = build_args(out, data, args.accelerator, args.epochs, args.seed, num_classes, args.num_workers,
+                          wandb=args.wandb)
     cli = lightning_cli(cli_args, run=False)
     (out / "config.yaml").write_text(cli.parser.dump(cli.config, skip_none=False))
     model, trainer = cli.model, cli.trainer
@@ -114,7 +112,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("[4/5] evaluating the trained model and the whole-image GeM baseline")
     cb = next((c for c in trainer.callbacks if isinstance(c, RetrievalEvaluation)), None)
     trained = cb.last_result if cb is not None and cb.last_result is not None else evaluate(model, "trained", "trained")
-    global_gem = evaluate(GlobalDescriptorSearch(model.net), "global_gem", "global GeM")
+    model.net.search_mode = "global"  # same trained backbone, whole-image GeM descriptor
+    global_gem = evaluate(model, "global_gem", "global GeM")
+    model.net.search_mode = "regions"
 
     rows = {"untrained": untrained.metrics, "trained": trained.metrics, "global_gem": global_gem.metrics}
     (out / "metrics.json").write_text(json.dumps(rows, indent=1) + "\n")
