@@ -37,10 +37,11 @@ def publish(trainer: pl.Trainer, pl_module: pl.LightningModule, benchmark: Bench
     scalars = {f"{prefix}{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     pl_module.log_dict(scalars, sync_dist=False, on_epoch=True, prog_bar=False, batch_size=1)
     written: dict[str, Path] = {}
+    # trainer.log_dir broadcasts from rank 0: every rank must ask for it, or DDP deadlocks.
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
     if not trainer.is_global_zero:
         return written
     grid = result_grid(benchmark, result.run, num_queries=grid_queries) if grid_queries else None
-    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
     for logger in trainer.loggers:
         if grid is not None and isinstance(logger, WandbLogger):
             logger.log_image(key=f"{prefix}results", images=[grid], step=trainer.global_step,
