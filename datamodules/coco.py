@@ -44,7 +44,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
-from datamodules.benchmark import benchmark_dataloader
+from datamodules.benchmark import ServesBenchmark
 from datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport, load_rgb
 from datamodules.transforms import Compose, RandomHorizontalFlip, RandomResize, Resize, ToTensor, to_float_tensor
 from instsearch.formats import FormatError
@@ -507,7 +507,7 @@ class GroupedBatchSampler(BatchSampler):
 # DataModules
 # ---------------------------------------------------------------------------------------------
 
-class DetectionDataModule(pl.LightningDataModule):
+class DetectionDataModule(ServesBenchmark, pl.LightningDataModule):
     """COCO-format training (and optional validation) data for detectors and instance segmenters.
 
     * training: multi-scale shortest-edge resize (``train_short_sides``, long side ≤ ``max_size``)
@@ -623,14 +623,9 @@ class DetectionDataModule(pl.LightningDataModule):
             return []
         return self._loader(self.val_dataset, batch_size=self.val_batch_size, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
-        """The benchmark (database images, then queries) for ``instsearch test`` / ``predict``."""
-        if not self.benchmark:
-            raise ValueError("no benchmark given: pass --data.benchmark path/to/benchmark.json")
-        return benchmark_dataloader(self.benchmark, "all", self.val_batch_size, self.num_workers,
-                                    self.benchmark_max_side)
-
-    predict_dataloader = test_dataloader
+    @property
+    def benchmark_batch_size(self) -> int:  # read by ServesBenchmark.test_dataloader
+        return self.val_batch_size
 
     def teardown(self, stage: Optional[str] = None) -> None:
         if self._report is None:
