@@ -22,6 +22,27 @@ from eval.evaluator import RetrievalEvaluator
 from instsearch.structures import Regions
 
 
+#: COCO's IoU thresholds .50:.05:.95 (they include the 0.5 and 0.7 that FCIS reports).
+COCO_IOU_THRESHOLDS = [round(0.5 + 0.05 * i, 2) for i in range(10)]
+#: Single-threshold APs logged next to AP@[.5:.95] (FCIS: mAP^r@0.5 and @0.7).
+AP_THRESHOLDS = (0.5, 0.7)
+
+
+def ap_at_threshold(precision: torch.Tensor, iou_thresholds: list[float], threshold: float) -> torch.Tensor:
+    """COCO AP at one IoU threshold from COCOeval's precision array ``(T, R, K, A, M)``.
+
+    As ``COCOeval.summarize``: area range "all" (index 0), the largest max-detections setting
+    (last index), mean over recall thresholds and classes of the defined (> -1) entries; -1 when
+    nothing is defined (no ground truth).
+    """
+    index = min(range(len(iou_thresholds)), key=lambda i: abs(iou_thresholds[i] - threshold))
+    if abs(iou_thresholds[index] - threshold) > 1e-6:
+        raise ValueError(f"IoU threshold {threshold} is not among the evaluated {iou_thresholds}")
+    p = precision[index, :, :, 0, -1]
+    defined = p[p > -1]
+    return defined.mean().float() if defined.numel() else torch.tensor(-1.0)
+
+
 @dataclass
 class OptimizerConfig:
     """SGD with linear warm-up and step decay, the schedule of the detection papers."""
@@ -82,11 +103,21 @@ class RegionSearchModule(pl.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         return loss
 
+    def on_fit_start(self) -> None:
+        dm_classes = getattr(self.trainer.datamodule, "num_classes", None)
+        net_classes = getattr(self.net, "num_classes", None)
+        if dm_classes is not None and net_classes is not None and dm_classes != net_classes:
+            raise ValueError(f"the data has {dm_classes} classes (background included) but {type(self.net).__name__} "
+                             f"predicts {net_classes}: set model.net.init_args.num_classes={dm_classes}")
+
     def on_validation_epoch_start(self) -> None:
         from torchmetrics.detection import MeanAveragePrecision
 
         if self._val_map is None:
-            self._val_map = MeanAveragePrecision(iou_type=list(self.box_iou_types), backend="pycocotools")
+            # extended_summary exposes COCOeval's precision array, from which AP@0.7 is read
+            # (torchmetrics itself reports only AP@0.5 and AP@0.75 besides AP@[.5:.95]).
+            self._val_map = MeanAveragePrecision(iou_type=list(self.box_iou_types), iou_thresholds=COCO_IOU_THRESHOLDS,
+                                                 extended_summary=True, backend="pycocotools")
         self._val_map.to(self.device)
         self._val_map.reset()
 
@@ -108,18 +139,22 @@ class RegionSearchModule(pl.LightningModule):
         self._val_map.update(preds, gts)
 
     def on_validation_epoch_end(self) -> None:
+        """COCO box (and mask) AP: ``val/{box,mask}_AP@0.5``, ``@0.7`` and ``_AP`` (IoU .5:.95)."""
         if self._val_map is None:
             return
         if self.trainer.sanity_checking:
             self._val_map.reset()
             return
         result = self._val_map.compute()
+        metrics = {}
         for iou_type in self.box_iou_types:
             key = "" if len(self.box_iou_types) == 1 else f"{iou_type}_"
             tag = "box" if iou_type == "bbox" else "mask"
-            self.log_dict({f"val/{tag}_AP@0.5": result[f"{key}map_50"].float(),
-                           f"val/{tag}_AP@0.75": result[f"{key}map_75"].float(),
-                           f"val/{tag}_AP": result[f"{key}map"].float()}, sync_dist=False, batch_size=1)
+            for t in AP_THRESHOLDS:
+                metrics[f"val/{tag}_AP@{t}"] = ap_at_threshold(result[f"{key}precision"], COCO_IOU_THRESHOLDS, t)
+            metrics[f"val/{tag}_AP"] = result[f"{key}map"]
+        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()},
+                      sync_dist=False, batch_size=1)
         self._val_map.reset()
 
     def configure_optimizers(self):

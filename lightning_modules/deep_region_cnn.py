@@ -25,9 +25,3 @@ class DeepRegionCNNModule(RegionSearchModule):
         self.save_hyperparameters(ignore=["net"])
         self.net = net
 
-    def on_fit_start(self) -> None:
-        dm_classes = getattr(self.trainer.datamodule, "num_classes", None)
-        net_classes = self.net.detector.roi_heads.box_predictor.cls_score.out_features
-        if dm_classes is not None and dm_classes != net_classes:
-            raise ValueError(f"the data has {dm_classes} classes (background included) but the detector predicts "
-                             f"{net_classes}: set model.net.init_args.num_classes={dm_classes}")

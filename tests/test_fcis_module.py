@@ -7,7 +7,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules.fcis import COCO_IOU_THRESHOLDS, FCISModule, ap_at_threshold
+from lightning_modules.base import COCO_IOU_THRESHOLDS, ap_at_threshold
+from lightning_modules.fcis import FCISModule
 from networks.fcis import FCIS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

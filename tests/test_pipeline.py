@@ -99,7 +99,7 @@ def test_fit_checkpoint_test_evaluate(tmp_path, synthetic_root, small_benchmark,
     # retrieval metrics were logged at validation end, next to the detector's AP
     rows = list((tmp_path / "logs").glob("version_*/metrics.csv"))
     header = rows[0].read_text().splitlines()[0]
-    assert "retrieval/mAP@all" in header and "val/box_AP@0.5" in header
+    assert "retrieval/mAP@all" in header and "val/box_AP@0.5" in header and "val/box_AP@0.7" in header
     capsys.readouterr()
     assert main(["test", "--config", str(config), "--ckpt_path", str(ckpt), "--data.benchmark", str(small_benchmark)]) == 0
     out = capsys.readouterr().out
