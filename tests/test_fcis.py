@@ -11,30 +11,13 @@ from losses.fcis import FCISLoss, fcis_box_loss, fcis_class_loss, fcis_mask_loss
 from networks.fcis import FCIS, FCISHeadOutput, PositionSensitiveHead, build_fcis, build_mask_rcnn, fcis_scores
 from networks.ps_roi import ps_roi_assemble, resample_masks
 from networks.resnet import DeformableConv2d
+from slow_reference import bilinear
 
 
 # ------------------------------------------------------------------------------------ slow references
 def _bilinear(fmap, y, x):
-    """torchvision RoIAlign's bilinear sample of a 2-D map (zero beyond one pixel, edge-clamped)."""
-    h, w = fmap.shape
-    if y < -1.0 or y > h or x < -1.0 or x > w:
-        return 0.0
-    y, x = max(y, 0.0), max(x, 0.0)
-    y0, x0 = int(math.floor(y)), int(math.floor(x))
-    if y0 >= h - 1:
-        y0 = y1 = h - 1
-        y = float(y0)
-    else:
-        y1 = y0 + 1
-    if x0 >= w - 1:
-        x0 = x1 = w - 1
-        x = float(x0)
-    else:
-        x1 = x0 + 1
-    ly, lx = y - y0, x - x0
-    f = fmap
-    return float((1 - ly) * (1 - lx) * f[y0, x0] + (1 - ly) * lx * f[y0, x1] + ly * (1 - lx) * f[y1, x0]
-                 + ly * lx * f[y1, x1])
+    """torchvision RoIAlign's bilinear sample of a 2-D map."""
+    return float(bilinear(fmap[None], y, x)[0])
 
 
 def _assemble_reference(maps, rois, k, size, scale, sr):

@@ -10,34 +10,11 @@ import torch.nn.functional as F
 
 from networks.global_descriptors import GeM, MAC, RMAC, SPoC, build_global_pooling, rmac_regions, valid_mask
 from networks.region_features import RoIFeaturePooler, boxes_to_rois, fuse_regions, l2_concat
+from slow_reference import bilinear as _bilinear
 
 
 # ------------------------------------------------------------------------------------------------
 # slow references
-def _bilinear(fmap: torch.Tensor, y: float, x: float) -> torch.Tensor:
-    """torchvision's RoIAlign bilinear sample (same border rules), one point, all channels."""
-    _, h, w = fmap.shape
-    if y < -1.0 or y > h or x < -1.0 or x > w:
-        return torch.zeros(fmap.shape[0], dtype=torch.float64)
-    y, x = max(y, 0.0), max(x, 0.0)
-    y_low, x_low = int(y), int(x)
-    if y_low >= h - 1:
-        y_low = y_high = h - 1
-        y = float(y_low)
-    else:
-        y_high = y_low + 1
-    if x_low >= w - 1:
-        x_low = x_high = w - 1
-        x = float(x_low)
-    else:
-        x_high = x_low + 1
-    ly, lx = y - y_low, x - x_low
-    hy, hx = 1 - ly, 1 - lx
-    f = fmap.double()
-    return (hy * hx * f[:, y_low, x_low] + hy * lx * f[:, y_low, x_high]
-            + ly * hx * f[:, y_high, x_low] + ly * lx * f[:, y_high, x_high])
-
-
 def _roi_bins_slow(fmap: torch.Tensor, box: list[float], scale: float, size: int, ratio: int) -> torch.Tensor:
     """(C, size, size) aligned RoIAlign of one box, by explicit loops."""
     x1, y1, x2, y2 = (c * scale - 0.5 for c in box)
