@@ -9,6 +9,10 @@ beat a single layer and a whole-image descriptor of the same network (the seed's
 
     python benchmarks/fcis_synthetic.py --out runs/fcis_synthetic --epochs 6
     python benchmarks/fcis_synthetic.py --arch resnext50_32x4d   # shallower, for a 2-core CPU
+    python benchmarks/fcis_synthetic.py --variant fcis_d --max-minutes 20
+
+The network comes from ``configs/<variant>_synthetic.yaml``; ``--arch`` / ``--no-deformable`` override its
+backbone, and the table names the backbone actually trained.
 """
 from __future__ import annotations
 
@@ -32,11 +36,11 @@ from instsearch.formats import Benchmark
 from instsearch.structures import Regions
 from lightning_modules.base import OptimizerConfig, RetrievalConfig
 from lightning_modules.fcis import FCISModule
-from networks.fcis import FCIS
+from networks.fcis import FCIS, VARIANTS
 from networks.global_descriptors import GeM
 from networks.region_features import RoIFeaturePooler
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fcis_xd_synthetic.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 class WholeImageGeM(nn.Module):
@@ -62,8 +66,8 @@ class WholeImageGeM(nn.Module):
         return list(self._describe(crops).split([len(b) for b in boxes]))
 
 
-def validate(module: FCISModule, dm: SyntheticDataModule) -> dict[str, float]:
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+def validate(module: FCISModule, dm: SyntheticDataModule, accelerator: str, precision: str) -> dict[str, float]:
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[RetrievalEvaluation(progress=False, grid_queries=0)])
     trainer.validate(module, datamodule=dm, verbose=False)
@@ -92,13 +96,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/fcis_synthetic"))
     p.add_argument("--data", type=Path, default=None, help="synthetic benchmark folder (generated if missing)")
-    p.add_argument("--arch", default="resnext101_32x4d")
-    p.add_argument("--no-deformable", action="store_true")
+    p.add_argument("--variant", default="fcis_xd", choices=sorted(VARIANTS),
+                   help="paper network; its configs/<variant>_synthetic.yaml gives the head settings")
+    p.add_argument("--arch", default=None, help="backbone override, e.g. resnext50_32x4d (default: the variant's)")
+    p.add_argument("--no-deformable", action="store_true", help="plain res5 even for a deformable variant")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this long (then validate); the table reports the epochs reached")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     start = time.perf_counter()
@@ -107,33 +117,45 @@ def main() -> None:
     dm = SyntheticDataModule(root=data, batch_size=a.batch_size, num_workers=0, seed=a.seed)
     dm.prepare_data()
     bench = Benchmark.load(data / "benchmark.json")
-    net_args = yaml.safe_load(CONFIG.read_text())["model"]["init_args"]["net"]["init_args"]
-    net_args.update(backbone=a.arch, deformable=not a.no_deformable, num_classes=dm.num_classes)
+    net_args = yaml.safe_load((CONFIGS / f"{a.variant}_synthetic.yaml").read_text())["model"]["init_args"]["net"]["init_args"]
+    net_args.update(num_classes=dm.num_classes)
+    if a.arch:
+        net_args["backbone"] = a.arch
+    if a.no_deformable:
+        net_args["deformable"] = False
+    arch, deformable = net_args["backbone"], net_args["deformable"]
     pl.seed_everything(a.seed)
     module = FCISModule(FCIS(**net_args), optim=OptimizerConfig(lr=a.lr, warmup_steps=100,
                                                                 milestones=[max(a.epochs - 1, 1)]),
                         retrieval=RetrievalConfig())
-    name = f"FCIS{'' if a.no_deformable else '+D'} on {a.arch}"
+    name = f"FCIS{'+D' if deformable else ''} on {arch}"
+    if arch != VARIANTS[a.variant][0]:
+        name += f" (shallower stand-in for {a.variant}'s {VARIANTS[a.variant][0]})"
     print(f"{name}: {sum(p.numel() for p in module.parameters()) / 1e6:.1f} M parameters")
-    rows: dict[str, dict] = {"untrained": validate(module, dm)}
+    rows: dict[str, dict] = {"untrained": validate(module, dm, a.accelerator, a.precision)}
     print("untrained:", {k: round(v, 4) for k, v in rows["untrained"].items() if "AP@0.5" in k or "mAP@all" in k})
 
     logger = pl.loggers.CSVLogger(a.out, name="logs")
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=a.epochs, logger=logger, enable_checkpointing=False,
-                         check_val_every_n_epoch=a.epochs, num_sanity_val_steps=0, gradient_clip_val=10.0,
-                         callbacks=[RetrievalEvaluation(progress=False, grid_queries=0)], log_every_n_steps=5)
+    max_time = None if a.max_minutes is None else {"seconds": int(60 * a.max_minutes)}
+    trainer = pl.Trainer(accelerator=a.accelerator, devices=1, precision=a.precision, max_epochs=a.epochs, max_time=max_time, logger=logger,
+                         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         gradient_clip_val=10.0, log_every_n_steps=5)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     train_s = time.perf_counter() - t0
-    rows["trained"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    # validate once after training, whether it ran all epochs or stopped at --max-minutes
+    rows["trained"] = validate(module, dm)
     import csv
 
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         losses = [(int(r["epoch"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
     first = np.mean([l for e, l in losses if e == 0])
-    last = np.mean([l for e, l in losses if e == a.epochs - 1])
+    last_epoch = max(e for e, _ in losses)
+    last = np.mean([l for e, l in losses if e == last_epoch])
+    # an epoch cut short by --max-minutes still counts in the loss curve, so say it was partial
+    epochs_run = a.epochs if trainer.current_epoch >= a.epochs else f"{trainer.current_epoch} (+ partial, time limit)"
 
-    net = module.net.eval()
+    net = module.net.cpu().eval()
     variants = {}
     variants["conv3+conv4"], ev = retrieval(net, bench)
     variants["conv3+conv4, category pruning"], ev_pruned = retrieval(net, bench, prune=True)
@@ -144,9 +166,9 @@ def main() -> None:
     net.pooler = pooler
     variants["whole-image GeM (conv4)"], _ = retrieval(WholeImageGeM(net), bench)
 
-    table = [f"| {name}, synthetic tiny, CPU ({a.threads} threads), {a.epochs} epochs in {train_s / 60:.1f} min | value |",
+    table = [f"| {name}, synthetic tiny, CPU ({a.threads} threads), {epochs_run} epochs in {train_s / 60:.1f} min | value |",
              "|---|---|",
-             f"| train loss, epoch 1 → {a.epochs} (mean) | {first:.3f} → {last:.3f} |"]
+             f"| train loss, epoch 1 → {last_epoch + 1} (mean) | {first:.3f} → {last:.3f} |"]
     for tag in ("box", "mask"):
         table.append(f"| {tag} AP@0.5 untrained → trained | {rows['untrained'].get(f'val/{tag}_AP@0.5', float('nan')):.4f}"
                      f" → {rows['trained'].get(f'val/{tag}_AP@0.5', float('nan')):.4f} |")
@@ -158,7 +180,7 @@ def main() -> None:
     table.append(f"| wall time | {(time.perf_counter() - start) / 60:.1f} min |")
     print("\n".join(table))
     (a.out / "fcis_synthetic.json").write_text(json.dumps(
-        {"model": name, "epochs": a.epochs, "train_seconds": train_s, "loss_first_epoch": first,
+        {"model": name, "epochs": epochs_run, "train_seconds": train_s, "loss_first_epoch": first,
          "loss_last_epoch": last, "untrained": rows["untrained"], "trained": rows["trained"],
          "variants": variants, "search_ms_per_query": {"unpruned": 1e3 * t_flat, "pruned": 1e3 * t_pruned}},
         indent=1, default=float) + "\n")
