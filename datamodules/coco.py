@@ -31,7 +31,7 @@ import math
 import os
 import tempfile
 import warnings
-import weakref
+from multiprocessing import util as mp_util
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -658,7 +658,9 @@ class DetectionDataModule(ServesBenchmark, pl.LightningDataModule):
             fd, spool = tempfile.mkstemp(prefix="instsearch-bad-images-", suffix=".jsonl")
             os.close(fd)
             self._report = BadImageReport(spool=spool)
-            weakref.finalize(self, _unlink_quietly, spool)  # at garbage collection or exit
+            # Removed at garbage collection or exit, also in spawned DDP ranks (multiprocessing's
+            # finalizers run there; forked DataLoader workers drop inherited ones, as they must).
+            mp_util.Finalize(self, _unlink_quietly, args=(spool,), exitpriority=0)
         return self._report.collect()
 
     # -- internals -----------------------------------------------------------------------
