@@ -27,18 +27,18 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from datamodules.benchmark import benchmark_dataloader
-from datamodules.coco import SyntheticDataModule
-from eval.callback import RetrievalEvaluation
-from eval.evaluator import RetrievalEvaluator, run_evaluation
-from eval.search import RegionIndex, RegionStore
+from instsearch.datamodules.benchmark import benchmark_dataloader
+from instsearch.datamodules.coco import SyntheticDataModule
+from instsearch.eval.callback import RetrievalEvaluation
+from instsearch.eval.evaluator import RetrievalEvaluator, run_evaluation
+from instsearch.eval.search import RegionIndex, RegionStore
 from instsearch.formats import Benchmark
 from instsearch.structures import Regions
-from lightning_modules.base import OptimizerConfig, RetrievalConfig
-from lightning_modules.fcis import FCISModule
-from networks.fcis import FCIS, VARIANTS
-from networks.global_descriptors import GeM
-from networks.region_features import RoIFeaturePooler
+from instsearch.lightning_modules.base import OptimizerConfig, RetrievalConfig
+from instsearch.lightning_modules.fcis import FCISModule
+from instsearch.networks.fcis import FCIS, VARIANTS
+from instsearch.networks.global_descriptors import GeM
+from instsearch.networks.region_features import RoIFeaturePooler
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

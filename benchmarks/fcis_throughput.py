@@ -25,7 +25,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from networks.fcis import build_fcis
+from instsearch.networks.fcis import build_fcis
 
 
 def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, device: torch.device,

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from eval.search import RegionIndex, RegionStore, best_region_per_image
+from instsearch.eval.search import RegionIndex, RegionStore, best_region_per_image
 from instsearch.structures import Regions
 
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from datamodules.image_io import MAX_PIXELS, BadImageError, load_rgb
+from instsearch.datamodules.image_io import MAX_PIXELS, BadImageError, load_rgb
 from instsearch.formats import Benchmark
 from instsearch.structures import ImageMeta
 
@@ -92,9 +92,9 @@ def distractor_dataloaders(benchmark: Benchmark | str | Path, batch_size: int = 
     """One streaming loader per distractor folder the benchmark names (empty when none).
 
     The folders are walked lazily and sharded over ranks and workers by
-    :class:`~datamodules.distractors.DistractorImages`; nothing is listed in memory.
+    :class:`~instsearch.datamodules.distractors.DistractorImages`; nothing is listed in memory.
     """
-    from datamodules.distractors import DistractorImages
+    from instsearch.datamodules.distractors import DistractorImages
 
     bench = benchmark if isinstance(benchmark, Benchmark) else Benchmark.load(benchmark)
 

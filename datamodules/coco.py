@@ -44,9 +44,9 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
-from datamodules.benchmark import ServesBenchmark
-from datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport, load_rgb
-from datamodules.transforms import Compose, RandomHorizontalFlip, RandomResize, Resize, ToTensor, to_float_tensor
+from instsearch.datamodules.benchmark import ServesBenchmark
+from instsearch.datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport, load_rgb
+from instsearch.datamodules.transforms import Compose, RandomHorizontalFlip, RandomResize, Resize, ToTensor, to_float_tensor
 from instsearch.formats import FormatError
 
 Target = dict[str, Tensor]
@@ -522,7 +522,7 @@ class DetectionDataModule(ServesBenchmark, pl.LightningDataModule):
       itself (``seed`` fixes its shuffling). Either way every rank gets the same number of steps;
     * ``benchmark`` is the ``benchmark.json`` the retrieval evaluation reads
       (``trainer.datamodule.benchmark``); ``test_dataloader`` / ``predict_dataloader`` serve it
-      as :class:`~datamodules.benchmark.BenchmarkDataModule` does (long side capped at
+      as :class:`~instsearch.datamodules.benchmark.BenchmarkDataModule` does (long side capped at
       ``benchmark_max_side``);
     * unreadable images are skipped and listed in :meth:`bad_image_report`, written to
       ``<log_dir>/bad_images.json`` at teardown when there are any.
@@ -735,7 +735,7 @@ class SyntheticDataModule(DetectionDataModule):
         root/images/*   root/train.json   root/val.json   root/benchmark.json
 
     With ``generate=True`` a root without ``train.json`` is generated in :meth:`prepare_data` by
-    ``datamodules.synthetic.generate(root, preset, seed)``. The default scales suit ~160 px
+    ``instsearch.datamodules.synthetic.generate(root, preset, seed)``. The default scales suit ~160 px
     images: the short side is drawn from 128–200 px, so nothing is upscaled beyond 1.25x (more
     would only teach the detector blur), and evaluation runs at the native 160 px.
     """
@@ -759,7 +759,7 @@ class SyntheticDataModule(DetectionDataModule):
             raise FileNotFoundError(f"synthetic data not found: {self.root / 'train.json'} (expected layout: "
                                     f"{self.root}/images/, train.json, val.json, benchmark.json as written by "
                                     f"`instsearch synth`; or pass generate=True)")
-        from datamodules.synthetic import generate  # generated data only needs the generator here
+        from instsearch.datamodules.synthetic import generate  # generated data only needs the generator here
 
         generate(self.root, self.preset, self.seed)
 

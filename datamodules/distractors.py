@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.functional import to_tensor
 
-from datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport, load_rgb
+from instsearch.datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport, load_rgb
 
 __all__ = ["IMAGE_EXTENSIONS", "iter_image_files", "count_image_files", "DistractorImages", "DEFAULT_ID_PREFIX"]
 

@@ -1,8 +1,8 @@
 """PASCAL VOC training data: VOC 2007 boxes and VOC 2012 + SBD instance masks.
 
-Both datasets serve the item format of :class:`~datamodules.coco.CocoInstances` (labels ``1..20``
+Both datasets serve the item format of :class:`~instsearch.datamodules.coco.CocoInstances` (labels ``1..20``
 in the official class order, 0 = background), and both DataModules are
-:class:`~datamodules.coco.DetectionDataModule` s that only change where the items come from, so
+:class:`~instsearch.datamodules.coco.DetectionDataModule` s that only change where the items come from, so
 batching, multi-scale resizing, DDP sampling and bad-image handling are shared.
 
 On-disk layouts (as the official tarballs unpack)::
@@ -36,8 +36,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import masks_to_boxes
 
-from datamodules.coco import DetectionDataModule, InstanceDataset, Target, _require
-from datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport, image_size
+from instsearch.datamodules.coco import DetectionDataModule, InstanceDataset, Target, _require
+from instsearch.datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport, image_size
 from instsearch.formats import FormatError
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -16,9 +16,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from datamodules.benchmark import benchmark_dataloader, distractor_dataloaders
-from eval.evaluator import EvaluationResult, RetrievalEvaluator, run_evaluation
-from eval.visualize import result_grid
+from instsearch.datamodules.benchmark import benchmark_dataloader, distractor_dataloaders
+from instsearch.eval.evaluator import EvaluationResult, RetrievalEvaluator, run_evaluation
+from instsearch.eval.visualize import result_grid
 from instsearch.formats import Benchmark
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@
                         [--protocol standard|oxford] [--output M.json]
 
 Prints a (metric, value) table and, with ``--output``, writes the metrics as JSON with the keys
-of :func:`eval.metrics.retrieval_metrics`. An unusable input (missing file, malformed JSON, a
+of :func:`instsearch.eval.metrics.retrieval_metrics`. An unusable input (missing file, malformed JSON, a
 run naming an unknown query or image, a malformed box) is reported on stderr with the offending
 file and entry, and the exit status is 2; no traceback, since the fix is in the input, not here.
 """
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from eval.metrics import DEFAULT_IOU_TOP_K, NORMALIZATIONS, PROTOCOLS, retrieval_metrics
+from instsearch.eval.metrics import DEFAULT_IOU_TOP_K, NORMALIZATIONS, PROTOCOLS, retrieval_metrics
 from instsearch.formats import Benchmark, FormatError, Run
 
 PROG = "instsearch evaluate"

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from datamodules.image_io import BadImageReport
-from eval.metrics import recall_at_iou, retrieval_metrics
-from eval.search import RegionIndex, RegionStore
+from instsearch.datamodules.image_io import BadImageReport
+from instsearch.eval.metrics import recall_at_iou, retrieval_metrics
+from instsearch.eval.search import RegionIndex, RegionStore
 from instsearch.formats import Benchmark, Run
 from instsearch.structures import ImageMeta, Regions
 

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageOps
 
-from datamodules.image_io import BadImageError, load_rgb
+from instsearch.datamodules.image_io import BadImageError, load_rgb
 from instsearch.formats import Benchmark, Run
 
 GREEN, RED, GREY, YELLOW = (40, 200, 60), (220, 40, 40), (150, 150, 150), (250, 210, 0)

@@ -8,9 +8,9 @@ from typing import Callable, Optional
 from pytorch_lightning.cli import LightningCLI
 
 TOOLS: dict[str, tuple[str, str]] = {
-    "synth": ("datamodules.synthetic:main", "generate the synthetic instance-search benchmark"),
-    "convert": ("datamodules.converters:main", "convert a public benchmark (INSTRE, Oxford, Paris, Holidays, ...) to benchmark.json"),
-    "evaluate": ("eval.evaluate:main", "score a run.json against a benchmark.json (mAP@k, mIoU)"),
+    "synth": ("instsearch.datamodules.synthetic:main", "generate the synthetic instance-search benchmark"),
+    "convert": ("instsearch.datamodules.converters:main", "convert a public benchmark (INSTRE, Oxford, Paris, Holidays, ...) to benchmark.json"),
+    "evaluate": ("instsearch.eval.evaluate:main", "score a run.json against a benchmark.json (mAP@k, mIoU)"),
     "demo": ("instsearch.demo:main", "synthetic benchmark -> untrained vs trained vs global GeM, end to end"),
 }
 LIGHTNING = {
@@ -25,7 +25,7 @@ class InstsearchCLI(LightningCLI):
     """LightningCLI with the retrieval evaluation callback always attached (``--retrieval.*``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        from eval.callback import RetrievalEvaluation
+        from instsearch.eval.callback import RetrievalEvaluation
 
         parser.add_lightning_class_args(RetrievalEvaluation, "retrieval")
 

@@ -29,8 +29,8 @@ def build_args(out: Path, data: Path, accelerator: str, epochs: int, seed: int, 
         loggers.append({"class_path": "instsearch.loggers.WandbLogger", "init_args": {"save_dir": str(out)}})
     return [
         f"--seed_everything={seed}",
-        "--model=lightning_modules.deep_region_cnn.DeepRegionCNNModule",
-        "--model.net=networks.deep_region_cnn.DeepRegionCNN",
+        "--model=instsearch.lightning_modules.deep_region_cnn.DeepRegionCNNModule",
+        "--model.net=instsearch.networks.deep_region_cnn.DeepRegionCNN",
         "--model.net.backbone=small",
         f"--model.net.num_classes={num_classes}",
         "--model.net.top_k=10",
@@ -38,7 +38,7 @@ def build_args(out: Path, data: Path, accelerator: str, epochs: int, seed: int, 
         "--model.optim.lr=0.02",
         "--model.optim.warmup_steps=50",
         f"--model.optim.milestones=[{max(epochs - 2, 1)}]",
-        "--data=datamodules.coco.SyntheticDataModule",
+        "--data=instsearch.datamodules.coco.SyntheticDataModule",
         f"--data.root={data}",
         "--data.batch_size=8",
         f"--data.num_workers={num_workers}",
@@ -69,14 +69,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--wandb", action="store_true", help="also log to wandb (offline without an API key)")
     args = parser.parse_args(argv)
 
-    from datamodules.synthetic import generate
-    from eval.callback import RetrievalEvaluation
-    from eval.evaluate import format_metrics_table
-    from eval.evaluator import RetrievalEvaluator, run_evaluation
-    from eval.visualize import save_result_grid
+    from instsearch.datamodules.synthetic import generate
+    from instsearch.eval.callback import RetrievalEvaluation
+    from instsearch.eval.evaluate import format_metrics_table
+    from instsearch.eval.evaluator import RetrievalEvaluator, run_evaluation
+    from instsearch.eval.visualize import save_result_grid
     from instsearch.cli import lightning_cli
     from instsearch.formats import Benchmark
-    from datamodules.benchmark import benchmark_dataloader
+    from instsearch.datamodules.benchmark import benchmark_dataloader
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     start = time.perf_counter()

@@ -17,8 +17,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from eval.callback import publish, resolve_benchmark
-from eval.evaluator import RetrievalEvaluator
+from instsearch.eval.callback import publish, resolve_benchmark
+from instsearch.eval.evaluator import RetrievalEvaluator
 from instsearch.structures import Regions
 
 
@@ -194,7 +194,7 @@ class RegionSearchModule(pl.LightningModule):
         written = publish(self.trainer, self, self._evaluator.benchmark, result, prefix="test/",
                           grid_queries=self.retrieval.grid_queries, write_files=True)
         if self.trainer.is_global_zero:
-            from eval.evaluate import format_metrics_table
+            from instsearch.eval.evaluate import format_metrics_table
 
             rank_zero_info(format_metrics_table({"test": result.metrics}))
             for name in ("run", "metrics", "grid"):

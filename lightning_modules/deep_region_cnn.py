@@ -1,21 +1,21 @@
 """Deep region CNN (Mei et al. 2018): fine-tuned Faster R-CNN, top-K detected regions, fused features.
 
-The module is wiring only; the network is :class:`networks.deep_region_cnn.DeepRegionCNN`,
+The module is wiring only; the network is :class:`instsearch.networks.deep_region_cnn.DeepRegionCNN`,
 injected by the config (``model.net``), so every network option is reachable from the CLI::
 
     model:
-      class_path: lightning_modules.deep_region_cnn.DeepRegionCNNModule
+      class_path: instsearch.lightning_modules.deep_region_cnn.DeepRegionCNNModule
       init_args:
         net:
-          class_path: networks.deep_region_cnn.DeepRegionCNN
+          class_path: instsearch.networks.deep_region_cnn.DeepRegionCNN
           init_args: {backbone: vgg16, num_classes: 201, top_k: 2}
 """
 from __future__ import annotations
 
 from typing import Optional
 
-from lightning_modules.base import OptimizerConfig, RegionSearchModule, RetrievalConfig
-from networks.deep_region_cnn import DeepRegionCNN
+from instsearch.lightning_modules.base import OptimizerConfig, RegionSearchModule, RetrievalConfig
+from instsearch.networks.deep_region_cnn import DeepRegionCNN
 
 
 class DeepRegionCNNModule(RegionSearchModule):

@@ -49,7 +49,7 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from networks.weights import load_weights
+from instsearch.networks.weights import load_weights
 
 __all__ = ["StagedBackbone", "FC67Head", "VGG16Backbone", "ResNetFPNBackbone", "SmallResNet", "DetectorDefaults",
            "build_backbone", "BACKBONES", "STAGES"]
@@ -62,7 +62,7 @@ BACKBONES = ("vgg16", "resnet50_fpn", "small")
 
 @dataclass(frozen=True)
 class DetectorDefaults:
-    """Detector settings that suit a backbone; :class:`~networks.deep_region_cnn.DeepRegionCNN`
+    """Detector settings that suit a backbone; :class:`~instsearch.networks.deep_region_cnn.DeepRegionCNN`
     uses them wherever its own argument is left ``None``."""
 
     min_size: int  # short side the detector resizes images to
@@ -353,7 +353,7 @@ def build_backbone(name: str, weights: Union[str, Path, None] = None, frozen_sta
 
     Args:
         name: ``"vgg16"`` (the paper's), ``"resnet50_fpn"`` or ``"small"`` (CPU demo).
-        weights: local weights file (see :mod:`networks.weights` for the file each name expects);
+        weights: local weights file (see :mod:`instsearch.networks.weights` for the file each name expects);
             ``None`` runs randomly initialised and says so once.
         frozen_stages: leading stages kept fixed (2 = conv1 and conv2, the paper's setting). With
             random initialisation freezing only fixes random filters; set 0 to train from scratch.

@@ -40,10 +40,10 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image
 
 from instsearch.structures import Regions
-from networks.backbones import STAGES, StagedBackbone, build_backbone
-from networks.global_descriptors import build_global_pooling, valid_mask
-from networks.region_features import RoIFeaturePooler, fuse_regions, l2_concat
-from networks.weights import load_weights
+from instsearch.networks.backbones import STAGES, StagedBackbone, build_backbone
+from instsearch.networks.global_descriptors import build_global_pooling, valid_mask
+from instsearch.networks.region_features import RoIFeaturePooler, fuse_regions, l2_concat
+from instsearch.networks.weights import load_weights
 
 __all__ = ["DeepRegionCNN", "DetectionTransform", "BOX_HEAD"]
 
@@ -270,6 +270,12 @@ class DeepRegionCNN(nn.Module):
     def _needs_detection_maps(self) -> bool:
         """Whether region features read the detector maps (box head or FPN levels)."""
         return any(name not in STAGES for name in self.feature_layers)
+
+    predicts_labels = True  # the detector's classifier labels query boxes (category pruning)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.region_feature_dim
 
     @property
     def region_feature_dim(self) -> int:

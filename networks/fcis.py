@@ -45,10 +45,10 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, remove_small_boxes, roi_align
 
 from instsearch.structures import Regions
-from losses.fcis import FCISLoss, ohem_select
-from networks.ps_roi import ps_roi_assemble, ps_roi_box_pool, resample_masks
-from networks.region_features import RoIFeaturePooler, boxes_to_rois
-from networks.resnet import STAGES, ResNetBackbone, build_resnet
+from instsearch.losses.fcis import FCISLoss, ohem_select
+from instsearch.networks.ps_roi import ps_roi_assemble, ps_roi_box_pool, resample_masks
+from instsearch.networks.region_features import RoIFeaturePooler, boxes_to_rois
+from instsearch.networks.resnet import STAGES, ResNetBackbone, build_resnet
 
 __all__ = ["FCIS", "FCISHeadOutput", "FCISRPNHead", "PositionSensitiveHead", "MaskRCNNSearch", "VARIANTS",
            "build_fcis", "build_mask_rcnn", "fcis_scores"]
@@ -181,6 +181,7 @@ class _RegionSearchMixin:
     boxes, want_masks) -> (labels, mask probabilities (R, M, M) or None)`` for given boxes.
     """
 
+    predicts_labels = True
     pooler: RoIFeaturePooler
     pool_in_mask: bool
     region_score_thresh: float
@@ -262,7 +263,7 @@ class FCIS(_RegionSearchMixin, nn.Module):
 
     Args:
         num_classes: classes including background (81 for COCO), as in torchvision.
-        backbone, deformable, weights, frozen_stages, norm: see :func:`networks.resnet.build_resnet`.
+        backbone, deformable, weights, frozen_stages, norm: see :func:`instsearch.networks.resnet.build_resnet`.
         group_size: ``k``, the position-sensitive grid (FCIS: 7).
         mask_size: ``S``, the assembled RoI grid, a multiple of ``k`` (FCIS: 21).
         head_channels: width of the 1x1 conv on conv5 (FCIS: 1024).

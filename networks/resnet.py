@@ -25,7 +25,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops import DeformConv2d
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from networks.weights import load_weights
+from instsearch.networks.weights import load_weights
 
 __all__ = ["ARCHS", "ArchSpec", "DeformableConv2d", "ResNetBackbone", "build_resnet", "STAGES",
            "STAGE_CHANNELS"]

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from networks.backbones import STAGES, build_backbone
-from networks.weights import load_weights, read_state_dict, reset_random_init_warnings
+from instsearch.networks.backbones import STAGES, build_backbone
+from instsearch.networks.weights import load_weights, read_state_dict, reset_random_init_warnings
 
 INPUT = (64, 96)  # (H, W), a multiple of 32 like the detector's padded batches
 
@@ -142,7 +142,7 @@ def test_load_weights_prefixes_key_map_and_shape_mismatch(tmp_path, caplog):
     state["model.head.weight"] = torch.zeros(5, 4)  # another class count: skipped, not fatal
     path = tmp_path / "ckpt.ckpt"
     torch.save({"state_dict": state, "epoch": 3}, path)
-    with caplog.at_level(logging.INFO, logger="networks.weights"):
+    with caplog.at_level(logging.INFO, logger="instsearch.networks.weights"):
         assert load_weights(dst, path, name="tiny") is True
     assert torch.equal(dst.conv.weight, src.conv.weight)
     assert not torch.equal(dst.head.weight, src.head.weight)
@@ -179,7 +179,7 @@ def test_load_weights_errors_name_the_file(tmp_path):
 
 def test_random_init_warning_is_logged_once_per_name(caplog):
     reset_random_init_warnings()
-    with caplog.at_level(logging.WARNING, logger="networks.weights"):
+    with caplog.at_level(logging.WARNING, logger="instsearch.networks.weights"):
         assert load_weights(_Tiny(), None, name="tiny") is False
         assert load_weights(_Tiny(), None, name="tiny") is False
         load_weights(_Tiny(), None, name="other")

@@ -18,10 +18,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import DistributedSampler, SequentialSampler
 
-from datamodules.coco import (CocoDataModule, CocoInstances, DetectionDataModule, GroupedBatchSampler,
+from instsearch.datamodules.coco import (CocoDataModule, CocoInstances, DetectionDataModule, GroupedBatchSampler,
                               SyntheticDataModule, aspect_ratio_groups, detection_collate)
-from datamodules.image_io import BadImageReport
-from datamodules.transforms import (Compose, RandomHorizontalFlip, RandomResize, Resize, ToTensor, hflip_sample,
+from instsearch.datamodules.image_io import BadImageReport
+from instsearch.datamodules.transforms import (Compose, RandomHorizontalFlip, RandomResize, Resize, ToTensor, hflip_sample,
                                     resize_sample, shortest_edge_size)
 from instsearch.formats import FormatError
 
@@ -476,7 +476,7 @@ def test_synthetic_datamodule_reads_and_generates(tmp_path, monkeypatch):
 
     import types
     import sys
-    monkeypatch.setitem(sys.modules, "datamodules.synthetic", types.SimpleNamespace(generate=fake_generate))
+    monkeypatch.setitem(sys.modules, "instsearch.datamodules.synthetic", types.SimpleNamespace(generate=fake_generate))
     gen = SyntheticDataModule(tmp_path / "new", preset="tiny", seed=5, num_workers=0)
     gen.prepare_data()
     assert calls == [(tmp_path / "new", "tiny", 5)]

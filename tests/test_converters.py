@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.converters import CONVERTERS, convert, main
-from datamodules.restricted_pickle import UnsafePickleError
+from instsearch.datamodules.converters import CONVERTERS, convert, main
+from instsearch.datamodules.restricted_pickle import UnsafePickleError
 from instsearch.formats import Benchmark, FormatError
 
 W, H = 40, 30  # every test image is 40x30 unless said otherwise

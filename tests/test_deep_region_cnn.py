@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from instsearch.structures import RegionSearchModel, Regions
-from networks.deep_region_cnn import DeepRegionCNN, DetectionTransform
-from networks.weights import reset_random_init_warnings
+from instsearch.networks.deep_region_cnn import DeepRegionCNN, DetectionTransform
+from instsearch.networks.weights import reset_random_init_warnings
 
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 
@@ -239,7 +239,7 @@ def test_detector_weights_roundtrip_and_random_init_warning_once(tmp_path, model
     # as a Lightning checkpoint of a module holding the network as `model`
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
     reset_random_init_warnings()
-    with caplog.at_level(logging.WARNING, logger="networks.weights"):
+    with caplog.at_level(logging.WARNING, logger="instsearch.networks.weights"):
         torch.manual_seed(123)
         restored = DeepRegionCNN("small", num_classes=3, top_k=2, feature_layers=["box_head", "conv4"],
                                  detector_weights=path).eval()

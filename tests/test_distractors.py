@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import datamodules.distractors as distractors
-from datamodules.distractors import DistractorImages, count_image_files, iter_image_files
-from datamodules.image_io import BadImageReport
+import instsearch.datamodules.distractors as distractors
+from instsearch.datamodules.distractors import DistractorImages, count_image_files, iter_image_files
+from instsearch.datamodules.image_io import BadImageReport
 
 TREE = ["10.jpg", "9.jpg", "a/0.jpeg", "a/1.JPG", "a/z/3.png", "b/2.jpg", "d/e/f/4.webp", "d/e/f/g/5.Jpeg"]
 NOT_IMAGES = ["c.txt", ".hidden.jpg", "a/._1.jpg", "b/readme", ".git/x.jpg"]

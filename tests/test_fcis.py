@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou, ps_roi_align
 
 from instsearch.structures import RegionSearchModel
-from losses.fcis import FCISLoss, fcis_box_loss, fcis_class_loss, fcis_mask_loss, ohem_select
-from networks.fcis import FCIS, FCISHeadOutput, PositionSensitiveHead, build_fcis, build_mask_rcnn, fcis_scores
-from networks.ps_roi import ps_roi_assemble, resample_masks
-from networks.resnet import DeformableConv2d
+from instsearch.losses.fcis import FCISLoss, fcis_box_loss, fcis_class_loss, fcis_mask_loss, ohem_select
+from instsearch.networks.fcis import FCIS, FCISHeadOutput, PositionSensitiveHead, build_fcis, build_mask_rcnn, fcis_scores
+from instsearch.networks.ps_roi import ps_roi_assemble, resample_masks
+from instsearch.networks.resnet import DeformableConv2d
 from slow_reference import bilinear
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from datamodules.image_io import BadImageError, BadImageReport, image_size, load_rgb
+from instsearch.datamodules.image_io import BadImageError, BadImageReport, image_size, load_rgb
 
 ORIENTATION = 0x0112
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.metrics import (
+from instsearch.eval.metrics import (
     DEFAULT_IOU_THRESHOLDS,
     average_precision,
     average_precision_at_ks,

@@ -8,8 +8,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from datamodules.benchmark import benchmark_dataloader
-from eval.evaluator import RetrievalEvaluator, run_evaluation
+from instsearch.datamodules.benchmark import benchmark_dataloader
+from instsearch.eval.evaluator import RetrievalEvaluator, run_evaluation
 from instsearch.cli import main
 from instsearch.formats import Benchmark, Run
 
@@ -17,7 +17,7 @@ METRIC_KEYS = {"mAP@10", "mAP@20", "mAP@50", "mAP@100", "mAP@all", "mIoU", "num_
 
 
 def small_net(num_classes: int):
-    from networks.deep_region_cnn import DeepRegionCNN
+    from instsearch.networks.deep_region_cnn import DeepRegionCNN
 
     torch.manual_seed(0)
     return DeepRegionCNN(backbone="small", num_classes=num_classes, top_k=5, feature_layers=["conv4"]).eval()
@@ -78,11 +78,11 @@ def _fit_config(tmp_path: Path, root: Path, num_classes: int, benchmark: Path) -
                                 "init_args": {"save_dir": str(tmp_path), "name": "logs"}}],
                     "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
                                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
-        "model": {"class_path": "lightning_modules.deep_region_cnn.DeepRegionCNNModule",
-                  "init_args": {"net": {"class_path": "networks.deep_region_cnn.DeepRegionCNN",
+        "model": {"class_path": "instsearch.lightning_modules.deep_region_cnn.DeepRegionCNNModule",
+                  "init_args": {"net": {"class_path": "instsearch.networks.deep_region_cnn.DeepRegionCNN",
                                         "init_args": {"backbone": "small", "num_classes": num_classes, "top_k": 5,
                                                       "feature_layers": ["conv4"]}}}},
-        "data": {"class_path": "datamodules.coco.SyntheticDataModule",
+        "data": {"class_path": "instsearch.datamodules.coco.SyntheticDataModule",
                  "init_args": {"root": str(root), "benchmark": str(benchmark), "batch_size": 2, "num_workers": 0}},
         "retrieval": {"progress": False},
     }
@@ -117,9 +117,9 @@ def test_fit_checkpoint_test_evaluate(tmp_path, synthetic_root, small_benchmark,
 
 
 def _validate(devices: int, root: Path, benchmark: Path, num_classes: int, tmp_path: Path) -> dict:
-    from datamodules.coco import SyntheticDataModule
-    from eval.callback import RetrievalEvaluation
-    from lightning_modules.deep_region_cnn import DeepRegionCNNModule
+    from instsearch.datamodules.coco import SyntheticDataModule
+    from instsearch.eval.callback import RetrievalEvaluation
+    from instsearch.lightning_modules.deep_region_cnn import DeepRegionCNNModule
 
     pl.seed_everything(0)
     model = DeepRegionCNNModule(small_net(num_classes))
@@ -140,10 +140,10 @@ def test_two_process_gloo_gives_the_same_metrics(tmp_path, synthetic_root, small
 
 
 def test_wandb_offline_run_receives_metrics_and_image(tmp_path, synthetic_root, small_benchmark, num_classes, monkeypatch):
-    from datamodules.coco import SyntheticDataModule
-    from eval.callback import RetrievalEvaluation
+    from instsearch.datamodules.coco import SyntheticDataModule
+    from instsearch.eval.callback import RetrievalEvaluation
     from instsearch.loggers import WandbLogger
-    from lightning_modules.deep_region_cnn import DeepRegionCNNModule
+    from instsearch.lightning_modules.deep_region_cnn import DeepRegionCNNModule
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))

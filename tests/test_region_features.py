@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from networks.global_descriptors import GeM, MAC, RMAC, SPoC, build_global_pooling, rmac_regions, valid_mask
-from networks.region_features import RoIFeaturePooler, boxes_to_rois, fuse_regions, l2_concat
+from instsearch.networks.global_descriptors import GeM, MAC, RMAC, SPoC, build_global_pooling, rmac_regions, valid_mask
+from instsearch.networks.region_features import RoIFeaturePooler, boxes_to_rois, fuse_regions, l2_concat
 from slow_reference import bilinear as _bilinear
 
 

@@ -6,7 +6,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from networks.resnet import ARCHS, DeformableConv2d, build_resnet
+from instsearch.networks.resnet import ARCHS, DeformableConv2d, build_resnet
 
 
 CHANNELS = {"conv1": 64, "conv2": 256, "conv3": 512, "conv4": 1024, "conv5": 2048}

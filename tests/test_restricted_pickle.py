@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from datamodules.restricted_pickle import ALLOWED_GLOBALS, UnsafePickleError, restricted_load, restricted_loads
+from instsearch.datamodules.restricted_pickle import ALLOWED_GLOBALS, UnsafePickleError, restricted_load, restricted_loads
 
 
 def sample() -> dict:

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.search import RegionIndex, RegionStore, best_region_per_image
+from instsearch.eval.search import RegionIndex, RegionStore, best_region_per_image
 from instsearch.structures import Regions
 
 

@@ -14,7 +14,7 @@ from matplotlib.path import Path as MplPath
 from PIL import Image
 from pycocotools.coco import COCO
 
-from datamodules import synthetic as S
+from instsearch.datamodules import synthetic as S
 from instsearch.formats import Benchmark
 
 TINY = S.PRESETS["tiny"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.coco import GroupedBatchSampler
-from datamodules.voc import (VOC_CLASSES, VOCDetectionDataModule, VOCDetectionDataset, VOCInstanceDataModule,
+from instsearch.datamodules.coco import GroupedBatchSampler
+from instsearch.datamodules.voc import (VOC_CLASSES, VOCDetectionDataModule, VOCDetectionDataset, VOCInstanceDataModule,
                              VOCInstanceDataset, instances_from_label_maps)
 from instsearch.formats import FormatError
 

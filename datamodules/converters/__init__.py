@@ -1,19 +1,19 @@
 """``instsearch convert``: public instance-search benchmarks -> ``benchmark.json`` (design.md §3).
 
 One module per dataset family parses the distributor's on-disk layout into a
-:class:`~datamodules.converters.common.Draft`; :func:`convert` measures the images, drops bad ones,
+:class:`~instsearch.datamodules.converters.common.Draft`; :func:`convert` measures the images, drops bad ones,
 clips boxes, writes the benchmark (paths relative to the output's folder) and a
 ``convert_report.json`` beside it. Families and their exact layouts/protocols:
 
-* ``instre`` — :mod:`datamodules.converters.instre` (1,250-query protocol, or ``protocol="instre-m"``)
-* ``oxford5k``, ``paris6k`` — :mod:`datamodules.converters.oxford` (classic gt_files)
-* ``roxford5k``, ``rparis6k`` — :mod:`datamodules.converters.revisited` (Easy / Medium / Hard)
-* ``holidays`` — :mod:`datamodules.converters.holidays`
-* ``instance160``, ``instance335`` — :mod:`datamodules.converters.instance`
+* ``instre`` — :mod:`instsearch.datamodules.converters.instre` (1,250-query protocol, or ``protocol="instre-m"``)
+* ``oxford5k``, ``paris6k`` — :mod:`instsearch.datamodules.converters.oxford` (classic gt_files)
+* ``roxford5k``, ``rparis6k`` — :mod:`instsearch.datamodules.converters.revisited` (Easy / Medium / Hard)
+* ``holidays`` — :mod:`instsearch.datamodules.converters.holidays`
+* ``instance160``, ``instance335`` — :mod:`instsearch.datamodules.converters.instance`
 
 A distractor folder (``--distractors``) is appended by reference only:
 ``"distractors": [{"root": <relative path>, "count": N, "id_prefix": ...}]`` (see
-:mod:`datamodules.distractors`).
+:mod:`instsearch.datamodules.distractors`).
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from datamodules.converters import holidays, instance, instre, oxford, revisited
-from datamodules.converters.common import REPORT_NAME, ConvertResult, Draft
-from datamodules.distractors import DEFAULT_ID_PREFIX, count_image_files
-from datamodules.image_io import MAX_PIXELS
-from datamodules.restricted_pickle import UnsafePickleError
+from instsearch.datamodules.converters import holidays, instance, instre, oxford, revisited
+from instsearch.datamodules.converters.common import REPORT_NAME, ConvertResult, Draft
+from instsearch.datamodules.distractors import DEFAULT_ID_PREFIX, count_image_files
+from instsearch.datamodules.image_io import MAX_PIXELS
+from instsearch.datamodules.restricted_pickle import UnsafePickleError
 from instsearch.formats import FormatError
 
 __all__ = ["ConverterSpec", "CONVERTERS", "register_converter", "convert", "main", "ConvertResult", "Draft"]

@@ -1,6 +1,6 @@
-"""``python -m datamodules.converters NAME --root DIR --out B.json`` (same as ``instsearch convert``)."""
+"""``python -m instsearch.datamodules.converters NAME --root DIR --out B.json`` (same as ``instsearch convert``)."""
 import sys
 
-from datamodules.converters import main
+from instsearch.datamodules.converters import main
 
 sys.exit(main())

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport, image_size, load_rgb
+from instsearch.datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport, image_size, load_rgb
 from instsearch.formats import Benchmark, FormatError, GroundTruth, ImageEntry, Query
 
 __all__ = ["Draft", "ConvertResult", "natural_key", "read_lines", "require_dir", "require_file", "parse_numbers",

@@ -12,7 +12,7 @@ which is what the official script achieves by removing the query from its own ra
 counts for or against itself. 500 queries.
 
 Holidays has photos whose EXIF orientation is not applied in the files; sizes come from
-:func:`datamodules.image_io.image_size`, which reports the displayed (rotated) size, and every
+:func:`instsearch.datamodules.image_io.image_size`, which reports the displayed (rotated) size, and every
 loader applies the same rotation, so boxes and pixels agree.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from datamodules.converters.common import Draft, require_dir
+from instsearch.datamodules.converters.common import Draft, require_dir
 from instsearch.formats import FormatError
 
 LAYOUT = "  DIR/jpg/NNNNNN.jpg   (six-digit names; the first four digits are the group)"

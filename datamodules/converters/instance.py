@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from datamodules.converters.common import Draft, parse_numbers, read_lines, require_dir, require_file
+from instsearch.datamodules.converters.common import Draft, parse_numbers, read_lines, require_dir, require_file
 from instsearch.formats import FormatError
 
 EXPECTED = {"instance160": {"queries": 160, "database": 11885}, "instance335": {"queries": 335, "database": 40914}}

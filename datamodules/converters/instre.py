@@ -32,7 +32,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from datamodules.converters.common import Draft, natural_key, parse_numbers, read_lines, require_dir, require_file
+from instsearch.datamodules.converters.common import Draft, natural_key, parse_numbers, read_lines, require_dir, require_file
 from instsearch.formats import FormatError
 
 SUBSETS = ("INSTRE-S1", "INSTRE-S2", "INSTRE-M")

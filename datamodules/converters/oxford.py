@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.converters.common import Draft, natural_key, parse_numbers, read_lines, require_dir, require_file
-from datamodules.distractors import iter_image_files
+from instsearch.datamodules.converters.common import Draft, natural_key, parse_numbers, read_lines, require_dir, require_file
+from instsearch.datamodules.distractors import iter_image_files
 from instsearch.formats import FormatError
 
 OXFORD_PREFIX = "oxc1_"

@@ -9,7 +9,7 @@ Accepted layout (as distributed with the revisitop toolkit)::
                                         easy / hard / junk: indices into imlist
     DIR/jpg/<name>.jpg        every image of imlist and qimlist
 
-The pickle is read with :func:`datamodules.restricted_pickle.restricted_load` (numpy arrays and
+The pickle is read with :func:`instsearch.datamodules.restricted_pickle.restricted_load` (numpy arrays and
 containers only; nothing in the file is executed).
 
 Settings (as the revisited protocol's evaluation):
@@ -32,8 +32,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from datamodules.converters.common import Draft, require_dir, require_file
-from datamodules.restricted_pickle import restricted_load
+from instsearch.datamodules.converters.common import Draft, require_dir, require_file
+from instsearch.datamodules.restricted_pickle import restricted_load
 from instsearch.formats import FormatError
 
 SETTINGS = ("easy", "medium", "hard")
