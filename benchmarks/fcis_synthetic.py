@@ -30,11 +30,11 @@ from torch import Tensor, nn
 from instsearch.datamodules.benchmark import benchmark_dataloader
 from instsearch.datamodules.coco import SyntheticDataModule
 from instsearch.eval.callback import RetrievalEvaluation
-from instsearch.eval.evaluator import RetrievalEvaluator, run_evaluation
+from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, evaluate
 from instsearch.eval.search import RegionIndex, RegionStore
 from instsearch.formats import Benchmark
 from instsearch.structures import Regions
-from instsearch.lightning_modules.base import OptimizerConfig, RetrievalConfig
+from instsearch.lightning_modules.base import OptimizerConfig
 from instsearch.lightning_modules.fcis import FCISModule
 from instsearch.networks.fcis import FCIS, VARIANTS
 from instsearch.networks.global_descriptors import GeM
@@ -69,14 +69,14 @@ class WholeImageGeM(nn.Module):
 def validate(module: FCISModule, dm: SyntheticDataModule, accelerator: str, precision: str) -> dict[str, float]:
     trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[RetrievalEvaluation(progress=False, grid_queries=0)])
+                         callbacks=[RetrievalEvaluation(progress=False)])
     trainer.validate(module, datamodule=dm, verbose=False)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
 def retrieval(model, bench: Benchmark, prune: bool = False) -> tuple[dict, RetrievalEvaluator]:
-    evaluator = RetrievalEvaluator(bench, prune_by_label=prune)
-    result = run_evaluation(model, benchmark_dataloader(bench, batch_size=4), evaluator, progress=False)
+    evaluator = RetrievalEvaluator(bench, RetrievalConfig(prune_by_label=prune))
+    result = evaluate(model, [benchmark_dataloader(bench, batch_size=4)], evaluator, progress=False)
     return result.metrics, evaluator
 
 
@@ -84,8 +84,8 @@ def search_time(evaluator: RetrievalEvaluator, prune: bool, repeats: int = 50) -
     ids = [i for i in evaluator.benchmark.database if i in evaluator.database]
     index = RegionIndex(RegionStore.from_regions(ids, [evaluator.database[i] for i in ids]))
     qids = list(evaluator.queries)
-    q = torch.stack([evaluator.queries[i][0] for i in qids]).numpy()
-    labels = np.array([evaluator.queries[i][1] for i in qids]) if prune else None
+    q = torch.stack([evaluator.queries[i].feature for i in qids]).numpy()
+    labels = np.array([evaluator.queries[i].label for i in qids]) if prune else None
     start = time.perf_counter()
     for _ in range(repeats):
         index.search(q, query_labels=labels, prune_by_label=prune)
@@ -127,7 +127,7 @@ def main() -> None:
     pl.seed_everything(a.seed)
     module = FCISModule(FCIS(**net_args), optim=OptimizerConfig(lr=a.lr, warmup_steps=100,
                                                                 milestones=[max(a.epochs - 1, 1)]),
-                        retrieval=RetrievalConfig())
+                        retrieval=RetrievalConfig(grid_queries=0))
     name = f"FCIS{'+D' if deformable else ''} on {arch}"
     if arch != VARIANTS[a.variant][0]:
         name += f" (shallower stand-in for {a.variant}'s {VARIANTS[a.variant][0]})"

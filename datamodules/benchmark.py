@@ -25,7 +25,7 @@ class BenchmarkImages(Dataset):
     """Database images first, then one item per query (its image, with ``query_box`` set).
 
     ``max_side`` shrinks images whose long side exceeds it (memory guard for huge photos); the
-    meta's ``scale`` records it so boxes can be mapped back to original pixels.
+    served tensor's size against ``meta.orig_size`` maps boxes back to original pixels.
     """
 
     def __init__(self, benchmark: Benchmark | str | Path, part: Part = "all", max_side: Optional[int] = None,
@@ -59,8 +59,8 @@ class BenchmarkImages(Dataset):
             meta.extra["declared_size_mismatch"] = image.size
             image = image.resize((entry.width, entry.height))
         if self.max_side and max(image.size) > self.max_side:
-            meta.scale = self.max_side / max(image.size)
-            image = image.resize((max(1, round(image.width * meta.scale)), max(1, round(image.height * meta.scale))))
+            scale = self.max_side / max(image.size)
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
         return pil_to_tensor(image).float().div_(255.0), meta
 
 
@@ -116,25 +116,51 @@ def distractor_dataloaders(benchmark: Benchmark | str | Path, batch_size: int = 
 
 
 class ServesBenchmark:
-    """Mixin for DataModules with a ``benchmark`` argument: ``test``/``predict`` serve it.
+    """Mixin for DataModules with a ``benchmark`` argument: the one place benchmark loaders are made.
 
-    ``instsearch test --data.benchmark B.json`` then scores a checkpoint on any benchmark with
-    whatever DataModule the training config named.
+    The per-epoch retrieval callback, ``instsearch test`` / ``predict`` and the demo all read the
+    benchmark through :meth:`benchmark_dataloaders`, so they serve the same images at the same
+    size (``benchmark_max_side``). ``instsearch test --data.benchmark B.json`` scores a checkpoint
+    on any benchmark with whatever DataModule the training config named.
     """
 
     benchmark: Optional[str]
     num_workers: int = 0
     benchmark_batch_size: int = 4
     benchmark_max_side: Optional[int] = 1600
+    _loaded_benchmark: Optional[tuple[str, Benchmark]] = None
+
+    def load_benchmark(self) -> Optional[Benchmark]:
+        """The parsed benchmark (cached per path), ``None`` when the DataModule has none."""
+        if not self.benchmark:
+            return None
+        path = str(self.benchmark)
+        if self._loaded_benchmark is None or self._loaded_benchmark[0] != path:
+            self._loaded_benchmark = (path, Benchmark.load(path))
+        return self._loaded_benchmark[1]
+
+    def benchmark_dataloaders(self, rank: Optional[int] = None, world_size: Optional[int] = None) -> list[DataLoader]:
+        """Database + query images, then one streaming loader per distractor folder.
+
+        With ``rank`` / ``world_size`` every loader serves only that rank's shard (the callback
+        shards itself); without, Lightning's test loop shards the first loader with its
+        distributed sampler and the distractor loaders shard by ``torch.distributed``.
+        """
+        bench = self.load_benchmark()
+        if bench is None:
+            raise ValueError(f"{type(self).__name__} has no benchmark: pass --data.benchmark path/to/benchmark.json")
+        indices = None
+        if world_size is not None and world_size > 1:
+            indices = list(range(rank, len(bench.database) + len(bench.queries), world_size))
+        main = benchmark_dataloader(bench, "all", self.benchmark_batch_size, self.num_workers,
+                                    self.benchmark_max_side, indices=indices)
+        extra = distractor_dataloaders(bench, self.benchmark_batch_size, self.num_workers, self.benchmark_max_side,
+                                       rank=rank if world_size is not None else None, world_size=world_size)
+        return [main, *extra]
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
-        if not self.benchmark:
-            raise ValueError(f"{type(self).__name__} has no benchmark: pass --data.benchmark path/to/benchmark.json")
-        main = benchmark_dataloader(self.benchmark, "all", self.benchmark_batch_size, self.num_workers,
-                                    self.benchmark_max_side)
-        extra = distractor_dataloaders(self.benchmark, self.benchmark_batch_size, self.num_workers,
-                                       self.benchmark_max_side)
-        return [main, *extra] if extra else main
+        loaders = self.benchmark_dataloaders()
+        return loaders if len(loaders) > 1 else loaders[0]
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         return self.test_dataloader()

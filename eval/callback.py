@@ -1,9 +1,12 @@
 """Retrieval evaluation during training: mAP@k, mIoU and detector recall@IoU every epoch.
 
-At the end of each validation epoch the callback extracts the benchmark's database and query
-features with the current model (each rank a disjoint shard), gathers them, searches, and logs
-the metrics and a result grid to every attached logger. ``instsearch test`` reaches the same
-numbers through :meth:`RegionSearchModule.test_step`, and both publish through :func:`publish`.
+At the end of each validation epoch the callback runs the module's own
+:meth:`~instsearch.lightning_modules.base.RegionSearchModule.search_step` over the DataModule's
+benchmark loaders (each rank a disjoint shard), the module's evaluator scores on rank 0, and the
+metrics and a result grid go to every attached logger. ``instsearch test`` reaches the same
+numbers through the module's ``test_step`` over the same loaders with the same
+``model.retrieval`` settings; both publish through :func:`publish`. The callback itself only
+decides *when* (``every_n_epochs``).
 """
 from __future__ import annotations
 
@@ -13,28 +16,46 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
+import torch.distributed as dist
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from instsearch.datamodules.benchmark import benchmark_dataloader, distractor_dataloaders
-from instsearch.eval.evaluator import EvaluationResult, RetrievalEvaluator, run_evaluation
+from instsearch.eval.evaluator import EvaluationResult, evaluate
 from instsearch.eval.visualize import result_grid
 from instsearch.formats import Benchmark
 
 log = logging.getLogger(__name__)
 
 
-def resolve_benchmark(trainer: pl.Trainer, override: Optional[str] = None) -> Optional[Benchmark]:
-    path = override or getattr(trainer.datamodule, "benchmark", None)
-    if path is None:
-        return None
-    return path if isinstance(path, Benchmark) else Benchmark.load(path)
+def benchmark_of(trainer: pl.Trainer, required: bool = False) -> Optional[Benchmark]:
+    """The DataModule's benchmark (see :class:`~instsearch.datamodules.benchmark.ServesBenchmark`)."""
+    dm = trainer.datamodule
+    bench = dm.load_benchmark() if dm is not None and hasattr(dm, "load_benchmark") else None
+    if bench is None and required:
+        raise ValueError("retrieval evaluation needs a benchmark: pass --data.benchmark path/to/benchmark.json "
+                         f"(DataModule: {type(dm).__name__})")
+    return bench
 
 
-def publish(trainer: pl.Trainer, pl_module: pl.LightningModule, benchmark: Benchmark, result: EvaluationResult,
-            prefix: str, grid_queries: int = 4, write_files: bool = False) -> dict[str, Path]:
-    """Log scalar metrics and the result grid to every logger; optionally write run/metrics JSON."""
-    scalars = {f"{prefix}{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+def _broadcast_metrics(result: Optional[EvaluationResult]) -> dict[str, float]:
+    """Rank 0's scalar metrics on every rank: checkpointing and early stopping read them everywhere."""
+    scalars = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))} if result else {}
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [scalars]
+        dist.broadcast_object_list(box, src=0)
+        scalars = box[0]
+    return scalars
+
+
+def publish(trainer: pl.Trainer, pl_module: pl.LightningModule, benchmark: Benchmark,
+            result: Optional[EvaluationResult], prefix: str, grid_queries: int = 4,
+            write_files: bool = False) -> dict[str, Path]:
+    """Log scalar metrics (every rank) and the result grid (rank 0) to every logger; optionally
+    write ``run.json``, ``metrics.json``, ``recall_iou.json`` and ``bad_images.json``.
+
+    ``result`` is rank 0's (``None`` on the other ranks).
+    """
+    scalars = {f"{prefix}{k}": v for k, v in _broadcast_metrics(result).items()}
     pl_module.log_dict(scalars, sync_dist=False, on_epoch=True, prog_bar=False, batch_size=1)
     written: dict[str, Path] = {}
     # trainer.log_dir broadcasts from rank 0: every rank must ask for it, or DDP deadlocks.
@@ -64,58 +85,44 @@ def publish(trainer: pl.Trainer, pl_module: pl.LightningModule, benchmark: Bench
 
 
 class RetrievalEvaluation(pl.Callback):
-    """Evaluate instance search on the DataModule's ``benchmark`` at the end of validation epochs."""
+    """Evaluate instance search on the DataModule's benchmark at the end of validation epochs.
 
-    def __init__(self, benchmark: Optional[str] = None, every_n_epochs: int = 1, batch_size: int = 4,
-                 num_workers: int = 0, max_side: Optional[int] = 1600, normalization: str = "relevant",
-                 protocol: str = "standard", regions_per_image: Optional[int] = None, prune_by_label: bool = False,
-                 grid_queries: int = 4, prefix: str = "retrieval/", progress: bool = True):
-        self.benchmark = benchmark
+    How regions are searched and scored is the module's ``retrieval`` config, which loaders serve
+    the benchmark is the DataModule's; this callback only says when (``every_n_epochs``).
+    """
+
+    def __init__(self, every_n_epochs: int = 1, prefix: str = "retrieval/", progress: bool = True):
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self.every_n_epochs = every_n_epochs
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.max_side = max_side
-        self.normalization = normalization
-        self.protocol = protocol
-        self.regions_per_image = regions_per_image
-        self.prune_by_label = prune_by_label
-        self.grid_queries = grid_queries
         self.prefix = prefix
         self.progress = progress
         self.last_result: Optional[EvaluationResult] = None
         self._warned = False
 
-    def evaluator_for(self, benchmark: Benchmark, method: str) -> RetrievalEvaluator:
-        return RetrievalEvaluator(benchmark, method=method, normalization=self.normalization, protocol=self.protocol,
-                                  regions_per_image=self.regions_per_image, prune_by_label=self.prune_by_label)
-
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[EvaluationResult]:
-        benchmark = resolve_benchmark(trainer, self.benchmark)
-        if benchmark is None:
-            if not self._warned:
-                rank_zero_info("RetrievalEvaluation: the DataModule has no `benchmark`; retrieval metrics are skipped")
-                self._warned = True
-            return None
-        world, rank = trainer.world_size, trainer.global_rank
-        num_items = len(benchmark.database) + len(benchmark.queries)
-        loader = benchmark_dataloader(benchmark, "all", self.batch_size, self.num_workers, self.max_side,
-                                      indices=list(range(rank, num_items, world)))
-        loaders = [loader, *distractor_dataloaders(benchmark, self.batch_size, self.num_workers, self.max_side,
-                                                   rank=rank, world_size=world)]
-        evaluator = self.evaluator_for(benchmark, type(pl_module).__name__)
-        return run_evaluation(pl_module, loaders, evaluator, progress=self.progress and trainer.is_global_zero)
+        """Run the module over this rank's shard of the benchmark; the result on rank 0 only."""
+        benchmark = benchmark_of(trainer)
+        loaders = trainer.datamodule.benchmark_dataloaders(rank=trainer.global_rank, world_size=trainer.world_size)
+        return evaluate(pl_module, loaders, pl_module.make_evaluator(benchmark), step=pl_module.search_step,
+                        progress=self.progress and trainer.is_global_zero)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        result = self.evaluate(trainer, pl_module)
-        if result is None:
+        benchmark = benchmark_of(trainer)
+        if benchmark is None:
+            if not self._warned:
+                rank_zero_info("RetrievalEvaluation: the DataModule has no `benchmark`; retrieval metrics are skipped")
+                self._warned = True
             return
+        result = self.evaluate(trainer, pl_module)
         self.last_result = result
-        publish(trainer, pl_module, resolve_benchmark(trainer, self.benchmark), result, self.prefix, self.grid_queries)
-        m = result.metrics
-        rank_zero_info(f"epoch {trainer.current_epoch}: retrieval mAP@all={m['mAP@all']:.4f} "
-                       f"mAP@10={m['mAP@10']:.4f} mIoU={m['mIoU']:.4f}")
+        publish(trainer, pl_module, benchmark, result, self.prefix, pl_module.retrieval.grid_queries)
+        if result is not None:
+            m = result.metrics
+            rank_zero_info(f"epoch {trainer.current_epoch}: retrieval mAP@all={m['mAP@all']:.4f} "
+                           f"mAP@10={m['mAP@10']:.4f} mIoU={m['mIoU']:.4f}")
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -1,28 +1,66 @@
-"""Retrieval evaluation of any :class:`~instsearch.structures.RegionSearchModel` on a benchmark.
+"""Retrieval evaluation: accumulate what a network produced on a benchmark, then search and score.
 
-One code path serves the per-epoch callback, ``instsearch test`` and the demo:
-``update`` extracts regions (database items) or box features (query items) batch by batch,
-``compute`` gathers them across ranks, builds the region index, searches, and scores the run.
+One code path serves the per-epoch callback, ``instsearch test`` and the demo. The network runs
+elsewhere (:func:`~instsearch.eval.extract.extract_batch`, called from the LightningModule's
+step); :class:`RetrievalEvaluator` only ``process``-es the resulting :class:`SearchBatch` es and
+``compute``-s the metrics of the README's Metrics section, as detectron2's ``DatasetEvaluator``.
+
+Under DDP every rank processes a shard; ``compute`` gathers the shards **to rank 0 only**, which
+alone builds the index and scores (other ranks get ``None``). Rank 0 then holds every region:
+``4·D + 24`` bytes per region (feature, box, score, label), i.e. about 2.1 GB per million
+512-D regions, plus a transient copy while the shards are unpickled.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from instsearch.datamodules.image_io import BadImageReport
+from instsearch.eval.extract import QueryFeature, SearchBatch, extract_batch, model_device
 from instsearch.eval.metrics import recall_at_iou, retrieval_metrics
 from instsearch.eval.search import RegionIndex, RegionStore
 from instsearch.formats import Benchmark, Run
-from instsearch.structures import ImageMeta, Regions
+from instsearch.structures import Regions
 
 log = logging.getLogger(__name__)
 
 RECALL_THRESHOLDS = np.round(np.linspace(0.1, 0.9, 9), 2)
+
+
+@dataclass
+class RetrievalConfig:
+    """How a model's regions are searched and scored: the one source of these settings.
+
+    The LightningModule holds it (``--model.retrieval.*``, saved in every checkpoint), so the
+    per-epoch callback, ``instsearch test`` and the demo score a model the same way.
+
+    Attributes:
+        normalization: AP normalisation, ``relevant`` | ``min`` | ``retrieved`` (README, Metrics).
+        protocol: ``standard`` or ``oxford`` (trapezoid AP of the official Oxford/Paris code).
+        regions_per_image: keep at most this many regions per database image (highest scores).
+        prune_by_label: compare a query only with regions of its predicted category (FCIS+XD).
+        index_factory: ``Flat`` (exact, torch) or a faiss factory string (``IVF1024,Flat``, ``PQ32``).
+        ranking_depth: images ranked per query (``None``: every database image with a region).
+        grid_queries: queries shown in the logged result grid (0: no grid).
+    """
+
+    normalization: str = "relevant"
+    protocol: str = "standard"
+    regions_per_image: Optional[int] = None
+    prune_by_label: bool = False
+    index_factory: str = "Flat"
+    ranking_depth: Optional[int] = None
+    grid_queries: int = 4
+
+    def __post_init__(self) -> None:
+        if self.normalization not in ("relevant", "min", "retrieved"):
+            raise ValueError(f"normalization must be relevant, min or retrieved, got {self.normalization!r}")
+        if self.protocol not in ("standard", "oxford"):
+            raise ValueError(f"protocol must be standard or oxford, got {self.protocol!r}")
 
 
 @dataclass
@@ -35,104 +73,82 @@ class EvaluationResult:
 
 
 class RetrievalEvaluator:
-    """Accumulates extracted regions, then searches and computes the metrics of design.md §4.
+    """Accumulates :class:`SearchBatch` es, then searches and scores them on rank 0."""
 
-    ``regions_per_image`` caps the regions kept per database image (their highest scores); the
-    model's own cap applies first. ``prune_by_label`` compares a query only with regions of its
-    predicted category (needs ``classify_boxes`` on the model and labels on the regions).
-    """
-
-    def __init__(self, benchmark: Benchmark, method: str = "regions", normalization: str = "relevant",
-                 protocol: str = "standard", regions_per_image: Optional[int] = None,
-                 prune_by_label: bool = False, index_factory: str = "Flat", ranking_depth: Optional[int] = None):
+    def __init__(self, benchmark: Benchmark, config: Optional[RetrievalConfig] = None, method: str = "regions",
+                 device: torch.device | str = "cpu"):
         self.benchmark = benchmark
+        self.config = config or RetrievalConfig()
         self.method = method
-        self.normalization = normalization
-        self.protocol = protocol
-        self.regions_per_image = regions_per_image
-        self.prune_by_label = prune_by_label
-        self.index_factory = index_factory
-        self.ranking_depth = ranking_depth
+        self.device = device
         self.reset()
 
     def reset(self) -> None:
         self.database: dict[str, Regions] = {}
-        self.queries: dict[str, tuple[torch.Tensor, Optional[int]]] = {}
-        self.report = BadImageReport()
+        self.queries: dict[str, QueryFeature] = {}
+        self.bad_images: list[dict] = []
 
-    # ------------------------------------------------------------------ extraction
-    @torch.no_grad()
-    def update(self, model: Any, images: Sequence[Optional[torch.Tensor]], metas: Sequence[ImageMeta]) -> None:
-        device = _device_of(model)
-        db = [(im, m) for im, m in zip(images, metas) if im is not None and m.query_id is None]
-        qs = [(im, m) for im, m in zip(images, metas) if im is not None and m.query_id is not None]
-        for im, m in zip(images, metas):
-            if im is None:
-                self.report.entries.append({"path": m.extra.get("path"), "image": m.image_id,
-                                            "query": m.query_id, "reason": m.extra.get("error")})
-        if db:
-            regions = model.detect_regions([im.to(device) for im, _ in db])
-            for r, (_, m) in zip(regions, db):
-                r = r.detach_cpu()
-                if self.regions_per_image is not None and len(r) > self.regions_per_image:
-                    r = r.top_k(self.regions_per_image)
-                if m.scale != 1.0:
-                    r.boxes = r.boxes / m.scale
-                self.database[m.image_id] = r
-        if qs:
-            boxes = [torch.tensor([m.query_box], dtype=torch.float32, device=device) * m.scale for _, m in qs]
-            query_images = [im.to(device) for im, _ in qs]
-            features = model.describe_boxes(query_images, boxes)
-            labels: list[Optional[int]] = [None] * len(qs)
-            if self.prune_by_label:
-                if not hasattr(model, "classify_boxes"):
-                    raise TypeError(f"{type(model).__name__} predicts no categories: category pruning needs classify_boxes")
-                labels = [int(lbl[0]) for lbl in model.classify_boxes(query_images, boxes)]
-            for f, lbl, (_, m) in zip(features, labels, qs):
-                self.queries[m.query_id] = (f[0].detach().cpu(), lbl)
+    def process(self, batch: SearchBatch) -> None:
+        cap = self.config.regions_per_image
+        for meta, regions in batch.database:
+            self.database[meta.image_id] = regions.top_k(cap) if cap is not None and len(regions) > cap else regions
+        for query in batch.queries:
+            self.queries[query.meta.query_id] = query
+        for m in batch.bad:
+            entry = {"path": m.extra.get("path"), "image": m.image_id, "query": m.query_id, "reason": m.extra.get("error")}
+            if entry not in self.bad_images:
+                self.bad_images.append(entry)
 
     # ------------------------------------------------------------------ scoring
-    def gather(self) -> None:
-        """Merge every rank's extractions (duplicates from padded samplers collapse by id)."""
+    def gather(self) -> bool:
+        """Merge every rank's shard on rank 0 (duplicates from padded samplers collapse by id).
+
+        Returns whether this process holds the merged data (always true without DDP).
+        """
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (self.database, self.queries, self.report.entries))
-        self.database, self.queries, entries = {}, {}, []
+            return True
+        rank = dist.get_rank()
+        parts: Optional[list[Any]] = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object((self.database, self.queries, self.bad_images), parts, dst=0)
+        if rank != 0:
+            self.reset()
+            return False
+        self.reset()
         for database, queries, bad in parts:
             self.database.update(database)
             self.queries.update(queries)
-            entries.extend(e for e in bad if e not in entries)
-        self.report.entries = entries
+            self.bad_images += [e for e in bad if e not in self.bad_images]
+        return True
 
-    def compute(self, gather: bool = True) -> EvaluationResult:
-        if gather:
-            self.gather()
-        bench = self.benchmark
+    def compute(self, gather: bool = True) -> Optional[EvaluationResult]:
+        """The metrics on rank 0 (``None`` on the other ranks)."""
+        if gather and not self.gather():
+            return None
+        bench, cfg = self.benchmark, self.config
         image_ids = [i for i in bench.database if i in self.database]
         if bench.distractors:
             listed = set(bench.database)
             image_ids += sorted(i for i in self.database if i not in listed and bench.is_distractor(i))
         store = RegionStore.from_regions(image_ids, [self.database[i] for i in image_ids])
-        index = RegionIndex(store, index_factory=self.index_factory)
+        index = RegionIndex(store, index_factory=cfg.index_factory, device=self.device)
         query_ids = [q.id for q in bench.queries if q.id in self.queries]
         if query_ids:
-            features = torch.stack([self.queries[q][0] for q in query_ids]).numpy()
-            labels = [self.queries[q][1] for q in query_ids] if self.prune_by_label else None
-            rankings = index.search(features, top_images=self.ranking_depth, query_labels=labels,
-                                    prune_by_label=self.prune_by_label)
+            features = torch.stack([self.queries[q].feature for q in query_ids]).numpy()
+            labels = [self.queries[q].label for q in query_ids] if cfg.prune_by_label else None
+            rankings = index.search(features, top_images=cfg.ranking_depth, query_labels=labels,
+                                    prune_by_label=cfg.prune_by_label)
         else:
             rankings = []
         run = index.to_run(query_ids, rankings, method=self.method)
-        metrics = retrieval_metrics(bench, run, normalization=self.normalization, protocol=self.protocol)
+        metrics = retrieval_metrics(bench, run, normalization=cfg.normalization, protocol=cfg.protocol)
         curve = self.detector_recall()
         for t, r in zip(curve["thresholds"], curve["recall"]):
             if round(t, 2) in (0.5, 0.7):
                 metrics[f"recall@IoU{t:.1f}"] = float(r)
         metrics["regions_per_image"] = float(len(store) / max(len(image_ids), 1))
-        if len(self.report):
-            metrics["bad_images"] = len(self.report)
-        return EvaluationResult(metrics=metrics, run=run, recall_curve=curve, bad_images=list(self.report.entries),
+        if self.bad_images:
+            metrics["bad_images"] = len(self.bad_images)
+        return EvaluationResult(metrics=metrics, run=run, recall_curve=curve, bad_images=list(self.bad_images),
                                 num_regions=len(store))
 
     def detector_recall(self, thresholds: Sequence[float] = RECALL_THRESHOLDS) -> dict[str, list[float]]:
@@ -150,29 +166,28 @@ class RetrievalEvaluator:
         return {"thresholds": [float(t) for t in out["thresholds"]], "recall": [float(r) for r in out["recall"]]}
 
 
-def _device_of(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
+Step = Callable[[Any], SearchBatch]
 
 
-def run_evaluation(model: Any, loader, evaluator: RetrievalEvaluator, progress: bool = True,
-                   desc: str = "retrieval evaluation") -> EvaluationResult:
-    """Extract everything ``loader`` (or each loader of a list) serves with ``model`` (eval mode,
-    no grad), then compute."""
+def evaluate(model: torch.nn.Module, loaders: Iterable, evaluator: RetrievalEvaluator, step: Optional[Step] = None,
+             progress: bool = True, desc: str = "retrieval evaluation") -> Optional[EvaluationResult]:
+    """Run ``step`` (default: :func:`extract_batch` on ``model``) over every batch of ``loaders``
+    with ``model`` in eval mode, then :meth:`RetrievalEvaluator.compute` (``None`` off rank 0)."""
     from tqdm.auto import tqdm
 
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
+    if step is None:
+        with_labels, device = evaluator.config.prune_by_label, model_device(model)
+
+        def step(batch):
+            return extract_batch(model, *batch, with_labels=with_labels, device=device)
+
+    was_training = model.training
+    model.eval()
     evaluator.reset()
-    loaders = loader if isinstance(loader, (list, tuple)) else [loader]
     try:
-        for one in loaders:
-            for images, metas in tqdm(one, desc=desc, disable=not progress, leave=False):
-                evaluator.update(model, images, metas)
+        for loader in loaders:
+            for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+                evaluator.process(step(batch))
     finally:
-        if was_training:
-            model.train()
+        model.train(was_training)
     return evaluator.compute()

@@ -14,8 +14,13 @@ index and answers a batch of queries with a ranking of *images*:
 The ranking of the images that appear is exact whatever ``k``: if any region of an image is in
 the top ``k``, its best region is too (it scores at least as high).
 
-Category pruning (FCIS+XD, seed §3.4): with ``prune_by_label`` a query is compared only with the
-regions whose predicted label equals the query's; one flat sub-index per label is built lazily.
+Exact search (``index_factory="Flat"``, the default) runs as a torch matrix multiply + ``topk``
+(:class:`ExactInnerProductIndex`) on the CPU or GPU: on a 2-core CPU it answers 3-4x more queries
+per second than faiss's flat index for the same ranking (``benchmarks/search_throughput.py``).
+Any other factory string ("IVF…", "PQ…", "OPQ…") builds that faiss index.
+
+Category pruning (FCIS+XD, Zhan & Zhao): with ``prune_by_label`` a query is compared only with the
+regions whose predicted label equals the query's; one sub-index per label is built lazily.
 """
 from __future__ import annotations
 
@@ -106,21 +111,58 @@ def best_region_per_image(distances: np.ndarray, region_ids: np.ndarray, image_i
             for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-class RegionIndex:
-    """A faiss index over a :class:`RegionStore` answering image-level queries.
+class ExactInnerProductIndex:
+    """Exact inner-product search with torch: ``scores = Q Fᵀ`` then ``topk``, on any device.
 
-    ``index_factory`` is any faiss factory string over inner product ("Flat" is exact; "IVF…",
-    "PQ…", "OPQ…" trade accuracy for speed and memory and are trained on the stored features).
+    It answers faiss's ``search(queries, k) -> (scores, ids)`` (best first, ``-1`` padding never
+    needed since ``k <= ntotal``), so :class:`RegionIndex` treats both alike. Queries are scored in
+    chunks so that one chunk's score matrix stays under ``max_scores`` floats.
     """
 
-    def __init__(self, store: RegionStore, index_factory: str = "Flat", nprobe: int = 16):
+    def __init__(self, features: np.ndarray, device: torch.device | str = "cpu", max_scores: int = 1 << 25):
+        self.device = torch.device(device)
+        self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
+        self.max_scores = int(max_scores)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.features.shape[0])
+
+    @torch.no_grad()
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+        k = min(int(k), self.ntotal)
+        chunk = max(1, self.max_scores // max(self.ntotal, 1))
+        scores, ids = [], []
+        for start in range(0, len(q), chunk):
+            s, i = torch.topk(q[start:start + chunk] @ self.features.T, k, dim=1, largest=True, sorted=True)
+            scores.append(s.cpu())
+            ids.append(i.cpu())
+        if not scores:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return torch.cat(scores).numpy(), torch.cat(ids).numpy().astype(np.int64)
+
+
+class RegionIndex:
+    """An index over a :class:`RegionStore` answering image-level queries.
+
+    ``index_factory`` is ``"Flat"`` (exact, torch on ``device``) or any other faiss factory string
+    over inner product ("IVF…", "PQ…", "OPQ…" trade accuracy for speed and memory and are trained
+    on the stored features). Category-pruning sub-indexes are exact.
+    """
+
+    def __init__(self, store: RegionStore, index_factory: str = "Flat", nprobe: int = 16,
+                 device: torch.device | str = "cpu"):
         self.store = store
         self.index_factory = index_factory
         self.nprobe = nprobe
+        self.device = device
         self.index = self._build(store.features)
-        self._label_indexes: dict[int, tuple[faiss.Index, np.ndarray]] = {}
+        self._label_indexes: dict[int, tuple[ExactInnerProductIndex, np.ndarray]] = {}
 
-    def _build(self, features: np.ndarray) -> faiss.Index:
+    def _build(self, features: np.ndarray):
+        if self.index_factory == "Flat":
+            return ExactInnerProductIndex(features, device=self.device)
         dim = features.shape[1] if features.ndim == 2 and features.shape[1] else 1
         index = faiss.index_factory(dim, self.index_factory, faiss.METRIC_INNER_PRODUCT)
         if len(features):
@@ -131,13 +173,11 @@ class RegionIndex:
             index.nprobe = self.nprobe
         return index
 
-    def _label_index(self, label: int) -> tuple[faiss.Index, np.ndarray]:
+    def _label_index(self, label: int) -> tuple[ExactInnerProductIndex, np.ndarray]:
         if label not in self._label_indexes:
             members = np.flatnonzero(self.store.labels == label)
-            index = faiss.IndexFlatIP(max(self.store.dim, 1))
-            if len(members):
-                index.add(self.store.features[members])
-            self._label_indexes[label] = (index, members)
+            self._label_indexes[label] = (ExactInnerProductIndex(self.store.features[members], device=self.device),
+                                          members)
         return self._label_indexes[label]
 
     def search(self, queries: np.ndarray | torch.Tensor, top_images: int | None = None,
@@ -167,7 +207,7 @@ class RegionIndex:
             return results  # type: ignore[return-value]
         return self._search_index(self.index, None, queries, top_images, batch_size)
 
-    def _search_index(self, index: faiss.Index, members: np.ndarray | None, queries: np.ndarray,
+    def _search_index(self, index, members: np.ndarray | None, queries: np.ndarray,
                       top_images: int | None, batch_size: int) -> list[ImageRanking]:
         total = index.ntotal
         num_images = len(self.store.image_ids)

@@ -1,9 +1,10 @@
 """The ``instsearch`` command: Lightning's fit/validate/test/predict plus the project's tools."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from pytorch_lightning.cli import LightningCLI
 
@@ -30,17 +31,36 @@ class InstsearchCLI(LightningCLI):
         parser.add_lightning_class_args(RetrievalEvaluation, "retrieval")
 
 
-def lightning_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs) -> InstsearchCLI:
+@contextlib.contextmanager
+def _argv(args: list[str]) -> Iterator[None]:
+    """LightningCLI reads ``sys.argv`` (passing ``args`` as well makes it warn about ambiguity):
+    show it exactly the arguments of this call."""
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "instsearch", *args]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def lightning_cli(args: Optional[list[str]] = None, run: bool = True, cli_class: type[InstsearchCLI] = InstsearchCLI,
+                  **kwargs) -> InstsearchCLI:
+    """The LightningCLI over ``args`` (default: ``sys.argv[1:]``)."""
     import pytorch_lightning as pl
+
+    from instsearch.console import quiet_framework_noise
+
+    quiet_framework_noise()
 
     defaults = {
         "logger": [
             {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "instsearch"}},
         ],
     }
-    return InstsearchCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                         trainer_defaults=defaults, save_config_kwargs={"overwrite": True}, args=args, run=run,
-                         auto_configure_optimizers=False, **kwargs)
+    with _argv(list(sys.argv[1:] if args is None else args)):
+        return cli_class(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
+                             subclass_mode_data=True, trainer_defaults=defaults, save_config_kwargs={"overwrite": True},
+                             run=run, auto_configure_optimizers=False, **kwargs)
 
 
 def _usage() -> str:

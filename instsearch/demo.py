@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Optional
@@ -72,13 +71,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     from instsearch.datamodules.synthetic import generate
     from instsearch.eval.callback import RetrievalEvaluation
     from instsearch.eval.evaluate import format_metrics_table
-    from instsearch.eval.evaluator import RetrievalEvaluator, run_evaluation
+    from instsearch.eval.evaluator import RetrievalEvaluator, evaluate
     from instsearch.eval.visualize import save_result_grid
     from instsearch.cli import lightning_cli
-    from instsearch.formats import Benchmark
-    from instsearch.datamodules.benchmark import benchmark_dataloader
 
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     start = time.perf_counter()
     out: Path = args.out.resolve()
     data = out / "data"
@@ -90,30 +86,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         print(f"[1/5] reusing the synthetic benchmark in {data}")
     num_classes = len(json.loads((data / "train.json").read_text())["categories"]) + 1
-    benchmark = Benchmark.load(bench_path)
 
     cli_args = build_args(out, data, args.accelerator, args.epochs, args.seed, num_classes, args.num_workers,
                           wandb=args.wandb)
     cli = lightning_cli(cli_args, run=False)
     (out / "config.yaml").write_text(cli.parser.dump(cli.config, skip_none=False))
-    model, trainer = cli.model, cli.trainer
+    model, trainer, datamodule = cli.model, cli.trainer, cli.datamodule
+    benchmark = datamodule.load_benchmark()
     device = torch.device("cuda" if trainer.strategy.root_device.type == "cuda" else "cpu")
-
-    def evaluate(net, method: str, desc: str):
-        net.to(device)
-        loader = benchmark_dataloader(benchmark, "all", batch_size=8, num_workers=args.num_workers)
-        return run_evaluation(net, loader, RetrievalEvaluator(benchmark, method=method), desc=desc)
 
     print("[2/5] evaluating the untrained model")
     torch.manual_seed(args.seed)
-    untrained = evaluate(model, "untrained", "untrained")
+    model.to(device)
+    untrained = evaluate(model, datamodule.benchmark_dataloaders(), model.make_evaluator(benchmark),
+                         step=model.search_step, desc="untrained")
     print(f"[3/5] training for {args.epochs} epochs on {trainer.strategy.root_device}")
-    trainer.fit(model, datamodule=cli.datamodule)
+    trainer.fit(model, datamodule=datamodule)
     print("[4/5] evaluating the trained model and the whole-image GeM baseline")
-    cb = next((c for c in trainer.callbacks if isinstance(c, RetrievalEvaluation)), None)
-    trained = cb.last_result if cb is not None and cb.last_result is not None else evaluate(model, "trained", "trained")
+    cb = next(c for c in trainer.callbacks if isinstance(c, RetrievalEvaluation))
+    trained = cb.last_result
+    model.to(device)
     model.net.search_mode = "global"  # same trained backbone, whole-image GeM descriptor
-    global_gem = evaluate(model, "global_gem", "global GeM")
+    global_gem = evaluate(model, datamodule.benchmark_dataloaders(),
+                          RetrievalEvaluator(benchmark, model.retrieval, method="global_gem", device=device),
+                          step=model.search_step, desc="global GeM")
     model.net.search_mode = "regions"
 
     rows = {"untrained": untrained.metrics, "trained": trained.metrics, "global_gem": global_gem.metrics}

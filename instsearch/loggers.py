@@ -32,3 +32,6 @@ class WandbLogger(_WandbLogger):
             offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_credentials_available()
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(project=project, save_dir=save_dir, offline=offline, name=name, log_model=log_model, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            # Lightning always passes the key, and wandb warns that the setting is deprecated
+            self._wandb_init.pop("anonymous", None)

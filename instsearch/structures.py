@@ -99,8 +99,7 @@ class ImageMeta:
     """What a benchmark loader tells the extractor about one image it serves."""
 
     image_id: str
-    orig_size: tuple[int, int]  # (height, width) of the original image
-    scale: float = 1.0  # network pixels per original pixel
+    orig_size: tuple[int, int]  # (height, width) of the original image (the boxes' frame)
     query_id: Optional[str] = None  # set for query items
     query_box: Optional[tuple[float, float, float, float]] = None  # original pixels
     extra: dict = field(default_factory=dict)

@@ -3,8 +3,11 @@
 A subclass builds ``self.net`` (a plain ``nn.Module`` implementing
 :class:`~instsearch.structures.RegionSearchModel` whose ``forward(images, targets)`` returns a
 loss dict in training and detections in eval mode, as torchvision's detectors do) and nothing
-else is method-specific: optimisation, detection AP on the validation set, and the retrieval
-protocol of ``instsearch test`` live here.
+else is method-specific: optimisation, detection AP on the validation set, and retrieval
+evaluation live here. Retrieval settings are ``self.retrieval`` (a
+:class:`~instsearch.eval.evaluator.RetrievalConfig`, saved in the checkpoint); :meth:`search_step`
+runs the network on a benchmark batch for ``instsearch test``, ``predict``, the per-epoch
+callback and the demo alike, and the evaluator only scores what it returns.
 """
 from __future__ import annotations
 
@@ -14,11 +17,11 @@ from typing import Any, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from instsearch.eval.callback import publish, resolve_benchmark
-from instsearch.eval.evaluator import RetrievalEvaluator
+from instsearch.eval.callback import benchmark_of, publish
+from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator
+from instsearch.eval.extract import SearchBatch, extract_batch
 from instsearch.structures import Regions
 
 
@@ -56,17 +59,6 @@ class OptimizerConfig:
     gamma: float = 0.1
 
 
-@dataclass
-class RetrievalConfig:
-    """How ``instsearch test`` scores a checkpoint (see design.md §4)."""
-
-    normalization: str = "relevant"
-    protocol: str = "standard"
-    regions_per_image: Optional[int] = None
-    prune_by_label: bool = False
-    grid_queries: int = 4
-
-
 class RegionSearchModule(pl.LightningModule):
     net: nn.Module
     box_iou_types: Sequence[str] = ("bbox",)
@@ -78,20 +70,17 @@ class RegionSearchModule(pl.LightningModule):
         self._evaluator: Optional[RetrievalEvaluator] = None
         self._val_map = None
 
-    # ------------------------------------------------------------ the RegionSearchModel protocol
     def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None):
         return self.net(images, targets)
 
-    def detect_regions(self, images: list[Tensor]) -> list[Regions]:
-        return self.net.detect_regions(images)
+    # ------------------------------------------------------------ retrieval: run the network
+    def search_step(self, batch: tuple[list, list]) -> SearchBatch:
+        """The network on one benchmark batch: regions of database images, features of query boxes."""
+        images, metas = batch
+        return extract_batch(self.net, images, metas, with_labels=self.retrieval.prune_by_label, device=self.device)
 
-    def describe_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
-        return self.net.describe_boxes(images, boxes)
-
-    def classify_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
-        if not hasattr(self.net, "classify_boxes"):
-            raise TypeError(f"{type(self.net).__name__} predicts no categories")
-        return self.net.classify_boxes(images, boxes)
+    def make_evaluator(self, benchmark) -> RetrievalEvaluator:
+        return RetrievalEvaluator(benchmark, self.retrieval, method=type(self).__name__, device=self.device)
 
     # ------------------------------------------------------------ training
     def training_step(self, batch, batch_idx: int) -> Tensor:
@@ -176,17 +165,10 @@ class RegionSearchModule(pl.LightningModule):
 
     # ------------------------------------------------------------ instsearch test / predict
     def on_test_epoch_start(self) -> None:
-        benchmark = resolve_benchmark(self.trainer)
-        if benchmark is None:
-            raise ValueError("instsearch test needs a benchmark: pass --data.benchmark path/to/benchmark.json")
-        r = self.retrieval
-        self._evaluator = RetrievalEvaluator(benchmark, method=type(self).__name__, normalization=r.normalization,
-                                             protocol=r.protocol, regions_per_image=r.regions_per_image,
-                                             prune_by_label=r.prune_by_label)
+        self._evaluator = self.make_evaluator(benchmark_of(self.trainer, required=True))
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, metas = batch
-        self._evaluator.update(self, images, metas)
+        self._evaluator.process(self.search_step(batch))
 
     def on_test_epoch_end(self) -> None:
         result = self._evaluator.compute()
@@ -196,15 +178,11 @@ class RegionSearchModule(pl.LightningModule):
         if self.trainer.is_global_zero:
             from instsearch.eval.evaluate import format_metrics_table
 
-            rank_zero_info(format_metrics_table({"test": result.metrics}))
+            print(format_metrics_table({"test": result.metrics}))
             for name in ("run", "metrics", "grid"):
                 if name in written:
                     print(f"{name}: {written[name]}")
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> list[tuple[str, Regions]]:
-        images, metas = batch
-        keep = [(im, m) for im, m in zip(images, metas) if im is not None and m.query_id is None]
-        if not keep:
-            return []
-        regions = self.detect_regions([im.to(self.device) for im, _ in keep])
-        return [(m.image_id, r.detach_cpu()) for r, (_, m) in zip(regions, keep)]
+        """Each database image's regions (original pixels, with features); query items are skipped."""
+        return [(meta.image_id, regions) for meta, regions in self.search_step(batch).database]

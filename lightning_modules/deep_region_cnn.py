@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from instsearch.lightning_modules.base import OptimizerConfig, RegionSearchModule, RetrievalConfig
+from instsearch.eval.evaluator import RetrievalConfig
+from instsearch.lightning_modules.base import OptimizerConfig, RegionSearchModule
 from instsearch.networks.deep_region_cnn import DeepRegionCNN
 
 

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from instsearch.datamodules.benchmark import benchmark_dataloader
-from instsearch.eval.evaluator import RetrievalEvaluator, run_evaluation
+from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, evaluate
 from instsearch.cli import main
 from instsearch.formats import Benchmark, Run
 
@@ -37,8 +37,8 @@ def test_unknown_command_fails(capsys):
 
 def test_evaluation_of_a_region_model(small_benchmark, num_classes):
     bench = Benchmark.load(small_benchmark)
-    result = run_evaluation(small_net(num_classes), benchmark_dataloader(bench, batch_size=8),
-                            RetrievalEvaluator(bench), progress=False)
+    result = evaluate(small_net(num_classes), [benchmark_dataloader(bench, batch_size=8)],
+                      RetrievalEvaluator(bench), progress=False)
     assert METRIC_KEYS <= set(result.metrics)
     assert result.metrics["num_queries"] == 4
     for qid, hits in result.run.rankings.items():
@@ -107,6 +107,16 @@ def test_fit_checkpoint_test_evaluate(tmp_path, synthetic_root, small_benchmark,
     metrics_path = Path(next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("metrics: ")))
     metrics = json.loads(metrics_path.read_text())
     assert METRIC_KEYS <= set(metrics)
+    # one evaluation path: the callback's numbers at the end of training are the test's numbers
+    import csv
+
+    with rows[0].open() as f:
+        logged = [r for r in csv.DictReader(f) if r.get("retrieval/mAP@all")]
+    assert len(logged) == 1
+    compared = [k for k in metrics if isinstance(metrics[k], float) and f"retrieval/{k}" in logged[0]]
+    assert {"mAP@10", "mAP@all", "mIoU", "recall@IoU0.5", "regions_per_image"} <= set(compared)
+    for key in compared:
+        assert float(logged[0][f"retrieval/{key}"]) == pytest.approx(metrics[key], abs=1e-6), key
     Run.load(run_path, benchmark=Benchmark.load(small_benchmark))
     out_json = tmp_path / "m.json"
     assert main(["evaluate", "--benchmark", str(small_benchmark), "--run", str(run_path), "--output", str(out_json)]) == 0
@@ -122,11 +132,11 @@ def _validate(devices: int, root: Path, benchmark: Path, num_classes: int, tmp_p
     from instsearch.lightning_modules.deep_region_cnn import DeepRegionCNNModule
 
     pl.seed_everything(0)
-    model = DeepRegionCNNModule(small_net(num_classes))
+    model = DeepRegionCNNModule(small_net(num_classes), retrieval=RetrievalConfig(grid_queries=0))
     dm = SyntheticDataModule(root=root, benchmark=str(benchmark), batch_size=2, num_workers=0)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
                          limit_val_batches=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                         callbacks=[RetrievalEvaluation(progress=False, grid_queries=0)], default_root_dir=tmp_path)
+                         callbacks=[RetrievalEvaluation(progress=False)], default_root_dir=tmp_path)
     trainer.validate(model, datamodule=dm)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("retrieval/")}
 

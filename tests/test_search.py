@@ -107,3 +107,34 @@ def test_dimension_mismatch_is_refused():
     index = RegionIndex(RegionStore.from_regions(ids, regions))
     with pytest.raises(ValueError, match="16-D"):
         index.search(np.zeros((1, 8), np.float32))
+
+
+def test_exact_torch_index_equals_faiss_flat_in_chunks():
+    import faiss
+
+    from instsearch.eval.search import ExactInnerProductIndex
+
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(500, 24)).astype(np.float32)
+    queries = rng.normal(size=(9, 24)).astype(np.float32)
+    ref = faiss.IndexFlatIP(24)
+    ref.add(feats)
+    d_ref, i_ref = ref.search(queries, 40)
+    index = ExactInnerProductIndex(feats, max_scores=2 * len(feats))  # two queries per chunk
+    d, i = index.search(queries, 40)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-5)
+    assert index.search(queries, 10_000)[1].shape == (9, 500)
+
+
+def test_faiss_factory_indexes_still_serve_the_same_exact_ranking():
+    rng = np.random.default_rng(4)
+    ids, regions = _random_store(rng)
+    store = RegionStore.from_regions(ids, regions)
+    queries = rng.normal(size=(5, 16)).astype(np.float32)
+    torch_rank = RegionIndex(store).search(queries, top_images=8)
+    faiss_rank = RegionIndex(store, index_factory="IVF1,Flat").search(queries, top_images=8)
+    assert "IVF" in type(RegionIndex(store, index_factory="IVF1,Flat").index).__name__  # a faiss index, exact with one list
+    for a, b in zip(torch_rank, faiss_rank):
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.regions, b.regions)

@@ -1,0 +1,32 @@
+"""Every shipped config parses against the classes it names (a renamed or removed option fails)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from instsearch.cli import InstsearchCLI, lightning_cli
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+class ParseOnly(InstsearchCLI):
+    """Parses and type-checks the whole config without building the (large) models."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_config_parses(config):
+    parsed = lightning_cli(["--config", str(config)], run=False, cli_class=ParseOnly).config
+    assert parsed["model"]["class_path"].startswith("instsearch.lightning_modules.")
+    assert parsed["data"]["class_path"].startswith("instsearch.datamodules.")
+
+
+def test_a_removed_option_is_refused(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONFIGS[0].read_text().replace("retrieval:\n", "retrieval:\n  max_side: 1000\n", 1))
+    with pytest.raises(SystemExit):
+        lightning_cli(["--config", str(bad)], run=False, cli_class=ParseOnly)
+    assert "max_side" in capsys.readouterr().err
