@@ -30,3 +30,32 @@ def test_a_removed_option_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         lightning_cli(["--config", str(bad)], run=False, cli_class=ParseOnly)
     assert "max_side" in capsys.readouterr().err
+
+
+def test_lightning_cli_is_called_without_the_args_and_argv_ambiguity(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr("sys.argv", ["instsearch", "fit", "--config", "other.yaml"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lightning_cli(["--config", str(CONFIGS[0])], run=False, cli_class=ParseOnly)
+    assert not [w for w in caught if "args parameter" in str(w.message)]
+    import sys
+
+    assert sys.argv == ["instsearch", "fit", "--config", "other.yaml"]  # restored
+
+
+def test_framework_advertisements_are_silenced_and_real_messages_kept(caplog):
+    import logging
+
+    from pytorch_lightning.utilities import rank_zero_info
+
+    from instsearch.console import quiet_framework_noise
+
+    quiet_framework_noise()
+    with caplog.at_level(logging.INFO):
+        rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try installing litlogger")
+        rank_zero_info("GPU available: False, used: False")
+    messages = [r.getMessage() for r in caplog.records]
+    assert "GPU available: False, used: False" in messages
+    assert not [m for m in messages if "Tip" in m]
