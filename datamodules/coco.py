@@ -735,7 +735,7 @@ class SyntheticDataModule(DetectionDataModule):
         root/images/*   root/train.json   root/val.json   root/benchmark.json
 
     With ``generate=True`` a root without ``train.json`` is generated in :meth:`prepare_data` by
-    ``instsearch.datamodules.synthetic.generate(root, preset, seed)``. The default scales suit ~160 px
+    ``instsearch.synthetic.generate(root, preset, seed)``. The default scales suit ~160 px
     images: the short side is drawn from 128–200 px, so nothing is upscaled beyond 1.25x (more
     would only teach the detector blur), and evaluation runs at the native 160 px.
     """
@@ -759,7 +759,7 @@ class SyntheticDataModule(DetectionDataModule):
             raise FileNotFoundError(f"synthetic data not found: {self.root / 'train.json'} (expected layout: "
                                     f"{self.root}/images/, train.json, val.json, benchmark.json as written by "
                                     f"`instsearch synth`; or pass generate=True)")
-        from instsearch.datamodules.synthetic import generate  # generated data only needs the generator here
+        from instsearch.synthetic import generate  # only generating data needs the generator
 
         generate(self.root, self.preset, self.seed)
 

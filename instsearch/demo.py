@@ -69,7 +69,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--wandb", action="store_true", help="also log to wandb (offline without an API key)")
     args = parser.parse_args(argv)
 
-    from instsearch.datamodules.synthetic import generate
+    from instsearch.synthetic import generate
     from instsearch.eval.callback import RetrievalEvaluation
     from instsearch.eval.evaluate import format_metrics_table
     from instsearch.eval.evaluator import RetrievalEvaluator, run_evaluation

@@ -476,7 +476,7 @@ def test_synthetic_datamodule_reads_and_generates(tmp_path, monkeypatch):
 
     import types
     import sys
-    monkeypatch.setitem(sys.modules, "instsearch.datamodules.synthetic", types.SimpleNamespace(generate=fake_generate))
+    monkeypatch.setitem(sys.modules, "instsearch.synthetic", types.SimpleNamespace(generate=fake_generate))
     gen = SyntheticDataModule(tmp_path / "new", preset="tiny", seed=5, num_workers=0)
     gen.prepare_data()
     assert calls == [(tmp_path / "new", "tiny", 5)]
