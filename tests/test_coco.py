@@ -19,7 +19,8 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DistributedSampler, SequentialSampler
 
 from instsearch.datamodules.coco import (CocoDataModule, CocoInstances, DetectionDataModule, GroupedBatchSampler,
-                              SyntheticDataModule, aspect_ratio_groups, detection_collate)
+                                         aspect_ratio_groups, detection_collate)
+from instsearch.datamodules.synthetic import SyntheticDataModule
 from instsearch.datamodules.image_io import BadImageReport
 from instsearch.datamodules.transforms import (Compose, RandomHorizontalFlip, RandomResize, Resize, ToTensor, hflip_sample,
                                     resize_sample, shortest_edge_size)
