@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from instsearch.datamodules.coco import DetectionDataModule, InstanceDataset
+from instsearch.datamodules.detection import DetectionDataModule
+from instsearch.datamodules.detection_dataset import InstanceDataset
 
 __all__ = ["SyntheticDataModule"]
 
