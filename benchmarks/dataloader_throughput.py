@@ -1,7 +1,7 @@
 """Training DataLoader throughput: decoded-and-transformed images per second.
 
 Writes ``--images`` photo-like 1024x768 JPEGs and a COCO instances file (a few polygon objects per
-image) to a temporary folder, then drains :class:`~instsearch.datamodules.coco.DetectionDataModule`'s
+image) to a temporary folder, then drains :class:`~instsearch.datamodules.detection.DetectionDataModule`'s
 training loader (multi-scale resize 480-1000 / 1333, flip, masks) with 0, 1 and 2 workers and
 prints a table. The first batch (worker start-up) is not timed.
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from instsearch.datamodules.coco import DetectionDataModule
+from instsearch.datamodules.detection import DetectionDataModule
 
 
 def write_dataset(root: Path, n: int, width: int = 1024, height: int = 768, seed: int = 0) -> tuple[Path, Path]:

@@ -28,7 +28,7 @@ import yaml
 from torch import Tensor, nn
 
 from instsearch.datamodules.benchmark import benchmark_dataloader
-from instsearch.datamodules.coco import SyntheticDataModule
+from instsearch.datamodules.synthetic import SyntheticDataModule
 from instsearch.eval.callback import RetrievalEvaluation
 from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, evaluate
 from instsearch.eval.search import RegionIndex, RegionStore

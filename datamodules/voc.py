@@ -1,9 +1,10 @@
 """PASCAL VOC training data: VOC 2007 boxes and VOC 2012 + SBD instance masks.
 
-Both datasets serve the item format of :class:`~instsearch.datamodules.coco.CocoInstances` (labels ``1..20``
-in the official class order, 0 = background), and both DataModules are
-:class:`~instsearch.datamodules.coco.DetectionDataModule` s that only change where the items come from, so
-batching, multi-scale resizing, DDP sampling and bad-image handling are shared.
+Both datasets serve the item every instance dataset serves (a
+:class:`~instsearch.datamodules.detection_dataset.DetectionTarget`, labels ``1..20`` in the official
+class order, 0 = background), and both DataModules are
+:class:`~instsearch.datamodules.detection.DetectionDataModule` s that only change where the items come
+from, so batching, multi-scale resizing, DDP sampling and bad-image handling are shared.
 
 On-disk layouts (as the official tarballs unpack)::
 
@@ -36,7 +37,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import masks_to_boxes
 
-from instsearch.datamodules.coco import DetectionDataModule, InstanceDataset, Target, _require
+from instsearch.datamodules.detection import DetectionDataModule, require_path
+from instsearch.datamodules.detection_dataset import DetectionTarget, InstanceDataset
 from instsearch.datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport, image_size
 from instsearch.formats import FormatError
 
@@ -51,7 +53,7 @@ __all__ = ["VOC_CLASSES", "VOCDetectionDataset", "VOCInstanceDataset", "VOCDetec
 
 def read_split(path: Path, layout: str) -> list[str]:
     """Image ids listed one per line (first token; class-specific lists carry a second column)."""
-    _require(path, "VOC split list", layout)
+    require_path(path, "VOC split list", layout)
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -122,7 +124,7 @@ class _VOCBase(InstanceDataset):
     def aspect_ratios(self) -> np.ndarray:
         return self._sizes[:, 0] / self._sizes[:, 1]
 
-    def _base_target(self, index: int, n: int) -> Target:
+    def _base_target(self, index: int, n: int) -> DetectionTarget:
         return {"iscrowd": torch.zeros(n, dtype=torch.int64),
                 "image_id": torch.tensor(_numeric_id(self.ids[index]), dtype=torch.int64),
                 "instance_ids": torch.full((n,), -1, dtype=torch.int64)}
@@ -142,14 +144,14 @@ class VOCDetectionDataset(_VOCBase):
         self.voc_root = Path(voc_root)
         layout = (f"{self.voc_root}/Annotations/<id>.xml, {self.voc_root}/JPEGImages/<id>.jpg, "
                   f"{self.voc_root}/ImageSets/Main/{split}.txt")
-        _require(self.voc_root, "VOC root", layout)
+        require_path(self.voc_root, "VOC root", layout)
         ids = read_split(self.voc_root / "ImageSets" / "Main" / f"{split}.txt", layout)
         class_index = {name: k + 1 for k, name in enumerate(VOC_CLASSES)}
         boxes, labels, difficult, counts, sizes, paths, kept_ids = [], [], [], [], [], [], []
         self.stats = {"images": len(ids), "objects": 0, "difficult_dropped": 0, "degenerate_boxes": 0,
                       "images_without_targets": 0}
         for voc_id in ids:
-            xml_path = _require(self.voc_root / "Annotations" / f"{voc_id}.xml", "VOC annotation", layout)
+            xml_path = require_path(self.voc_root / "Annotations" / f"{voc_id}.xml", "VOC annotation", layout)
             ann = _parse_voc_xml(xml_path, class_index)
             image_path = self.voc_root / "JPEGImages" / ann["filename"]
             size = ann["size"]
@@ -183,7 +185,7 @@ class VOCDetectionDataset(_VOCBase):
         self._labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
         self._difficult = np.concatenate(difficult).astype(np.int64) if difficult else np.zeros(0, np.int64)
 
-    def load_target(self, index: int, height: int, width: int) -> Target:
+    def load_target(self, index: int, height: int, width: int) -> DetectionTarget:
         s = slice(self._start[index], self._start[index + 1])
         boxes = torch.from_numpy(self._boxes[s].copy()).reshape(-1, 4)
         target = self._base_target(index, len(boxes))
@@ -301,7 +303,7 @@ class VOCInstanceDataset(_VOCBase):
                 self._label_paths.append(labels)
         self._sizes = np.array(sizes, dtype=np.int64).reshape(-1, 2)
 
-    def load_target(self, index: int, height: int, width: int) -> Target:
+    def load_target(self, index: int, height: int, width: int) -> DetectionTarget:
         inst_path, cls_path = self._label_paths[index]
         if self._kind[index] == "voc":
             inst = _read_label_png(inst_path)
@@ -344,11 +346,12 @@ class VOCDetectionDataModule(DetectionDataModule):
         self.voc_root = root / f"VOC{year}"
         layout = (f"{self.voc_root}/Annotations/<id>.xml, {self.voc_root}/JPEGImages/<id>.jpg, "
                   f"{self.voc_root}/ImageSets/Main/{{train,val,trainval,test}}.txt")
-        _require(root, "VOC root", layout)
-        _require(self.voc_root, f"VOC{year} folder", layout)
+        require_path(root, "VOC root", layout)
+        require_path(self.voc_root, f"VOC{year} folder", layout)
         for split in (train_split, val_split):
             if split is not None:
-                _require(self.voc_root / "ImageSets" / "Main" / f"{split}.txt", f"VOC{year} '{split}' split list", layout)
+                require_path(self.voc_root / "ImageSets" / "Main" / f"{split}.txt", f"VOC{year} '{split}' split list",
+                             layout)
         super().__init__(train_images=None, train_annotations=None, val_images=None, val_annotations=None,
                          masks=False, category_ids=None,
                          train_short_sides=train_short_sides, max_size=max_size, test_short_side=test_short_side,
@@ -391,15 +394,15 @@ class VOCInstanceDataModule(DetectionDataModule):
             raise ValueError("protocol='sbd' needs sbd_root")
         self.splits: dict[str, list[str]] = {}
         if protocol == "voc2012":
-            _require(root, "VOC root", voc_layout)
-            _require(self.voc_root, "VOC2012 folder", voc_layout)
+            require_path(root, "VOC root", voc_layout)
+            require_path(self.voc_root, "VOC2012 folder", voc_layout)
             for s in ("train", "val"):
                 self.splits[f"voc_{s}"] = read_split(self.voc_root / "ImageSets" / "Segmentation" / f"{s}.txt",
                                                      voc_layout)
         if self.sbd_dir is not None:
             sbd_layout = (f"{self.sbd_dir}/inst/<id>.mat, {self.sbd_dir}/cls/<id>.mat, {self.sbd_dir}/img/<id>.jpg, "
                           f"{self.sbd_dir}/{{train,val}}.txt")
-            _require(self.sbd_dir, "SBD dataset folder", sbd_layout)
+            require_path(self.sbd_dir, "SBD dataset folder", sbd_layout)
             for s in ("train", "val"):
                 self.splits[f"sbd_{s}"] = read_split(self.sbd_dir / f"{s}.txt", sbd_layout)
         super().__init__(train_images=None, train_annotations=None, val_images=None, val_annotations=None,

@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Optional
 from pytorch_lightning.cli import LightningCLI
 
 TOOLS: dict[str, tuple[str, str]] = {
-    "synth": ("instsearch.datamodules.synthetic:main", "generate the synthetic instance-search benchmark"),
+    "synth": ("instsearch.synthetic:main", "generate the synthetic instance-search benchmark"),
     "convert": ("instsearch.datamodules.converters:main", "convert a public benchmark (INSTRE, Oxford, Paris, Holidays, ...) to benchmark.json"),
     "evaluate": ("instsearch.eval.evaluate:main", "score a run.json against a benchmark.json (mAP@k, mIoU)"),
     "demo": ("instsearch.demo:main", "synthetic benchmark -> untrained vs trained vs global GeM, end to end"),

@@ -37,7 +37,7 @@ def build_args(out: Path, data: Path, accelerator: str, epochs: int, seed: int, 
         "--model.optim.lr=0.02",
         "--model.optim.warmup_steps=50",
         f"--model.optim.milestones=[{max(epochs - 2, 1)}]",
-        "--data=instsearch.datamodules.coco.SyntheticDataModule",
+        "--data=instsearch.datamodules.synthetic.SyntheticDataModule",
         f"--data.root={data}",
         "--data.batch_size=8",
         f"--data.num_workers={num_workers}",
@@ -68,7 +68,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--wandb", action="store_true", help="also log to wandb (offline without an API key)")
     args = parser.parse_args(argv)
 
-    from instsearch.datamodules.synthetic import generate
+    from instsearch.synthetic import generate
     from instsearch.eval.callback import RetrievalEvaluation
     from instsearch.eval.evaluate import format_metrics_table
     from instsearch.eval.evaluator import RetrievalEvaluator, evaluate

@@ -12,7 +12,7 @@ torch.set_num_threads(1)  # pytest-xdist runs one worker per core
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    from instsearch.datamodules.synthetic import generate
+    from instsearch.synthetic import generate
 
     root = tmp_path_factory.mktemp("synthetic")
     generate(root, preset="tiny", seed=0)

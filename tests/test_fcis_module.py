@@ -23,7 +23,7 @@ def _tiny_fcis(num_classes: int) -> FCIS:
 
 
 def test_fit_logs_losses_and_mask_ap(tmp_path, synthetic_root, num_classes):
-    from instsearch.datamodules.coco import SyntheticDataModule
+    from instsearch.datamodules.synthetic import SyntheticDataModule
 
     pl.seed_everything(0)
     model = FCISModule(_tiny_fcis(num_classes))
@@ -44,7 +44,7 @@ def test_fit_logs_losses_and_mask_ap(tmp_path, synthetic_root, num_classes):
 
 
 def test_fit_refuses_a_class_count_mismatch(tmp_path, synthetic_root, num_classes):
-    from instsearch.datamodules.coco import SyntheticDataModule
+    from instsearch.datamodules.synthetic import SyntheticDataModule
 
     model = FCISModule(_tiny_fcis(num_classes + 1))
     dm = SyntheticDataModule(root=synthetic_root, batch_size=2, num_workers=0)

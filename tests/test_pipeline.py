@@ -82,7 +82,7 @@ def _fit_config(tmp_path: Path, root: Path, num_classes: int, benchmark: Path) -
                   "init_args": {"net": {"class_path": "instsearch.networks.deep_region_cnn.DeepRegionCNN",
                                         "init_args": {"backbone": "small", "num_classes": num_classes, "top_k": 5,
                                                       "feature_layers": ["conv4"]}}}},
-        "data": {"class_path": "instsearch.datamodules.coco.SyntheticDataModule",
+        "data": {"class_path": "instsearch.datamodules.synthetic.SyntheticDataModule",
                  "init_args": {"root": str(root), "benchmark": str(benchmark), "batch_size": 2, "num_workers": 0}},
         "retrieval": {"progress": False},
     }
@@ -127,7 +127,7 @@ def test_fit_checkpoint_test_evaluate(tmp_path, synthetic_root, small_benchmark,
 
 
 def _validate(devices: int, root: Path, benchmark: Path, num_classes: int, tmp_path: Path) -> dict:
-    from instsearch.datamodules.coco import SyntheticDataModule
+    from instsearch.datamodules.synthetic import SyntheticDataModule
     from instsearch.eval.callback import RetrievalEvaluation
     from instsearch.lightning_modules.deep_region_cnn import DeepRegionCNNModule
 
@@ -150,7 +150,7 @@ def test_two_process_gloo_gives_the_same_metrics(tmp_path, synthetic_root, small
 
 
 def test_wandb_offline_run_receives_metrics_and_image(tmp_path, synthetic_root, small_benchmark, num_classes, monkeypatch):
-    from instsearch.datamodules.coco import SyntheticDataModule
+    from instsearch.datamodules.synthetic import SyntheticDataModule
     from instsearch.eval.callback import RetrievalEvaluation
     from instsearch.loggers import WandbLogger
     from instsearch.lightning_modules.deep_region_cnn import DeepRegionCNNModule

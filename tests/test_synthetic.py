@@ -14,8 +14,10 @@ from matplotlib.path import Path as MplPath
 from PIL import Image
 from pycocotools.coco import COCO
 
-from instsearch.datamodules import synthetic as S
+from instsearch import synthetic as S
 from instsearch.formats import Benchmark
+from instsearch.synthetic.raster import rasterise
+from instsearch.synthetic.rendering import Canvas
 
 TINY = S.PRESETS["tiny"]
 MICRO = replace(TINY, name="micro", n_train_images=6, n_val_images=3, n_distractor_images=2,
@@ -135,11 +137,11 @@ def test_every_texture_uses_its_palette(texture, n_colors):
 def test_rasterise_ellipse_area_and_rotation():
     size = (64, 64)
     disc = lambda u, v: u * u + v * v <= 1.0  # noqa: E731
-    layer = S._rasterise(disc, 32.0, 32.0, 20.0, 0.0, 0.5, size)
+    layer = rasterise(disc, 32.0, 32.0, 20.0, 0.0, 0.5, size)
     assert layer.alpha.sum() == pytest.approx(math.pi * 20 * 10, rel=0.01)  # ellipse 20 x 10
     ys, xs = np.nonzero(layer.mask)
     assert np.ptp(xs) + 1 == 40 and np.ptp(ys) + 1 == 20  # long axis along x at theta = 0
-    turned = S._rasterise(disc, 32.0, 32.0, 20.0, math.pi / 2, 0.5, size)
+    turned = rasterise(disc, 32.0, 32.0, 20.0, math.pi / 2, 0.5, size)
     full = np.zeros((64, 64), bool)
     full[turned.slices] = turned.mask
     ref = np.zeros((64, 64), bool)
@@ -149,10 +151,10 @@ def test_rasterise_ellipse_area_and_rotation():
 
 def test_canvas_visibility_against_brute_force():
     preset = replace(TINY, image_size=(40, 40))
-    canvas = S._Canvas(preset)
+    canvas = Canvas(preset)
     square = lambda u, v: (np.abs(u) <= 0.75) & (np.abs(v) <= 0.75)  # noqa: E731
-    a = S._rasterise(square, 15.0, 15.0, 12.0, 0.0, 1.0, (40, 40))  # 18 x 18 at [6, 24)
-    b = S._rasterise(square, 24.0, 24.0, 12.0, 0.0, 1.0, (40, 40))  # 18 x 18 at [15, 33)
+    a = rasterise(square, 15.0, 15.0, 12.0, 0.0, 1.0, (40, 40))  # 18 x 18 at [6, 24)
+    b = rasterise(square, 24.0, 24.0, 12.0, 0.0, 1.0, (40, 40))  # 18 x 18 at [15, 33)
     inst = _instance("stripes")
     assert canvas.try_add(inst, a, lambda vis: True)
     assert not canvas.try_add(inst, b, lambda vis: bool(np.all(vis >= 0.9)))  # would hide 1/4 of a

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from instsearch.datamodules.coco import GroupedBatchSampler
+from instsearch.datamodules.samplers import GroupedBatchSampler
 from instsearch.datamodules.voc import (VOC_CLASSES, VOCDetectionDataModule, VOCDetectionDataset, VOCInstanceDataModule,
                              VOCInstanceDataset, instances_from_label_maps)
 from instsearch.formats import FormatError
