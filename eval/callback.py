@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from instsearch.eval.evaluator import EvaluationResult, evaluate
+from instsearch.eval.metrics import json_ready, loggable
 from instsearch.eval.visualize import result_grid
 from instsearch.formats import Benchmark
 
@@ -38,8 +39,9 @@ def benchmark_of(trainer: pl.Trainer, required: bool = False) -> Optional[Benchm
 
 
 def _broadcast_metrics(result: Optional[EvaluationResult]) -> dict[str, float]:
-    """Rank 0's scalar metrics on every rank: checkpointing and early stopping read them everywhere."""
-    scalars = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))} if result else {}
+    """Rank 0's defined scalar metrics on every rank: checkpointing and early stopping read them
+    everywhere. Undefined ones (NaN: no box to judge) are not logged."""
+    scalars = loggable(result.metrics) if result else {}
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [scalars]
         dist.broadcast_object_list(box, src=0)
@@ -75,9 +77,9 @@ def publish(trainer: pl.Trainer, pl_module: pl.LightningModule, benchmark: Bench
         log_dir.mkdir(parents=True, exist_ok=True)
         written["run"] = result.run.save(log_dir / "run.json")
         written["metrics"] = log_dir / "metrics.json"
-        written["metrics"].write_text(json.dumps(result.metrics, indent=1) + "\n")
+        written["metrics"].write_text(json.dumps(json_ready(result.metrics), indent=1) + "\n")
         curve = log_dir / "recall_iou.json"
-        curve.write_text(json.dumps(result.recall_curve) + "\n")
+        curve.write_text(json.dumps(json_ready(result.recall_curve)) + "\n")
         if result.bad_images:
             written["bad_images"] = log_dir / "bad_images.json"
             written["bad_images"].write_text(json.dumps(result.bad_images, indent=1) + "\n")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from instsearch.eval.metrics import DEFAULT_IOU_TOP_K, NORMALIZATIONS, PROTOCOLS, retrieval_metrics
+from instsearch.eval.metrics import DEFAULT_IOU_TOP_K, NORMALIZATIONS, PROTOCOLS, json_ready, retrieval_metrics
 from instsearch.formats import Benchmark, FormatError, Run
 
 PROG = "instsearch evaluate"
@@ -90,11 +90,6 @@ def format_metrics_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def _json_ready(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    # NaN (mIoU with nothing to judge) is not JSON; null is.
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-
-
 def evaluate_files(benchmark_path: str | Path, run_path: str | Path, normalization: str = "relevant",
                    protocol: str = "standard", iou_top_k: int | None = DEFAULT_IOU_TOP_K) -> tuple[dict[str, Any], Run, Benchmark]:
     """Load and validate both files, then compute :func:`retrieval_metrics`."""
@@ -130,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output is not None:
         try:
             args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(json.dumps(_json_ready(metrics), indent=1) + "\n")
+            args.output.write_text(json.dumps(json_ready(metrics), indent=1) + "\n")
         except OSError as e:
             print(f"{PROG}: error: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
             return EXIT_INPUT_ERROR

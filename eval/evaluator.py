@@ -13,6 +13,7 @@ alone builds the index and scores (other ranks get ``None``). Rank 0 then holds 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -152,7 +153,11 @@ class RetrievalEvaluator:
                                 num_regions=len(store))
 
     def detector_recall(self, thresholds: Sequence[float] = RECALL_THRESHOLDS) -> dict[str, list[float]]:
-        """Share of ground-truth instance boxes in database images covered by a region (IoU ≥ t)."""
+        """Share of ground-truth instance boxes in database images covered by a region (IoU ≥ t).
+
+        Undefined (NaN; ``null`` in JSON, ``n/a`` in tables, not logged) when the benchmark gives
+        no box for any positive: a recall over zero boxes is not zero.
+        """
         gt: dict[str, set[tuple[float, ...]]] = {}
         for g in self.benchmark.ground_truth.values():
             for image_id, boxes in g.positives.items():
@@ -160,7 +165,7 @@ class RetrievalEvaluator:
                     gt.setdefault(image_id, set()).update(tuple(b) for b in boxes)
         ids = sorted(i for i in gt if gt[i])
         if not ids:
-            return {"thresholds": [float(t) for t in thresholds], "recall": [0.0 for _ in thresholds]}
+            return {"thresholds": [float(t) for t in thresholds], "recall": [math.nan for _ in thresholds]}
         out = recall_at_iou([torch.tensor(sorted(gt[i]), dtype=torch.float32) for i in ids],
                             [self.database[i].boxes for i in ids], thresholds=np.asarray(thresholds))
         return {"thresholds": [float(t) for t in out["thresholds"]], "recall": [float(r) for r in out["recall"]]}

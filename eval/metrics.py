@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence, Union, get_args
+from typing import Any, Literal, Mapping, Sequence, Union, get_args
 
 import numpy as np
 import torch
@@ -388,3 +388,20 @@ def recall_at_iou(
     best_iou = torch.cat(best).numpy()
     recall = (best_iou[:, None] >= thr[None, :]).mean(axis=0)
     return {"thresholds": thr, "recall": recall, "num_gt": int(best_iou.size)}
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every NaN (a metric with nothing to judge) as ``None``: JSON has no NaN, null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def loggable(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The defined numeric metrics, as floats for a logger (NaN, None, text and flags left out)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))}

@@ -73,6 +73,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from instsearch.eval.evaluate import format_metrics_table
     from instsearch.eval.evaluator import RetrievalEvaluator, evaluate
     from instsearch.eval.visualize import save_result_grid
+    from instsearch.eval.metrics import json_ready
     from instsearch.cli import lightning_cli
 
     start = time.perf_counter()
@@ -113,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     model.net.search_mode = "regions"
 
     rows = {"untrained": untrained.metrics, "trained": trained.metrics, "global_gem": global_gem.metrics}
-    (out / "metrics.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "metrics.json").write_text(json.dumps(json_ready(rows), indent=1) + "\n")
     trained.run.method = "deep_region_cnn"
     trained.run.save(out / "run.json")
     save_result_grid(out / "results.png", benchmark, trained.run, num_queries=6)

@@ -387,6 +387,74 @@ def test_instance_strict_errors(tmp_path, path, content, match):
         convert("instance160", root, tmp_path / "b.json")
 
 
+SPELLINGS = {
+    "dot-slash": lambda p: "./" + p,
+    "backslashes": lambda p: p.replace("/", "\\"),
+    "doubled separators": lambda p: p.replace("/", "//"),
+    "trailing whitespace": lambda p: p + " \t",
+    "dot segments": lambda p: "./" + p.replace("/", "/./"),
+}
+
+
+def write_instance_lists(root: Path, ref, query, truth, newline: str = "\n", bom: bool = False) -> None:
+    """The lists of make_instance with each path spelled by ``ref`` / ``query`` / ``truth``."""
+    def put(path: Path, lines: list[str]) -> None:
+        path.write_bytes((("\ufeff" if bom else "") + newline.join(lines) + newline).encode("utf-8"))
+
+    put(root / "reference.txt", [ref(p) for p in ("Car1/0002.jpg", "Car1/0003.jpg", "Dog 2/0005.jpg", "Bird/0001.jpg",
+                                                  "Car1/0001.jpg")])
+    put(root / "query.txt", [f"{query('Car1/0001.jpg')}>001 1 2 20 25", f"{query('Dog 2/0001.jpg')}>002 5 5 35 45"])
+    put(root / "groundtruth/001.txt", [f"{truth('Car1/0002.jpg')} 3 4 30 20", truth("Car1/0003.jpg"),
+                                       f"{truth('Car1/0003.jpg')} 1 1 5 5 6 6 9 9"])
+    put(root / "groundtruth/002.txt", [f"{truth('Dog 2/0005.jpg')} 2 2 12 12"])
+
+
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+@pytest.mark.parametrize("where", ["reference", "ground truth", "all lists", "query"])
+def test_instance_lists_written_another_way_name_the_same_images(tmp_path, spelling, where):
+    canonical = load(convert("instance160", make_instance(tmp_path / "a"), tmp_path / "a.json")).to_dict()
+    root = make_instance(tmp_path / "b")
+    same, other = (lambda p: p), SPELLINGS[spelling]
+    write_instance_lists(root, ref=other if where in ("reference", "all lists") else same,
+                         query=other if where in ("query", "all lists") else same,
+                         truth=other if where in ("ground truth", "all lists") else same)
+    again = load(convert("instance160", root, tmp_path / "b.json")).to_dict()
+    for key in ("images", "database", "queries", "ground_truth"):
+        assert again[key] == canonical[key], key
+
+
+@pytest.mark.parametrize("newline,bom", [("\r\n", False), ("\n", True), ("\r\n", True)])
+def test_instance_lists_with_crlf_and_bom(tmp_path, newline, bom):
+    canonical = load(convert("instance160", make_instance(tmp_path / "a"), tmp_path / "a.json")).to_dict()
+    root = make_instance(tmp_path / "b")
+    write_instance_lists(root, SPELLINGS["dot-slash"], SPELLINGS["backslashes"], SPELLINGS["trailing whitespace"],
+                         newline=newline, bom=bom)
+    again = load(convert("instance160", root, tmp_path / "b.json")).to_dict()
+    assert again["database"] == canonical["database"] and again["ground_truth"] == canonical["ground_truth"]
+
+
+@pytest.mark.parametrize("path,content,match", [
+    ("reference.txt", "Car1/0002.jpg\n../Car1/0003.jpg\n", r"reference\.txt, line 2: .*no '\.\.'"),
+    ("reference.txt", "Car1/0002.jpg\nC:\\data\\0003.jpg\n", r"reference\.txt, line 2: .*must be relative"),
+    ("groundtruth/001.txt", "./Car1/../Car1/0002.jpg\n", r"001\.txt, line 1: .*no '\.\.'"),
+    ("query.txt", "\\\\server\\Car1\\0001.jpg>001 1 2 20 25\n", r"query\.txt, line 1: .*must be relative"),
+])
+def test_instance_paths_leaving_the_folder_are_still_refused(tmp_path, path, content, match):
+    root = make_instance(tmp_path / "inst")
+    text(root / path, content)
+    with pytest.raises(FormatError, match=match):
+        convert("instance160", root, tmp_path / "b.json")
+
+
+def test_oxford_lists_written_with_dot_slash_and_whitespace(tmp_path):
+    canonical = load(convert("oxford5k", make_oxford(tmp_path / "a"), tmp_path / "a.json")).to_dict()
+    root = make_oxford(tmp_path / "b")
+    text(root / "gt_files/all_souls_1_good.txt", "./all_souls_000001\r\nall_souls_000002  \r\n")
+    text(root / "gt_files/bodleian_1_junk.txt", "\ufeff./bodleian_000003\n.//all_souls_000002\n")
+    again = load(convert("oxford5k", root, tmp_path / "b.json")).to_dict()
+    assert again["ground_truth"] == canonical["ground_truth"]
+
+
 def test_instance_missing_files(tmp_path):
     root = make_instance(tmp_path / "inst")
     os.remove(root / "groundtruth/002.txt")

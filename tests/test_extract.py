@@ -103,3 +103,37 @@ def test_evaluator_caps_regions_and_lists_each_bad_image_once(tmp_path):
     assert result.metrics["regions_per_image"] == 1.0 and result.metrics["bad_images"] == 1
     assert result.run.rankings["q1"][0].box == (20.0, 40.0, 60.0, 80.0)
     assert result.metrics["mAP@all"] == 1.0 and result.metrics["mIoU"] == 1.0
+
+
+def test_recall_without_ground_truth_boxes_is_undefined_not_zero(tmp_path):
+    import json
+    import math
+
+    from instsearch.eval.evaluate import format_metrics_table
+    from instsearch.eval.extract import QueryFeature, SearchBatch
+    from instsearch.eval.metrics import json_ready, loggable
+
+    bench = Benchmark.from_dict({
+        "format": "instsearch-benchmark/1", "name": "t", "image_root": ".",
+        "images": [{"id": "a", "file": "a.jpg", "width": 200, "height": 100},
+                   {"id": "c", "file": "c.jpg", "width": 200, "height": 100}],
+        "database": ["a"], "queries": [{"id": "q1", "image": "c", "box": [20, 40, 60, 80]}],
+        "ground_truth": {"q1": {"positives": [{"image": "a"}], "junk": []}}}, root=tmp_path)
+    ev = RetrievalEvaluator(bench)
+    regions = Regions(boxes=torch.tensor([[20.0, 40, 60, 80]]), scores=torch.ones(1),
+                      features=torch.tensor([[1.0, 0.0]]), image_size=(100, 200))
+    ev.process(SearchBatch(database=[(ImageMeta("a", (100, 200)), regions)],
+                           queries=[QueryFeature(ImageMeta("c", (100, 200), "q1", (20, 40, 60, 80)),
+                                                 torch.tensor([1.0, 0.0]))]))
+    result = ev.compute()
+    m = result.metrics
+    assert m["mAP@all"] == 1.0
+    assert math.isnan(m["recall@IoU0.5"]) and math.isnan(m["recall@IoU0.7"]) and math.isnan(m["mIoU"])
+    written = json.loads(json.dumps(json_ready(m)))
+    assert written["recall@IoU0.5"] is None and written["mIoU"] is None and written["mAP@all"] == 1.0
+    assert json.loads(json.dumps(json_ready(result.recall_curve)))["recall"] == [None] * 9
+    logged = loggable(m)
+    assert "mAP@all" in logged and not {"recall@IoU0.5", "recall@IoU0.7", "mIoU"} & set(logged)
+    table = format_metrics_table({"test": m})
+    header, row = table.splitlines()[0].split(), table.splitlines()[2].split()
+    assert row[header.index("recall@IoU0.5")] == "n/a"

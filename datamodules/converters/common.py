@@ -21,8 +21,8 @@ import numpy as np
 from instsearch.datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport, image_size, load_rgb
 from instsearch.formats import Benchmark, FormatError, GroundTruth, ImageEntry, Query
 
-__all__ = ["Draft", "ConvertResult", "natural_key", "read_lines", "require_dir", "require_file", "parse_numbers",
-           "measure_images"]
+__all__ = ["Draft", "ConvertResult", "natural_key", "normalize_relative_path", "read_lines", "require_dir",
+           "require_file", "parse_numbers", "measure_images"]
 
 REPORT_NAME = "convert_report.json"
 
@@ -31,6 +31,28 @@ REPORT_NAME = "convert_report.json"
 def natural_key(text: str) -> tuple:
     """Sort key that orders '9.jpg' before '10.jpg' (numbers compared as numbers)."""
     return tuple(int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text))
+
+
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[/\\]")
+
+
+def normalize_relative_path(text: str, where: str) -> str:
+    """One spelling for a relative image path read from a list file, whoever wrote the list.
+
+    ``./data/x.jpg``, ``data\\x.jpg``, ``data//x.jpg`` and ``data/x.jpg  `` are all
+    ``data/x.jpg``: surrounding whitespace, backslashes, repeated separators and ``.`` segments are
+    dropped. Absolute paths (``/x``, ``C:\\x``, ``\\\\server\\x``) and ``..`` segments, which would
+    leave the dataset folder, are a :class:`FormatError` naming ``where``.
+    """
+    stripped = text.strip()
+    if stripped.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(stripped):
+        raise FormatError(f"{where}: image path must be relative to the dataset folder, got {text!r}")
+    parts = [p for p in stripped.replace("\\", "/").split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise FormatError(f"{where}: image path must stay inside the dataset folder (no '..'), got {text!r}")
+    if not parts:
+        raise FormatError(f"{where}: empty image path")
+    return "/".join(parts)
 
 
 def require_dir(path: Path, what: str, layout: str) -> Path:

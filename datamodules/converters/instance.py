@@ -15,7 +15,9 @@ Instance-335 (335 queries, 40,914 references; DASR) share one layout, accepted e
                                optional; a path on several lines collects all their boxes.
     DIR/<path>                 the images, at the listed relative paths
 
-Paths must be relative and stay inside DIR. Image ids are the listed relative paths (POSIX
+Paths must be relative and stay inside DIR; every path is read through
+:func:`~instsearch.datamodules.converters.common.normalize_relative_path`, so ``./a/x.jpg``,
+``a\\x.jpg`` and ``a//x.jpg`` name one image. Image ids are the normalised relative paths (POSIX
 separators); query ids are NNN as written. The database is reference.txt in file order. If a
 query image is also a reference image it is junk for its own query (never counts for or against
 itself), even when its ground truth lists it. Every malformed line is a
@@ -23,9 +25,10 @@ itself), even when its ground truth lists it. Every malformed line is a
 """
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from instsearch.datamodules.converters.common import Draft, parse_numbers, read_lines, require_dir, require_file
+from instsearch.datamodules.converters.common import (Draft, normalize_relative_path, parse_numbers, read_lines,
+                                                      require_dir, require_file)
 from instsearch.formats import FormatError
 
 EXPECTED = {"instance160": {"queries": 160, "database": 11885}, "instance335": {"queries": 335, "database": 40914}}
@@ -37,21 +40,15 @@ LAYOUT = """\
   DIR/<path>                the images"""
 
 
-def _relative(path_text: str, where: str) -> str:
-    p = PurePosixPath(path_text.replace("\\", "/"))
-    if p.is_absolute() or ".." in p.parts or not p.parts or path_text.startswith("/"):
-        raise FormatError(f"{where}: image path must be relative to the dataset folder, got {path_text!r}")
-    return p.as_posix()
-
-
 def _split_reference(line: str, references: set[str], where: str, listing: str) -> tuple[str, list[str]]:
-    """Split '<path> [numbers]' where <path>, possibly with spaces, must be a listed reference."""
+    """Split '<path> [numbers]' where <path>, possibly with spaces, must be a listed reference
+    (compared after :func:`normalize_relative_path`, as the reference list itself)."""
     tokens = line.split()
     for k in range(len(tokens), 0, -1):
-        candidate = " ".join(tokens[:k]).replace("\\", "/")
+        candidate = normalize_relative_path(" ".join(tokens[:k]), where)
         if candidate in references:
             return candidate, tokens[k:]
-    rel = _relative(tokens[0], where)
+    rel = normalize_relative_path(tokens[0], where)
     raise FormatError(f"{where}: '{rel}' is not listed in {listing} (expected '<path> [x1 y1 x2 y2 ...]' "
                       "with <path> a reference image)")
 
@@ -77,7 +74,7 @@ def build(root: Path, *, dataset: str = "instance160") -> Draft:
     references: set[str] = set()
     for n, line in read_lines(reference_txt):
         where = f"{reference_txt}, line {n}"
-        rel = _relative(line, where)
+        rel = normalize_relative_path(line, where)
         if rel in references:
             raise FormatError(f"{where}: '{rel}' is listed twice")
         references.add(rel)
@@ -97,7 +94,7 @@ def build(root: Path, *, dataset: str = "instance160") -> Draft:
         if not path_text.strip() or len(tokens) != 5:
             raise FormatError(f"{where}: expected '<path>>NNN x1 y1 x2 y2', got {line!r}")
         qid = tokens[0]
-        image = register(_relative(path_text.strip(), where), where)
+        image = register(normalize_relative_path(path_text, where), where)
         box = draft.add_box(image, parse_numbers(tokens[1:], where, "'<path>>NNN x1 y1 x2 y2'"), where)
         draft.add_query(qid, image, [box], where)
         gt_file = require_file(gt_dir / f"{qid}.txt", f"ground truth of query {qid} ({where})", LAYOUT)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from instsearch.datamodules.converters.common import Draft, natural_key, parse_numbers, read_lines, require_dir, require_file
+from instsearch.datamodules.converters.common import (Draft, natural_key, normalize_relative_path, parse_numbers,
+                                                      read_lines, require_dir, require_file)
 from instsearch.datamodules.distractors import iter_image_files
 from instsearch.formats import FormatError
 
@@ -64,6 +65,7 @@ def build(root: Path, *, dataset: str = "oxford5k") -> Draft:
         draft.database.append(stem)
 
     def image_ref(name: str, where: str) -> str:
+        name = normalize_relative_path(name, where)
         if name not in found:
             draft.add_missing(name, jpg / f"{name}.jpg", where)
         return name
