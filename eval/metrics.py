@@ -6,10 +6,12 @@ Definitions (README, Metrics). For one query the run's ranked list of database i
 
 * an image returned twice keeps its first (best) position; later copies are removed, since a
   second copy can neither add a new positive nor be a fresh mistake;
-* junk images are removed (they count neither for nor against the query);
-* the query's own image is removed: a system that finds the very image the query box was cut
-  from has shown nothing, and a system that does not is not wrong either; it is treated exactly
-  like junk, and it is left out of ``R`` when the ground truth lists it as a positive;
+* junk images are removed (they count neither for nor against the query). The evaluation follows
+  the benchmark file exactly: the query's own image is junk only where the benchmark lists it as
+  junk. Whether it is, is the converter's decision per the dataset's official protocol (classic
+  Oxford/Paris: the query image stays in the database and counts as a positive where the good/ok
+  lists name it; revisited Oxford/Paris, Holidays, Instance-160/335: junk for its own query;
+  INSTRE and the synthetic benchmark: query images are not in the database);
 * images outside the benchmark's database are removed: the search was over the database, so
   they are neither judged positives nor judged negatives (a run that returns them gains nothing,
   the positives it misses still count in ``R``). Distractor images of the benchmark's
@@ -187,7 +189,7 @@ def _database_index(benchmark: Benchmark) -> dict[str, int]:
     return index
 
 
-def _judged_sets(gt: GroundTruth | None, query_image: str | None, db_index: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray]:
+def _judged_sets(gt: GroundTruth | None, db_index: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """Database indices of (positives counted in R, images dropped from the ranking)."""
     if gt is None:
         positives: set[str] = set()
@@ -195,9 +197,6 @@ def _judged_sets(gt: GroundTruth | None, query_image: str | None, db_index: Mapp
     else:
         junk = set(gt.junk)
         positives = set(gt.positives) - junk  # an image that is both is junk: it is not judged
-    if query_image is not None:
-        junk.add(query_image)
-        positives.discard(query_image)
     pos = np.array(sorted(db_index[i] for i in positives if i in db_index), dtype=np.int64)
     drop = np.array(sorted(db_index[i] for i in junk if i in db_index), dtype=np.int64)
     return pos, drop
@@ -230,13 +229,13 @@ def _ranking_ids(hits: Sequence[Hit] | Sequence[str], db_index: Mapping[str, int
 
 
 def judge_ranking(benchmark: Benchmark, query_id: str, hits: Sequence[Hit] | Sequence[str]) -> JudgedRanking:
-    """Clean one query's ranked hits (duplicates, junk, the query image and non-database images
-    removed) and mark the positives; ``hits`` are :class:`Hit` or bare image ids, best first."""
+    """Clean one query's ranked hits (duplicates, junk and non-database images removed) and mark
+    the positives; ``hits`` are :class:`Hit` or bare image ids, best first."""
     query = benchmark.query_by_id.get(query_id)
     if query is None:
         raise KeyError(f"benchmark '{benchmark.name}' has no query '{query_id}'")
     db_index = _database_index(benchmark)
-    positives, drop = _judged_sets(benchmark.ground_truth.get(query_id), query.image, db_index)
+    positives, drop = _judged_sets(benchmark.ground_truth.get(query_id), db_index)
     return _clean(_ranking_ids(hits, db_index, benchmark), positives, drop, int(positives.size))
 
 
@@ -246,7 +245,7 @@ def _judge_all(benchmark: Benchmark, run: Run) -> dict[str, JudgedRanking]:
     db_index = _database_index(benchmark)
     out = {}
     for q in benchmark.queries:
-        positives, drop = _judged_sets(benchmark.ground_truth.get(q.id), q.image, db_index)
+        positives, drop = _judged_sets(benchmark.ground_truth.get(q.id), db_index)
         ids = _ranking_ids(run.rankings.get(q.id, []), db_index, benchmark)
         out[q.id] = _clean(ids, positives, drop, int(positives.size))
     return out

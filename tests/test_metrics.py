@@ -183,14 +183,15 @@ def test_oxford_refuses_repeated_ranks():
 
 
 # --------------------------------------------------------------------------- judging a run
-# Database d0..d9 and an image "x" outside it. q1 is cut from d0 (in the database).
+# Database d0..d9 and an image "x" outside it. q1 is cut from d0 (in the database), which its
+# benchmark lists as junk for q1 (as the revisited / Holidays / Instance-N converters do).
 GT = {
     "q1": {"positives": [{"image": "d1", "boxes": [[0, 0, 10, 10], [50, 50, 60, 60]]},
                          {"image": "d2", "boxes": [[0, 0, 20, 20]]},
                          {"image": "d3", "boxes": []},
                          {"image": "d9", "boxes": [[0, 0, 5, 5]]},  # never returned: still in R
                          {"image": "x", "boxes": []}],  # not in the database: not in R
-           "junk": ["d4"]},
+           "junk": ["d4", "d0"]},
     "q2": {"positives": [{"image": "d5"}], "junk": []},  # not in the run: AP 0
     "q3": {"positives": [{"image": "x"}], "junk": []},  # R = 0
 }
@@ -213,13 +214,31 @@ def test_judge_ranking_cleans_and_counts(bench):
     assert j.kept.tolist() == [1, 3, 5, 7, 8]  # positions in the original list; first d1 kept
 
 
-def test_query_image_and_junk_never_count_even_if_listed_positive():
+def test_junk_never_counts_even_if_listed_positive():
     gt = {"q": {"positives": [{"image": "a"}, {"image": "b"}, {"image": "c"}], "junk": ["b"]}}
-    bench = make_benchmark(["a", "b", "c", "d"], [("q", "a")], gt)
+    bench = make_benchmark(["a", "b", "c", "d"], [("q", "e")], gt)
     j = judge_ranking(bench, "q", ["a", "b", "d", "c"])
-    # a is the query image and b is junk: both dropped, neither in R; cleaned = d c.
-    assert j.rel.tolist() == [False, True]
-    assert j.num_relevant == 1
+    # b is junk: dropped and not in R; cleaned = a d c.
+    assert j.rel.tolist() == [True, False, True]
+    assert j.num_relevant == 2
+
+
+def test_the_query_image_counts_exactly_as_the_benchmark_lists_it():
+    """Classic Oxford/Paris: the query image is in the database and a positive (good list); the
+    official ``compute_ap`` counts it. Database q_img a b c, positives {q_img, a}, ranking
+    q_img b a c: positives at ranks 0 and 2 of 2, recall step 1/2 ->
+    (1 + 1)/2 · 1/2 + (1/2 + 2/3)/2 · 1/2 = 1/2 + 7/24 = 19/24."""
+    gt = {"q": {"positives": [{"image": "q_img"}, {"image": "a"}], "junk": []}}
+    bench = make_benchmark(["q_img", "a", "b", "c"], [("q", "q_img")], gt)
+    run = make_run({"q": ["q_img", "b", "a", "c"]})
+    m = retrieval_metrics(bench, run, protocol="oxford", ks=(None,))
+    assert m["mAP@all"] == pytest.approx(19 / 24)
+    assert m["mAP@all"] == pytest.approx(official_compute_ap([0, 2], 2))
+    # listed as junk for its own query (revisited, Holidays, Instance-N): dropped, not in R
+    gt["q"]["junk"] = ["q_img"]
+    bench = make_benchmark(["q_img", "a", "b", "c"], [("q", "q_img")], gt)
+    m = retrieval_metrics(bench, run, protocol="oxford", ks=(None,))
+    assert m["mAP@all"] == pytest.approx(official_compute_ap([1], 1)) == pytest.approx(0.25)
 
 
 def test_per_query_ap_by_hand(bench):
