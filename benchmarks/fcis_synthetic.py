@@ -1,9 +1,10 @@
 """FCIS+XD on the synthetic benchmark: does training help, and do conv3+conv4 instance features
-beat a single layer and a whole-image descriptor of the same network (the seed's Fig. 4/5 claim)?
+beat a single layer and a whole-image descriptor of the same network (the claim of Zhan & Zhao's
+FCIS+XD paper, Fig. 4/5)?
 
 1. untrained model: box / mask AP@0.5 on the synthetic val set, retrieval mAP on the benchmark;
 2. training (SGD, warm-up, step decay; the settings of ``configs/fcis_xd_synthetic.yaml``);
-3. trained model: box / mask AP, and retrieval with conv3+conv4 (the seed's feature), conv4 alone,
+3. trained model: box / mask AP, and retrieval with conv3+conv4 (the paper's feature), conv4 alone,
    whole-image GeM over conv4 of the same backbone, and conv3+conv4 with category pruning, with the
    search time of pruned and unpruned search on the same features.
 
@@ -51,7 +52,7 @@ class WholeImageGeM(nn.Module):
         self.net, self.layer, self.pool = net, layer, GeM(p=3.0)
 
     def _describe(self, images: list[Tensor]) -> Tensor:
-        return torch.cat([self.pool(self.net._backbone_pass([im])[1][self.layer]) for im in images])
+        return torch.cat([self.pool(self.net.encode([im])[1][self.layer]) for im in images])
 
     @torch.no_grad()
     def detect_regions(self, images: list[Tensor]) -> list[Regions]:

@@ -112,9 +112,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("[4/5] evaluating the trained model and the whole-image GeM baseline")
     cb = next((c for c in trainer.callbacks if isinstance(c, RetrievalEvaluation)), None)
     trained = cb.last_result if cb is not None and cb.last_result is not None else evaluate(model, "trained", "trained")
-    model.net.search_mode = "global"  # same trained backbone, whole-image GeM descriptor
-    global_gem = evaluate(model, "global_gem", "global GeM")
-    model.net.search_mode = "regions"
+    from instsearch.networks.global_model import GlobalDescriptorModel
+
+    # same trained backbone and image preprocessing, whole-image GeM descriptor
+    gem = GlobalDescriptorModel.from_detector(model.net, layer="conv5", pooling="gem").eval()
+    global_gem = evaluate(gem, "global_gem", "global GeM")
 
     rows = {"untrained": untrained.metrics, "trained": trained.metrics, "global_gem": global_gem.metrics}
     (out / "metrics.json").write_text(json.dumps(rows, indent=1) + "\n")
