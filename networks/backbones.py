@@ -19,11 +19,14 @@ name                           stages (stride)                 detector maps    
                                (8), layer3 (16), layer4 (32)   ``"pool"`` (256 ch)
 ``small``                      ResNet-18 layout, half widths   FPN on conv3..conv5 +      2-layer MLP, 256
                                32/32/64/128/256 ch (2..32)     ``"pool"`` (64 ch)
-``resnet26`` / ``50`` /        conv1 .. conv5 (2 .. 32; conv5  -- (stages feed FCIS, Mask R-CNN and poolers)
+``resnet26`` / ``50`` /        conv1 .. conv5 (2 .. 32; conv5  --                         --
 ``101``, ``resnext26`` /       16 with ``dilate_conv5``),
 ``50`` / ``101_32x4d``         ``deformable`` res5a-c
-ViTs of :data:`VIT_MODELS`     ``tokens`` (patch size)         --
+ViTs of :data:`VIT_MODELS`     ``tokens`` (patch size)         --                         --
 =============================  ==============================  =========================  ===================
+
+Backbones without detector maps feed their stages to the heads that read them (FCIS, Mask R-CNN
+through one stage) and to the RoI poolers and global descriptors.
 
 The ResNet family takes ``norm`` (``"auto"``, ``"frozen_bn"``, ``"bn"``), ``dilate_conv5``,
 ``deformable``, ``num_deformable`` and ``offset_groups`` (:func:`~instsearch.networks.resnet.resnet_body`);

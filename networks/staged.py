@@ -195,7 +195,8 @@ class StagedBackbone(nn.Module):
         return stages, self.detection_features(stages)
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        """Detector maps only: what ``torchvision.models.detection.FasterRCNN`` calls."""
+        """The maps of :meth:`detection_features` only: what ``torchvision.models.detection.FasterRCNN``
+        calls."""
         return self.detection_features(self.forward_stages(x))
 
     @property
