@@ -1,9 +1,10 @@
 """FCIS+XD on the synthetic benchmark: does training help, and do conv3+conv4 instance features
-beat a single layer and a whole-image descriptor of the same network (the seed's Fig. 4/5 claim)?
+beat a single layer and a whole-image descriptor of the same network (the claim of Zhan & Zhao's
+FCIS+XD paper, Fig. 4/5)?
 
 1. untrained model: box / mask AP@0.5 on the synthetic val set, retrieval mAP on the benchmark;
 2. training (SGD, warm-up, step decay; the settings of ``configs/fcis_xd_synthetic.yaml``);
-3. trained model: box / mask AP, and retrieval with conv3+conv4 (the seed's feature), conv4 alone,
+3. trained model: box / mask AP, and retrieval with conv3+conv4 (the paper's feature), conv4 alone,
    whole-image GeM over conv4 of the same backbone, and conv3+conv4 with category pruning, with the
    search time of pruned and unpruned search on the same features.
 
@@ -25,7 +26,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
-from torch import Tensor, nn
 
 from instsearch.datamodules.benchmark import benchmark_dataloader
 from instsearch.datamodules.synthetic import SyntheticDataModule
@@ -33,37 +33,13 @@ from instsearch.eval.callback import RetrievalEvaluation
 from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, evaluate
 from instsearch.eval.search import RegionIndex, RegionStore
 from instsearch.formats import Benchmark
-from instsearch.structures import Regions
 from instsearch.lightning_modules.base import OptimizerConfig
 from instsearch.lightning_modules.fcis import FCISModule
 from instsearch.networks.fcis import FCIS, VARIANTS
-from instsearch.networks.global_descriptors import GeM
+from instsearch.networks.global_model import GlobalDescriptorModel
 from instsearch.networks.region_features import RoIFeaturePooler
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-class WholeImageGeM(nn.Module):
-    """Whole-image baseline over one backbone stage of an FCIS: database = the image, query = the crop."""
-
-    def __init__(self, net: FCIS, layer: str = "conv4"):
-        super().__init__()
-        self.net, self.layer, self.pool = net, layer, GeM(p=3.0)
-
-    def _describe(self, images: list[Tensor]) -> Tensor:
-        return torch.cat([self.pool(self.net._backbone_pass([im])[1][self.layer]) for im in images])
-
-    @torch.no_grad()
-    def detect_regions(self, images: list[Tensor]) -> list[Regions]:
-        f = self._describe(images)
-        return [Regions(torch.tensor([[0.0, 0.0, im.shape[-1], im.shape[-2]]]), torch.ones(1), f[i:i + 1])
-                for i, im in enumerate(images)]
-
-    @torch.no_grad()
-    def describe_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
-        crops = [im[:, int(b[1]):max(int(b[3]), int(b[1]) + 1), int(b[0]):max(int(b[2]), int(b[0]) + 1)]
-                 for im, bs in zip(images, boxes) for b in bs]
-        return list(self._describe(crops).split([len(b) for b in boxes]))
 
 
 def validate(module: FCISModule, dm: SyntheticDataModule, accelerator: str, precision: str) -> dict[str, float]:
@@ -164,7 +140,7 @@ def main() -> None:
     net.pooler = RoIFeaturePooler(["conv4"], pooling="max")
     variants["conv4"], _ = retrieval(net, bench)
     net.pooler = pooler
-    variants["whole-image GeM (conv4)"], _ = retrieval(WholeImageGeM(net), bench)
+    variants["whole-image GeM (conv4)"], _ = retrieval(GlobalDescriptorModel.from_detector(net, layer="conv4", pooling="gem"), bench)
 
     table = [f"| {name}, synthetic tiny, CPU ({a.threads} threads), {epochs_run} epochs in {train_s / 60:.1f} min | value |",
              "|---|---|",

@@ -74,6 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from instsearch.eval.evaluator import RetrievalEvaluator, evaluate
     from instsearch.eval.visualize import save_result_grid
     from instsearch.eval.metrics import json_ready
+    from instsearch.networks.global_model import GlobalDescriptorModel
     from instsearch.cli import lightning_cli
 
     start = time.perf_counter()
@@ -106,12 +107,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("[4/5] evaluating the trained model and the whole-image GeM baseline")
     cb = next(c for c in trainer.callbacks if isinstance(c, RetrievalEvaluation))
     trained = cb.last_result
-    model.to(device)
-    model.net.search_mode = "global"  # same trained backbone, whole-image GeM descriptor
-    global_gem = evaluate(model, datamodule.benchmark_dataloaders(),
+    # same trained backbone and image preprocessing, whole-image GeM descriptor
+    gem = GlobalDescriptorModel.from_detector(model.net, layer="conv5", pooling="gem").to(device)
+    global_gem = evaluate(gem, datamodule.benchmark_dataloaders(),
                           RetrievalEvaluator(benchmark, model.retrieval, method="global_gem", device=device),
-                          step=model.search_step, desc="global GeM")
-    model.net.search_mode = "regions"
+                          desc="global GeM")
 
     rows = {"untrained": untrained.metrics, "trained": trained.metrics, "global_gem": global_gem.metrics}
     (out / "metrics.json").write_text(json.dumps(json_ready(rows), indent=1) + "\n")

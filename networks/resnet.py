@@ -1,10 +1,12 @@
-"""ResNet / ResNeXt backbones for detection, with dilated conv5 and optional deformable res5.
+"""ResNet / ResNeXt staged backbones: dilated conv5 and deformable res5 for FCIS, an FPN for Faster
+R-CNN, and a compact ResNet for CPU runs.
 
 FCIS (Li et al., CVPR 2017) runs ResNet-101 with conv5 at stride 16 (the "hole algorithm": stride
 1 and dilation 2 in res5) so that the position-sensitive score maps keep enough resolution; the
 instance-search variant (Zhan & Zhao) swaps in ResNeXt-101 32x4d ("X") and replaces the 3x3 conv of
 the last three bottlenecks, res5a-c, by deformable convolution ("D"). All four variants -- FCIS,
-FCIS+D, FCIS+X, FCIS+XD -- come out of :func:`build_resnet`.
+FCIS+D, FCIS+X, FCIS+XD -- come out of :meth:`ResNetBackbone.from_arch` (registered under each arch name of
+:data:`ARCHS` in :mod:`instsearch.networks.backbones`).
 
 The modules are torchvision's own :class:`~torchvision.models.resnet.ResNet` and
 :class:`~torchvision.models.resnet.Bottleneck`, so torchvision (ResNet) and timm (ResNeXt) ImageNet
@@ -13,28 +15,23 @@ and only adds its offset predictor (``conv2.conv_offset.*``), which checkpoints 
 """
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.resnet import Bottleneck, ResNet
-from torchvision.ops import DeformConv2d
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.ops import DeformConv2d, FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from instsearch.networks.staged import STAGES, DetectorDefaults, FeatureInfo, FPNMixin, StagedBackbone
 from instsearch.networks.weights import load_weights
 
-__all__ = ["ARCHS", "ArchSpec", "DeformableConv2d", "ResNetBackbone", "build_resnet", "STAGES",
-           "STAGE_CHANNELS"]
-
-log = logging.getLogger(__name__)
-
-STAGES = ("conv1", "conv2", "conv3", "conv4", "conv5")
-#: Output channels of each stage for every bottleneck ResNet / ResNeXt here (expansion 4).
-STAGE_CHANNELS = {"conv1": 64, "conv2": 256, "conv3": 512, "conv4": 1024, "conv5": 2048}
+__all__ = ["ARCHS", "ArchSpec", "DeformableConv2d", "ResNetBackbone", "ResNetFPNBackbone", "SmallResNet",
+           "resnet_body"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +55,7 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 NormName = Literal["auto", "frozen_bn", "bn"]
+_NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
 
 
 class DeformableConv2d(DeformConv2d):
@@ -118,112 +116,62 @@ class DeformableConv2d(DeformConv2d):
                 f"offset_groups={self.offset_groups}, bias={self.bias is not None})")
 
 
-class ResNetBackbone(nn.Module):
-    """A torchvision ``ResNet`` body returning ``OrderedDict(conv1=..., ..., conv5=...)``.
-
-    ``conv1`` is the stem output before max-pooling (stride 2, 64 channels); ``conv2`` ..
-    ``conv5`` are ``layer1`` .. ``layer4`` (strides 4, 8, 16 and 16 with the dilated conv5,
-    channels 256, 512, 1024, 2048).
-
-    ``frozen_stages = n`` freezes the first ``n`` of conv1 .. conv5 (their parameters get no
-    gradient and their BatchNorms stay in eval mode even in ``train()``): FCIS fixes conv1 and
-    res2, i.e. ``n = 2``.
-    """
-
-    def __init__(self, body: ResNet, frozen_stages: int = 2, return_stages: Sequence[str] = STAGES) -> None:
-        super().__init__()
-        if not 0 <= frozen_stages <= 5:
-            raise ValueError(f"frozen_stages must be in 0..5 (number of leading stages conv1..conv5), "
-                             f"got {frozen_stages}")
-        bad = [s for s in return_stages if s not in STAGES]
-        if bad:
-            raise ValueError(f"unknown stage(s) {bad}; expected a subset of {list(STAGES)}")
-        body.fc = nn.Identity()  # classification head unused; its checkpoint keys are skipped
-        body.avgpool = nn.Identity()
-        self.body = body
-        self.frozen_stages = int(frozen_stages)
-        # Run only as deep as the deepest stage asked for (a conv4-level detector needs no conv5).
-        self.return_stages = tuple(s for s in STAGES if s in return_stages)
-        self.out_channels = {s: STAGE_CHANNELS[s] for s in self.return_stages}
-        self.strides = {"conv1": 2, "conv2": 4, "conv3": 8, "conv4": 16,
-                        "conv5": 16 if _conv5_dilated(body) else 32}
-        for module in self._frozen_modules():
-            for p in module.parameters():
-                p.requires_grad_(False)
-
-    def _stage_modules(self) -> list[list[nn.Module]]:
-        b = self.body
-        return [[b.conv1, b.bn1], [b.layer1], [b.layer2], [b.layer3], [b.layer4]]
-
-    def _frozen_modules(self) -> list[nn.Module]:
-        return [m for stage in self._stage_modules()[: self.frozen_stages] for m in stage]
-
-    def train(self, mode: bool = True) -> "ResNetBackbone":
-        super().train(mode)
-        if mode:
-            # Frozen stages keep their BatchNorm statistics, as a fixed feature extractor should.
-            for module in self._frozen_modules():
-                module.eval()
-        return self
-
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        b = self.body
-        out: OrderedDict[str, Tensor] = OrderedDict()
-        last = self.return_stages[-1]
-        x = b.relu(b.bn1(b.conv1(x)))
-        stages = (("conv1", None), ("conv2", b.layer1), ("conv3", b.layer2), ("conv4", b.layer3),
-                  ("conv5", b.layer4))
-        for name, layer in stages:
-            if layer is not None:
-                x = layer(b.maxpool(x) if name == "conv2" else x)
-            if name in self.return_stages:
-                out[name] = x
-            if name == last:
-                break
-        return out
+def resnet_stages(net: nn.Module) -> "OrderedDict[str, nn.Module]":
+    """The stages of a torchvision-layout ResNet (``conv1``, ``bn1``, ``relu``, ``maxpool``,
+    ``layer1`` .. ``layer4``): ``conv1`` is the stem before max-pooling (stride 2), ``conv2`` ..
+    ``conv5`` are ``layer1`` .. ``layer4``."""
+    return OrderedDict([
+        ("conv1", nn.Sequential(net.conv1, net.bn1, net.relu)),
+        ("conv2", nn.Sequential(net.maxpool, net.layer1)),
+        ("conv3", net.layer2), ("conv4", net.layer3), ("conv5", net.layer4)])
 
 
-def _conv5_dilated(body: ResNet) -> bool:
-    return body.layer4[0].conv2.stride == (1, 1) and (body.layer4[0].downsample is None
-                                                       or body.layer4[0].downsample[0].stride == (1, 1))
+def _stage_channels(net: nn.Module) -> tuple[int, ...]:
+    """Output channels of the stem and of each layer (its last block's last conv)."""
+    last_convs = [[m for m in layer[-1].modules() if isinstance(m, nn.Conv2d)][-1]
+                  for layer in (net.layer1, net.layer2, net.layer3, net.layer4)]
+    return (net.conv1.out_channels, *(conv.out_channels for conv in last_convs))
 
 
-def build_resnet(arch: str = "resnext101_32x4d", deformable: bool = False, dilate_conv5: bool = True,
-                 weights: Optional[str | Path] = None, frozen_stages: int = 2, norm: NormName = "auto",
-                 num_deformable: int = 3, offset_groups: int = 1,
-                 return_stages: Sequence[str] = STAGES) -> ResNetBackbone:
-    """Build a detection backbone returning conv1 .. conv5.
+def _conv5_dilated(net: nn.Module) -> bool:
+    first = net.layer4[0]
+    return first.conv2.stride == (1, 1) and (first.downsample is None or first.downsample[0].stride == (1, 1))
+
+
+def resnet_body(arch: str, weights: Union[str, Path, None] = None, *, norm: Optional[NormName] = "auto",
+                dilate_conv5: bool = False, deformable: bool = False, num_deformable: int = 3,
+                offset_groups: int = 1, weights_name: Optional[str] = None) -> ResNet:
+    """A torchvision ``ResNet`` of :data:`ARCHS`, modified for detection, with ``weights`` loaded.
 
     Args:
         arch: a key of :data:`ARCHS` (``resnet101`` for FCIS, ``resnext101_32x4d`` for FCIS+X).
-        deformable: replace the 3x3 conv of the last ``num_deformable`` conv5 bottlenecks
-            (res5a-c) by :class:`DeformableConv2d` (FCIS+D / FCIS+XD).
+        weights: local checkpoint file (a torchvision ``resnet*`` or timm ``resnext*`` state dict;
+            they share key names). ``None`` runs randomly initialised and says so loudly.
+        norm: ``frozen_bn`` (ImageNet statistics kept fixed, the detection practice for small
+            per-GPU batches), ``bn`` (trainable BatchNorm), or ``auto`` / ``None``: frozen when
+            weights are given, trainable otherwise (as torchvision's detection builders do), since
+            frozen identity statistics would leave a randomly initialised network unnormalised.
         dilate_conv5: conv5 at stride 16 with dilation 2 instead of stride 32. As in FCIS and
             DeepLab, every 3x3 conv of res5 is dilated, res5a's included (torchvision's
             ``replace_stride_with_dilation`` leaves res5a at dilation 1; the weights are the same
             shape, so ImageNet checkpoints load either way).
-        weights: local checkpoint file (a torchvision ``resnet*`` or timm ``resnext*`` state dict;
-            they share key names). ``None`` runs randomly initialised and says so loudly.
-        frozen_stages: how many of conv1 .. conv5 are frozen (FCIS: 2, conv1 and res2).
-        norm: ``frozen_bn`` (ImageNet statistics kept fixed, the detection practice for
-            small per-GPU batches), ``bn`` (trainable BatchNorm), or ``auto``: frozen when weights
-            are given, trainable otherwise (as torchvision's detection builders do), since frozen
-            identity statistics would leave a randomly initialised network unnormalised.
+        deformable: replace the 3x3 conv of the last ``num_deformable`` conv5 bottlenecks
+            (res5a-c) by :class:`DeformableConv2d` (FCIS+D / FCIS+XD).
         num_deformable: how many of the last conv5 bottlenecks get deformable 3x3 convs
             (paper: 3; all of conv5 when it has fewer blocks).
         offset_groups: deformable groups of each :class:`DeformableConv2d`.
-        return_stages: stages to return; the forward pass stops at the deepest.
+        weights_name: what the weights are called in messages (default ``arch``).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown backbone arch {arch!r}; expected one of {sorted(ARCHS)}")
-    if norm not in ("auto", "frozen_bn", "bn"):
-        raise ValueError(f"norm must be 'auto', 'frozen_bn' or 'bn', got {norm!r}")
-    spec = ARCHS[arch]
+    norm = norm or "auto"
     if norm == "auto":
         norm = "frozen_bn" if weights is not None else "bn"
-    norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
+    if norm not in _NORM_LAYERS:
+        raise ValueError(f"norm must be 'auto', 'frozen_bn' or 'bn', got {norm!r}")
+    spec = ARCHS[arch]
     body = ResNet(Bottleneck, list(spec.layers), groups=spec.groups, width_per_group=spec.width_per_group,
-                  replace_stride_with_dilation=[False, False, bool(dilate_conv5)], norm_layer=norm_layer)
+                  replace_stride_with_dilation=[False, False, bool(dilate_conv5)], norm_layer=_NORM_LAYERS[norm])
     if dilate_conv5:
         first = body.layer4[0].conv2
         first.dilation, first.padding = (2, 2), (2, 2)
@@ -232,6 +180,115 @@ def build_resnet(arch: str = "resnext101_32x4d", deformable: bool = False, dilat
             raise ValueError(f"num_deformable must be >= 1 when deformable=True, got {num_deformable}")
         for block in list(body.layer4)[-num_deformable:]:
             block.conv2 = DeformableConv2d.from_conv(block.conv2, offset_groups=offset_groups)
-    load_weights(body, weights, name=arch, strict=False)
-    return ResNetBackbone(body, frozen_stages=frozen_stages, return_stages=return_stages)
+    load_weights(body, weights, name=weights_name or arch, strict=False)
+    return body
 
+
+class ResNetBackbone(StagedBackbone):
+    """A torchvision ``ResNet`` body (``body.*`` keys, as torchvision's detection backbones) as a
+    staged backbone: conv1 .. conv5 at strides 2, 4, 8, 16 and 32 (16 with the dilated conv5),
+    channels 64, 256, 512, 1024, 2048 for the bottleneck archs. Its maps feed RoI poolers and the
+    FCIS / Mask R-CNN heads directly (no detector parts of its own).
+    """
+
+    def __init__(self, body: ResNet) -> None:
+        super().__init__()
+        body.fc = nn.Identity()  # classification head unused; its checkpoint keys are skipped
+        body.avgpool = nn.Identity()
+        self.body = body
+        self.feature_info = FeatureInfo.from_lists(
+            STAGES, _stage_channels(body), (2, 4, 8, 16, 16 if _conv5_dilated(body) else 32))
+        self._stages = resnet_stages(body)
+
+    @classmethod
+    def from_arch(cls, arch: str, weights: Union[str, Path, None] = None, **options) -> "ResNetBackbone":
+        """The backbone of ``arch``; ``options`` as :func:`resnet_body` (``norm``, ``dilate_conv5``,
+        ``deformable``, ``num_deformable``, ``offset_groups``)."""
+        return cls(resnet_body(arch, weights, **options))
+
+    def stage_modules(self) -> "OrderedDict[str, nn.Module]":
+        return self._stages
+
+
+class ResNetFPNBackbone(FPNMixin, ResNetBackbone):
+    """ResNet-50 with an FPN, laid out like torchvision's ``resnet_fpn_backbone`` (``body`` /
+    ``fpn``), so both an ImageNet ``resnet50-*.pth`` (into ``body``) and a torchvision COCO
+    ``fasterrcnn_resnet50_fpn`` checkpoint (into the detector) load by name.
+
+    ``norm="frozen_bn"`` (torchvision's choice with pretrained weights: detection batches are too
+    small for batch statistics) or ``"bn"`` (its choice from scratch); ``None`` picks by ``weights``.
+    """
+
+    fpn_stages = ("conv2", "conv3", "conv4", "conv5")
+
+    def __init__(self, weights: Union[str, Path, None] = None, norm: Optional[NormName] = None,
+                 fpn_channels: int = 256) -> None:
+        super().__init__(resnet_body("resnet50", weights, norm=norm, weights_name="resnet50_fpn"))
+        self.fpn = FeaturePyramidNetwork([self.feature_info.channels(s) for s in self.fpn_stages], fpn_channels,
+                                         extra_blocks=LastLevelMaxPool())
+        self.out_channels = fpn_channels
+        self.detection_maps = ["0", "1", "2", "3"]
+        self.defaults = DetectorDefaults(min_size=800, max_size=1333,
+                                         anchor_sizes=((32,), (64,), (128,), (256,), (512,)))
+
+    @property
+    def representation_size(self) -> int:
+        return 1024
+
+
+class SmallResNet(FPNMixin, StagedBackbone):
+    """A compact ResNet for CPU runs: ResNet-18's layout (7x7 stem, max-pool, 4 stages of two basic
+    blocks) at half width (32, 32, 64, 128, 256 channels), ~2.8 M parameters in the body, with a
+    64-channel FPN on conv3..conv5 (strides 8..32, plus a stride-64 ``pool`` level for the RPN).
+
+    The FPN makes every stage receive detection gradients (a single-map C4 detector would leave
+    conv5 untrained) and gives ~160 px images anchors from 16 to 128 px. Its modules sit at the top
+    level (``conv1``, ``layer1``, ...), the key layout of its saved checkpoints.
+    """
+
+    fpn_stages = ("conv3", "conv4", "conv5")
+    widths = (32, 32, 64, 128, 256)
+
+    def __init__(self, weights: Union[str, Path, None] = None, fpn_channels: int = 64,
+                 blocks: tuple[int, int, int, int] = (2, 2, 2, 2)) -> None:
+        super().__init__()
+        w = self.widths
+        self.conv1 = nn.Conv2d(3, w[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(w[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(w[0], w[1], blocks[0], stride=1)
+        self.layer2 = self._make_layer(w[1], w[2], blocks[1], stride=2)
+        self.layer3 = self._make_layer(w[2], w[3], blocks[2], stride=2)
+        self.layer4 = self._make_layer(w[3], w[4], blocks[3], stride=2)
+        self.fpn = FeaturePyramidNetwork(list(w[2:]), fpn_channels, extra_blocks=LastLevelMaxPool())
+        for m in self.modules():  # torchvision ResNet's initialisation
+            if isinstance(m, nn.Conv2d) and not any(m is c for c in self.fpn.modules()):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        load_weights(self, weights, name="small")
+        self.feature_info = FeatureInfo.from_lists(STAGES, w, (2, 4, 8, 16, 32))
+        self.out_channels = fpn_channels
+        self.detection_maps = ["0", "1", "2"]
+        # Sized for ~160 px images on a CPU: no upscaling of small images, fewer proposals and
+        # RoI samples than the 800 px COCO setting (which would dominate the cost of a tiny net).
+        self.defaults = DetectorDefaults(
+            min_size=160, max_size=320, anchor_sizes=((16,), (32,), (64,), (128,)),
+            rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
+            rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150, box_batch_size_per_image=128)
+        self._stages = resnet_stages(self)
+
+    @staticmethod
+    def _make_layer(in_ch: int, out_ch: int, blocks: int, stride: int) -> nn.Sequential:
+        down = None
+        if stride != 1 or in_ch != out_ch:
+            down = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
+        layers = [BasicBlock(in_ch, out_ch, stride=stride, downsample=down)]
+        layers += [BasicBlock(out_ch, out_ch) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def stage_modules(self) -> "OrderedDict[str, nn.Module]":
+        return self._stages
+
+    @property
+    def representation_size(self) -> int:
+        return 256

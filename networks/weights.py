@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["load_weights", "read_state_dict", "KNOWN_WEIGHT_FILES", "reset_random_init_warnings"]
+__all__ = ["load_weights", "resolve_weights", "read_state_dict", "KNOWN_WEIGHT_FILES", "reset_random_init_warnings"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ KNOWN_WEIGHT_FILES: dict[str, str] = {
     "fasterrcnn_resnet50_fpn": "torchvision's COCO detector `fasterrcnn_resnet50_fpn_coco-258fb6c6.pth` "
                                "(FasterRCNN_ResNet50_FPN_Weights.COCO_V1)",
     "small": "a state dict of the `small` backbone saved by instsearch (no public pretrained file exists)",
+    "resnet101": "torchvision's ResNet-101 ImageNet state dict `resnet101-63fe2227.pth` (ResNet101_Weights.IMAGENET1K_V1)",
+    "resnext101_32x4d": "timm's ResNeXt-101 32x4d ImageNet state dict (`timm/resnext101_32x4d.*`, same key names "
+                        "as torchvision's ResNet)",
 }
 
 # Wrappers that training frameworks put around a model: DataParallel/DDP ('module.'), torch.compile
@@ -115,6 +118,31 @@ def _apply_key_map(state: dict[str, Tensor], key_map: KeyMap) -> dict[str, Tenso
     return out
 
 
+def resolve_weights(weights: Union[str, Path, None], *, name: str) -> Optional[Path]:
+    """The checked local path of a weights file, or ``None`` to run randomly initialised.
+
+    Every network resolves its ``weights`` argument here, whoever reads the file afterwards
+    (:func:`load_weights`, or timm for its own checkpoints), so a missing file and random
+    initialisation are reported the same way everywhere.
+
+    Raises:
+        FileNotFoundError: ``weights`` does not exist (the message names the file expected there).
+    """
+    if weights is None:
+        if name not in _warned_random_init:
+            _warned_random_init.add(name)
+            log.warning("!!! %s: no pretrained weights given, the model runs RANDOMLY INITIALISED. Pretrained "
+                        "weights were not found (this workplace has no model hub); pass `weights: /path` to "
+                        "%s.", name, _expected(name))
+        return None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: weights file {str(path)!r} not found; expected {_expected(name)}. "
+                                f"Download it where a network is available (e.g. through the library's weights "
+                                f"enum) and pass its local path.")
+    return path
+
+
 def load_weights(module: nn.Module, weights: Union[str, Path, None], *, name: str, strict: bool = False,
                  key_map: Optional[KeyMap] = None) -> bool:
     """Load a local weights file into ``module``.
@@ -139,18 +167,9 @@ def load_weights(module: nn.Module, weights: Union[str, Path, None], *, name: st
         ValueError: the file is not a state dict, or none of its tensors fit ``module``.
         RuntimeError: ``strict`` and the file does not match ``module`` exactly.
     """
-    if weights is None:
-        if name not in _warned_random_init:
-            _warned_random_init.add(name)
-            log.warning("!!! %s: no pretrained weights given, the model runs RANDOMLY INITIALISED. Pretrained "
-                        "weights were not found (this workplace has no model hub); pass `weights: /path` to "
-                        "%s.", name, _expected(name))
+    path = resolve_weights(weights, name=name)
+    if path is None:
         return False
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{name}: weights file {str(path)!r} not found; expected {_expected(name)}. "
-                                f"Download it where a network is available (e.g. through the library's weights "
-                                f"enum) and pass its local path.")
     target = module.state_dict()
     state = _strip_wrapper_prefixes(read_state_dict(path), set(target))
     if key_map is not None:

@@ -29,10 +29,10 @@ def test_stages_have_declared_channels_and_strides(built):
     name, backbone, stages, _ = built
     assert list(stages) == list(STAGES)
     for stage, fmap in stages.items():
-        stride = backbone.stage_strides[stage]
-        assert fmap.shape == (1, backbone.stage_channels[stage], INPUT[0] // stride, INPUT[1] // stride), stage
+        stride = backbone.feature_info.stride(stage)
+        assert fmap.shape == (1, backbone.feature_info.channels(stage), INPUT[0] // stride, INPUT[1] // stride), stage
     expected = (1, 2, 4, 8, 16) if name == "vgg16" else (2, 4, 8, 16, 32)
-    assert tuple(backbone.stage_strides.values()) == expected
+    assert tuple(s.stride for s in backbone.feature_info) == expected
 
 
 def test_detection_maps_match_the_detector_contract(built):

@@ -1,5 +1,5 @@
 """DeepRegionCNN on the small backbone: detector training, region detection and description, box
-mapping between original and network pixels, crop / global modes, weights."""
+mapping between original and network pixels, crop mode, the whole-image baseline over its backbone, weights."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from instsearch.structures import RegionSearchModel, Regions
-from instsearch.networks.deep_region_cnn import DeepRegionCNN, DetectionTransform
+from instsearch.networks.deep_region_cnn import DeepRegionCNN
+from instsearch.networks.global_model import GlobalDescriptorModel
+from instsearch.networks.transform import DetectionTransform
 from instsearch.networks.weights import reset_random_init_warnings
 
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
@@ -142,11 +144,12 @@ def test_database_crop_mode_describes_detections_by_crops(images):
 
 
 def test_global_descriptor_pools_each_image_without_batch_padding(model, images):
+    gem = GlobalDescriptorModel.from_detector(model, layer="conv5", pooling="gem")
     with torch.no_grad():
-        together = model.global_descriptor(images)
-        batch, maps, _ = model._encode(images, with_detection=False)
-        same_size = model.global_descriptor([images[0], images[0]])
-        alone = model.global_descriptor(images[:1])
+        together = gem.global_descriptor(images)
+        batch, maps, _ = model._encode(images, with_detection=False)  # the detector's own encoding
+        same_size = gem.global_descriptor([images[0], images[0]])
+        alone = gem.global_descriptor(images[:1])
     assert together.shape == (2, 256)  # GeM over conv5
     conv5 = maps["conv5"]
     for i, (h, w) in enumerate(batch.image_sizes):  # reference: GeM over the image's own cells only
@@ -157,19 +160,33 @@ def test_global_descriptor_pools_each_image_without_batch_padding(model, images)
     torch.testing.assert_close(same_size, alone.expand(2, -1), atol=1e-5, rtol=1e-5)
 
 
-def test_global_search_mode_is_the_whole_image_baseline(model, images):
-    torch.manual_seed(0)
-    net = DeepRegionCNN("small", num_classes=3, search_mode="global", global_pooling="gem").eval()
-    net.load_state_dict(model.state_dict())
+def test_global_model_over_the_detector_backbone_is_the_whole_image_baseline(model, images):
+    net = GlobalDescriptorModel.from_detector(model, layer="conv5", pooling="gem").eval()
+    assert net.backbone is model.backbone and net.feature_dim == 256 and not net.predicts_labels
+    assert net.transform.min_size == model.detector.transform.min_size
+    assert net.transform.max_size == model.detector.transform.max_size
     with torch.no_grad():
         regions = net.detect_regions(images)
         whole = [torch.tensor([[0.0, 0.0, float(img.shape[-1]), float(img.shape[-2])]]) for img in images]
         queries = net.describe_boxes(images, whole)
-        expected = model.global_descriptor(images)
+        expected = net.global_descriptor(images)
     for i, (region, query) in enumerate(zip(regions, queries)):
+        assert region.image_size == tuple(images[i].shape[-2:])
         torch.testing.assert_close(region.boxes, whole[i])
         torch.testing.assert_close(region.features[0], expected[i], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(query[0], expected[i], atol=1e-4, rtol=1e-4)  # crop of the whole image
+
+
+def test_checkpoints_holding_the_former_global_pooling_still_load_strictly(model):
+    # Networks saved while they also served the whole-image baseline carry its GeM exponent.
+    state = {f"net.{k}": v for k, v in model.state_dict().items()}
+    state["net.global_pool.p"] = torch.tensor(3.0)
+    holder = torch.nn.Module()
+    holder.net = model
+    holder.load_state_dict(state)  # strict: the obsolete key is dropped, nothing else is
+    state.pop("net.detector.rpn.head.conv.0.0.weight")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        holder.load_state_dict(state)
 
 
 def test_fuse_top_k(model, images):

@@ -332,7 +332,7 @@ def test_postprocess_nms_and_mask_voting_hand_case():
 
 # ------------------------------------------------------------------------------------ instance search
 def test_detect_regions_features_and_protocol():
-    net = _tiny("fcis_xd", region_score_thresh=0.0)
+    net = _tiny("fcis_xd", region_score_thresh=0.0).eval()
     assert isinstance(net, RegionSearchModel)
     images, _ = _data()
     regions = net.detect_regions(images)
@@ -349,16 +349,22 @@ def test_detect_regions_features_and_protocol():
     assert [lbl.shape for lbl in labels] == [(3,), (3,)] and all(((lbl >= 1) & (lbl <= 2)).all() for lbl in labels)
 
 
-def test_region_threshold_keeps_at_least_one_and_restores_mode():
-    net = _tiny("fcis", region_score_thresh=1.1, min_regions=1).train()
-    regions = net.detect_regions(_data()[0])
+def test_region_threshold_keeps_at_least_one_and_search_never_switches_mode():
+    net = _tiny("fcis", region_score_thresh=1.1, min_regions=1).eval()
+    images = _data()[0]
+    regions = net.detect_regions(images)
     assert [len(r) for r in regions] == [1, 1]
-    assert net.training
+    net.train()  # the caller's job is to switch to eval mode; the network refuses rather than switching
+    for call in (lambda: net.detect_regions(images), lambda: net.describe_boxes(images, [r.boxes for r in regions]),
+                 lambda: net.classify_boxes(images, [r.boxes for r in regions])):
+        with pytest.raises(RuntimeError, match="eval mode"):
+            call()
+        assert net.training
 
 
 @pytest.mark.parametrize("layers,dim", [(["conv5"], 2048), (["conv2", "conv4"], 1280), (["conv4", "conv5"], 3072)])
 def test_feature_layers_are_selectable(layers, dim):
-    net = _tiny("fcis", feature_layers=layers, region_score_thresh=0.0, region_masks=False)
+    net = _tiny("fcis", feature_layers=layers, region_score_thresh=0.0, region_masks=False).eval()
     regions = net.detect_regions(_data()[0])
     assert regions[0].features.shape[1] == dim == net.feature_dim
     assert regions[0].masks is None
@@ -395,7 +401,7 @@ def _left_half(m, inside=20.0, outside=-20.0):
 def test_pool_in_mask_query_side():
     images, _ = _data()
     boxes = [torch.tensor([[4.0, 6, 50, 40]]), torch.tensor([[10.0, 5, 60, 70], [0.0, 0, 64, 72]])]
-    net = _tiny("fcis")
+    net = _tiny("fcis").eval()
     net.pooler.normalize = False  # compare raw maxima
     box_feats = net.describe_boxes(images, boxes)
     net.pool_in_mask = True
@@ -409,7 +415,7 @@ def test_pool_in_mask_query_side():
 
 def test_pool_in_mask_database_side():
     images, _ = _data()
-    net = _tiny("fcis", region_score_thresh=0.0, min_size=128, max_size=192)  # boxes of >= 8 px per bin
+    net = _tiny("fcis", region_score_thresh=0.0, min_size=128, max_size=192).eval()  # boxes of >= 8 px per bin
     net.pooler.normalize = False
     box_regions = net.detect_regions(images)
     net.pool_in_mask = True
@@ -436,6 +442,7 @@ def test_mask_rcnn_comparison_model():
     losses = net(images, targets)
     assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} == set(losses)
     sum(losses.values()).backward()
+    net.eval()
     regions = net.detect_regions(images)
     assert all(r.features.shape[1] == 1536 for r in regions)
     feats = net.describe_boxes(images, [r.boxes[:2] for r in regions])
@@ -466,7 +473,7 @@ def test_bf16_autocast_train_and_eval():
     assert net.backbone.body.layer4[-1].conv2.conv_offset.weight.grad is not None
     net.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        image_list, _, features = net._features(images)
+        image_list, features = net.encode(images)
         proposals, _ = net.rpn(image_list, {"conv4": features["conv4"]})
         out = net(images)
     assert all(p.dtype == torch.float32 for p in proposals)

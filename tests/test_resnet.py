@@ -6,7 +6,8 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from instsearch.networks.resnet import ARCHS, DeformableConv2d, build_resnet
+from instsearch.networks.backbones import build_backbone
+from instsearch.networks.resnet import ARCHS, DeformableConv2d
 
 
 CHANNELS = {"conv1": 64, "conv2": 256, "conv3": 512, "conv4": 1024, "conv5": 2048}
@@ -20,22 +21,22 @@ def _offset_params(conv_in: int) -> int:
 @pytest.mark.parametrize("arch,deformable", [("resnet26", False), ("resnext26_32x4d", True)])
 def test_stage_shapes_and_strides(arch, deformable):
     torch.manual_seed(0)
-    net = build_resnet(arch, deformable=deformable).eval()
+    net = build_backbone(arch, deformable=deformable, dilate_conv5=True).eval()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         out = net(x)
     assert list(out) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
     for name, f in out.items():
         assert f.shape == (1, CHANNELS[name], 64 // STRIDES[name], 96 // STRIDES[name]), name
-    assert net.strides == STRIDES
+    assert {s.name: s.stride for s in net.feature_info} == STRIDES
 
 
 def test_return_stages_stop_early():
-    net = build_resnet("resnet26", return_stages=["conv3", "conv4"]).eval()
+    net = build_backbone("resnet26", stages=["conv3", "conv4"], dilate_conv5=True).eval()
     with torch.no_grad():
         out = net(torch.randn(1, 3, 32, 32))
     assert list(out) == ["conv3", "conv4"]
-    assert net.out_channels == {"conv3": 512, "conv4": 1024}
+    assert {s: net.feature_info.channels(s) for s in net.out_stages} == {"conv3": 512, "conv4": 1024}
 
 
 @pytest.mark.parametrize("arch,deformable,reference", [
@@ -45,7 +46,7 @@ def test_return_stages_stop_early():
 def test_full_size_structure(arch, deformable, reference):
     """The paper's backbones: widths, dilated stride-16 conv5, deformable res5a-c only, parameter count
     against an independently built torchvision / timm classifier (minus its fc, plus the offset convs)."""
-    net = build_resnet(arch, deformable=deformable, frozen_stages=0)
+    net = build_backbone(arch, deformable=deformable, dilate_conv5=True, frozen_stages=0)
     body = net.body
     assert len(body.layer3) == 23 and len(body.layer4) == 3
     for block in body.layer4:
@@ -94,9 +95,9 @@ def test_deformable_with_zero_offsets_equals_plain_conv(stride, dilation, groups
 def test_deformable_backbone_block_equals_plain_block():
     """res5 of the deformable ResNeXt (groups 32, dilation 2) starts as the plain one."""
     torch.manual_seed(0)
-    plain = build_resnet("resnext26_32x4d", deformable=False).eval()
+    plain = build_backbone("resnext26_32x4d", deformable=False, dilate_conv5=True).eval()
     torch.manual_seed(0)
-    deform = build_resnet("resnext26_32x4d", deformable=True).eval()
+    deform = build_backbone("resnext26_32x4d", deformable=True, dilate_conv5=True).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(deform(x)["conv5"], plain(x)["conv5"], atol=1e-5, rtol=1e-4)
@@ -116,7 +117,7 @@ def test_deformable_offsets_shift_the_sampling():
 
 
 def test_frozen_stages_and_norm():
-    net = build_resnet("resnet26", frozen_stages=2, norm="bn")
+    net = build_backbone("resnet26", frozen_stages=2, norm="bn", dilate_conv5=True)
     b = net.body
     assert not any(p.requires_grad for p in list(b.conv1.parameters()) + list(b.layer1.parameters()))
     assert all(p.requires_grad for p in b.layer2.parameters())
@@ -124,9 +125,9 @@ def test_frozen_stages_and_norm():
     assert not b.bn1.training and not b.layer1[0].bn1.training and b.layer2[0].bn1.training
     assert isinstance(b.bn1, nn.BatchNorm2d)
     with pytest.raises(ValueError, match="frozen_stages"):
-        build_resnet("resnet26", frozen_stages=6)
-    with pytest.raises(ValueError, match="unknown backbone arch 'resnet7'"):
-        build_resnet("resnet7")
+        build_backbone("resnet26", frozen_stages=6)
+    with pytest.raises(ValueError, match="unknown backbone 'resnet7'"):
+        build_backbone("resnet7")
 
 
 def test_loads_torchvision_checkpoint_into_deformable_backbone(tmp_path):
@@ -140,10 +141,10 @@ def test_loads_torchvision_checkpoint_into_deformable_backbone(tmp_path):
             m.running_mean.uniform_(-1, 1)
     path = tmp_path / "resnet26.pth"
     torch.save(ref.state_dict(), path)
-    net = build_resnet("resnet26", deformable=True, weights=path)
+    net = build_backbone("resnet26", weights=path, deformable=True, dilate_conv5=True)
     assert isinstance(net.body.bn1, FrozenBatchNorm2d)
     torch.testing.assert_close(net.body.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
     torch.testing.assert_close(net.body.layer2[0].bn1.running_mean, ref.layer2[0].bn1.running_mean)
     torch.testing.assert_close(net.body.conv1.weight, ref.conv1.weight)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        build_resnet("resnet26", weights=tmp_path / "missing.pth")
+        build_backbone("resnet26", weights=tmp_path / "missing.pth")
