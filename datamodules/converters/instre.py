@@ -29,6 +29,7 @@ database images), made deterministic:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -59,12 +60,7 @@ def build(root: Path, *, protocol: Optional[str] = None, queries_per_class: int 
                   expected={"queries": 250 if multi_only else 1250, "database": 27293, "classes": 250})
     n_classes = 0
     for subset in SUBSETS:
-        folder = require_dir(root / subset, f"INSTRE subset {subset}", LAYOUT)
-        classes = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                         key=lambda d: natural_key(d.name))
-        if not classes:
-            raise FileNotFoundError(f"no class folders in {folder}\nexpected layout:\n{LAYOUT}")
-        for class_dir in classes:
+        for class_dir in class_folders(root, subset):
             n_classes += 1
             _add_class(draft, root, subset, class_dir, queries_per_class,
                        make_queries=not multi_only or subset == MULTI_SUBSET)
@@ -73,16 +69,15 @@ def build(root: Path, *, protocol: Optional[str] = None, queries_per_class: int 
 
 
 def _add_class(draft: Draft, root: Path, subset: str, class_dir: Path, k: int, make_queries: bool) -> None:
-    files = sorted((p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
-                   key=lambda p: natural_key(p.name))
+    files = class_images(class_dir)
     if len(files) <= k:
         raise FormatError(f"{class_dir}: an INSTRE class needs more than {k} images ({k} queries + database), "
                           f"found {len(files)}")
     members: list[tuple[str, list[int]]] = []
     for image in files:
-        image_id = image.relative_to(root).with_suffix("").as_posix()
+        image_id = benchmark_image_id(root, image)
         draft.add_image(image_id, image.relative_to(root).as_posix(), where=str(class_dir))
-        members.append((image_id, _read_boxes(draft, image_id, image)))
+        members.append((image_id, [draft.add_box(image_id, b.box, b.where) for b in read_boxes(image)]))
     queries, database = members[:k], members[k:]
     for image_id, _ in database:
         draft.database.append(image_id)
@@ -94,7 +89,44 @@ def _add_class(draft: Draft, root: Path, subset: str, class_dir: Path, k: int, m
             draft.add_positive(image_id, db_id, db_boxes)
 
 
-def _read_boxes(draft: Draft, image_id: str, image: Path) -> list[int]:
+# ----------------------------------------------------------------------------- the layout, shared
+# Public so that the fine-tuning DataModule (:mod:`instsearch.datamodules.finetune`) reads the
+# same folders, in the same order, with the same box convention as the converter.
+@dataclass(frozen=True)
+class AnnotatedBox:
+    """One object's ``[x1, y1, x2, y2]`` box and the entry it was read from (``file, line N``)."""
+
+    box: tuple[float, float, float, float]
+    where: str
+
+
+def class_folders(root: Path, subset: str) -> list[Path]:
+    """The class folders of one subset (``INSTRE-S1`` ...) in natural name order."""
+    folder = require_dir(Path(root) / subset, f"INSTRE subset {subset}", LAYOUT)
+    classes = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                     key=lambda d: natural_key(d.name))
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {folder}\nexpected layout:\n{LAYOUT}")
+    return classes
+
+
+def benchmark_image_id(root: Path, image: Path) -> str:
+    """The id the converted benchmark gives ``image``: its path under ``root`` without suffix."""
+    return image.relative_to(root).with_suffix("").as_posix()
+
+
+def class_images(class_dir: Path) -> list[Path]:
+    """The images of one class folder in natural file-name order."""
+    return sorted((p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
+                  key=lambda p: natural_key(p.name))
+
+
+def read_boxes(image: Path) -> list[AnnotatedBox]:
+    """The boxes of ``image`` from the ``NNN.txt`` beside it: ``x y w h`` per line -> ``[x, y, x + w, y + h]``.
+
+    Numbers only are checked here; empty, inverted or out-of-image boxes are refused (or clipped)
+    by whoever knows the image size, with ``where`` in the message.
+    """
     txt = require_file(image.with_suffix(".txt"), f"annotation of {image.name}", LAYOUT)
     lines = read_lines(txt)
     if not lines:
@@ -106,5 +138,5 @@ def _read_boxes(draft: Draft, image_id: str, image: Path) -> list[int]:
         if len(tokens) != 4:
             raise FormatError(f"{where}: expected 'x y w h' (4 numbers), got {line!r}")
         x, y, w, h = parse_numbers(tokens, where, "'x y w h' (4 numbers)")
-        boxes.append(draft.add_box(image_id, (x, y, x + w, y + h), f"{where} ('x y w h' = {line!r})"))
+        boxes.append(AnnotatedBox((x, y, x + w, y + h), f"{where} ('x y w h' = {line!r})"))
     return boxes

@@ -21,6 +21,7 @@ a bad image (some Paris copies miss a few files).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from instsearch.datamodules.converters.common import (Draft, natural_key, normalize_relative_path, parse_numbers,
@@ -70,22 +71,10 @@ def build(root: Path, *, dataset: str = "oxford5k") -> Draft:
             draft.add_missing(name, jpg / f"{name}.jpg", where)
         return name
 
-    query_files = sorted(gt.glob("*_query.txt"), key=lambda p: natural_key(p.name))
-    if not query_files:
-        raise FileNotFoundError(f"no '<name>_<n>_query.txt' files in {gt}\nexpected layout:\n{LAYOUT}")
-    for qfile in query_files:
-        qid = qfile.name[: -len("_query.txt")]
-        lines = read_lines(qfile)
-        if len(lines) != 1:
-            raise FormatError(f"{qfile}: expected exactly one line '<image> x1 y1 x2 y2', found {len(lines)}")
-        n, line = lines[0]
-        where = f"{qfile}, line {n}"
-        tokens = line.split()
-        if len(tokens) != 5:
-            raise FormatError(f"{where}: expected '<image> x1 y1 x2 y2', got {line!r}")
-        name = tokens[0][len(OXFORD_PREFIX):] if tokens[0].startswith(OXFORD_PREFIX) else tokens[0]
-        image = image_ref(name, where)
-        box = draft.add_box(image, parse_numbers(tokens[1:], where, "'<image> x1 y1 x2 y2'"), where)
+    for query in read_query_files(gt):
+        qid, where = query.id, query.where
+        image = image_ref(query.image, where)
+        box = draft.add_box(image, query.box, where)
         draft.add_query(qid, image, [box], where)
         for kind in ("good", "ok", "junk"):
             listing = require_file(gt / f"{qid}_{kind}.txt", f"'{kind}' list of query {qid}", LAYOUT)
@@ -98,3 +87,44 @@ def build(root: Path, *, dataset: str = "oxford5k") -> Draft:
                 else:
                     draft.add_positive(qid, ref)
     return draft
+
+
+# ----------------------------------------------------------------------------- the query files, shared
+# Public so that the fine-tuning DataModule (:mod:`instsearch.datamodules.finetune`) reads the
+# queries exactly as the converter does.
+@dataclass(frozen=True)
+class QueryFile:
+    """One ``<landmark>_<n>_query.txt``: the query id, its image id (``oxc1_`` removed), its box."""
+
+    id: str  # '<landmark>_<n>'
+    image: str
+    box: tuple[float, float, float, float]  # [x1, y1, x2, y2] as written (not yet clipped)
+    where: str  # 'file, line N'
+
+    @property
+    def landmark(self) -> str:
+        """The landmark the query shows: its id without the trailing ``_<n>``."""
+        return self.id.rsplit("_", 1)[0]
+
+
+def read_query_files(gt: Path) -> list[QueryFile]:
+    """Every ``gt_files/<name>_<n>_query.txt`` in natural name order, parsed."""
+    query_files = sorted(gt.glob("*_query.txt"), key=lambda p: natural_key(p.name))
+    if not query_files:
+        raise FileNotFoundError(f"no '<name>_<n>_query.txt' files in {gt}\nexpected layout:\n{LAYOUT}")
+    return [read_query_file(q) for q in query_files]
+
+
+def read_query_file(qfile: Path) -> QueryFile:
+    """``qfile`` holds one line ``<image> x1 y1 x2 y2`` (Oxford: ``oxc1_<image> ...``)."""
+    lines = read_lines(qfile)
+    if len(lines) != 1:
+        raise FormatError(f"{qfile}: expected exactly one line '<image> x1 y1 x2 y2', found {len(lines)}")
+    n, line = lines[0]
+    where = f"{qfile}, line {n}"
+    tokens = line.split()
+    if len(tokens) != 5:
+        raise FormatError(f"{where}: expected '<image> x1 y1 x2 y2', got {line!r}")
+    name = tokens[0][len(OXFORD_PREFIX):] if tokens[0].startswith(OXFORD_PREFIX) else tokens[0]
+    x1, y1, x2, y2 = parse_numbers(tokens[1:], where, "'<image> x1 y1 x2 y2'")
+    return QueryFile(qfile.name[: -len("_query.txt")], normalize_relative_path(name, where), (x1, y1, x2, y2), where)
