@@ -1,10 +1,17 @@
 """Region features: RoI pooling of named feature maps, and fusion of an image's top-K regions.
 
-Every region method in instsearch describes a region the same way: resample each chosen feature map
-inside the box with RoIAlign, reduce the bins to one vector per layer (max, as FCIS+XD and the deep
-region CNN's convolutional variant; or mean, as DASR and CLAID), l2-normalise per layer so that no
-layer dominates by its activation scale, concatenate, and l2-normalise again so that the dot product
-is the cosine similarity the search uses.
+Every region method in instsearch describes a region the same way: reduce each chosen feature map
+inside the box to one vector per layer, l2-normalise per layer so that no layer dominates by its
+activation scale, concatenate, and l2-normalise again so that the dot product is the cosine
+similarity the search uses. The reduction is
+
+* ``max`` (FCIS+XD: "the maximum activation is extracted from the scaled ROI region"; the deep
+  region CNN's convolutional variant): the true maximum over the feature-map **cells** inside the
+  scaled box, not the maximum of RoIAlign bins (bins average bilinear samples, which on ReLU maps
+  gave 24-67 % of the true channel maximum). A cell is inside when its centre is, in the
+  half-pixel model of aligned RoIAlign (cell ``j`` covers ``[j, j + 1)`` of the scaled axis, centre
+  ``j + 0.5``); a box too small to contain a centre takes the cell under its own centre.
+* ``avg`` (DASR, CLAID): the mean of the RoIAlign bins, i.e. the bilinear average over the box.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ from typing import Literal, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
+from torchvision.ops import roi_align, roi_pool
 
 __all__ = ["RoIFeaturePooler", "fuse_regions", "boxes_to_rois", "l2_concat"]
 
@@ -42,9 +49,11 @@ class RoIFeaturePooler(nn.Module):
     Args:
         layers: names of the feature maps to pool, in the order their vectors are concatenated
             (e.g. ``["conv3", "conv4"]`` for FCIS+XD, ``["conv5"]`` for a VGG conv5_3 feature).
-        pooling: ``"max"`` or ``"avg"`` over the ``output_size x output_size`` RoIAlign bins.
-        output_size: RoIAlign grid size per side. 7 is the Fast R-CNN grid; since the bins are
-            reduced to one vector anyway, it only sets how finely the box is sampled.
+        pooling: ``"max"``: the true maximum over the map cells inside the scaled box (see the module
+            docstring); ``"avg"``: the mean of the ``output_size x output_size`` RoIAlign bins.
+        output_size: RoIAlign grid size per side for ``avg`` (and the mask test of ``avg``). 7 is
+            the Fast R-CNN grid; since the bins are reduced to one vector anyway, it only sets how
+            finely the box is sampled.
         sampling_ratio: bilinear samples per bin side (torchvision's convention; 2 as in
             Mask R-CNN / detectron2).
         normalize: l2-normalise per layer and after concatenation. Off only to inspect raw
@@ -83,8 +92,9 @@ class RoIFeaturePooler(nn.Module):
             image_size: ``(H, W)`` of that batched (padded) tensor; the scale of each map is
                 ``w / W`` so that boxes land on the right cells whatever the stride.
             masks: optional ``B`` tensors ``(N_i, H_i, W_i)`` with ``H_i <= H, W_i <= W`` in the
-                same pixels, values in ``[0, 1]``: only bins whose resampled mask is ``>= 0.5``
-                are pooled; a region whose mask covers no bin falls back to its whole box.
+                same pixels, values in ``[0, 1]``: only the cells whose part inside the box is at
+                least half covered (``max``) or the bins whose resampled mask is ``>= 0.5``
+                (``avg``) are pooled; a region whose mask covers none falls back to its whole box.
 
         Returns:
             ``(sum N_i, D)`` with ``D = sum of the layers' channels``, rows in the order of
@@ -112,7 +122,10 @@ class RoIFeaturePooler(nn.Module):
         if rois.shape[0] == 0:
             return [features[name].new_zeros(0, features[name].shape[1]) for name in self.layers]
 
-        keep = None if masks is None else self._mask_bins(masks, boxes, rois, (height, width))
+        padded_masks = None if masks is None else self._padded_masks(masks, boxes, rois, (height, width))
+        keep = None
+        if padded_masks is not None and self.pooling == "avg":
+            keep = self._mask_bins(padded_masks, rois)
 
         parts = []
         for name in self.layers:
@@ -121,31 +134,79 @@ class RoIFeaturePooler(nn.Module):
             # works as long as its maps cover the padded tensor (h/H == w/W up to rounding; the
             # batch tensors are padded to a multiple of 32, which makes the ratios exact).
             scale = fmap.shape[-1] / width
+            if self.pooling == "max":
+                parts.append(self._cell_max(fmap, rois.to(fmap.dtype), scale, padded_masks))
+                continue
             bins = roi_align(fmap, rois.to(fmap.dtype), output_size=self.output_size, spatial_scale=scale,
                              sampling_ratio=self.sampling_ratio, aligned=True)  # (N, C, S, S)
             parts.append(self._reduce(bins.flatten(2), keep))
         return parts
 
-    def _reduce(self, bins: Tensor, keep: Optional[Tensor]) -> Tensor:
-        """``(N, C, S*S)`` -> ``(N, C)`` by max or mean over the kept bins."""
+    @staticmethod
+    def cell_ranges(rois: Tensor, scale: float, height: int, width: int) -> Tensor:
+        """``(N, 4)`` int64 ``[x0, y0, x1, y1)``: the half-open range of map cells whose centre lies in
+        each scaled box, at least the cell under the box's centre, clipped to the map."""
+        coords = rois[:, 1:].double() * scale
+        start = torch.ceil(coords[:, :2] - 0.5)
+        end = torch.ceil(coords[:, 2:] - 0.5)
+        centre = torch.floor((coords[:, :2] + coords[:, 2:]) / 2)
+        limit = coords.new_tensor([width, height])
+        centre = torch.minimum(centre.clamp(min=0), limit - 1)
+        start = torch.minimum(start.clamp(min=0), limit)
+        end = torch.minimum(end.clamp(min=0), limit)
+        empty = end <= start
+        start = torch.where(empty, centre, start)
+        end = torch.where(empty, centre + 1, end)
+        return torch.cat([start, end], dim=1).long()
+
+    def _cell_max(self, fmap: Tensor, rois: Tensor, scale: float, padded_masks: Optional[Tensor]) -> Tensor:
+        """``(N, C)``: the maximum over the cells inside each scaled box (and inside its mask)."""
+        h, w = fmap.shape[-2:]
+        cells = self.cell_ranges(rois, scale, h, w)
+        if padded_masks is None:
+            # roi_pool with one output bin is Fast R-CNN's max over the integer cell range
+            # [round(x1), round(x2)] inclusive; given the range in cell units it is exactly ours.
+            cell_rois = torch.cat([rois[:, :1], cells[:, :2].to(rois.dtype), (cells[:, 2:] - 1).to(rois.dtype)], 1)
+            return roi_pool(fmap, cell_rois, output_size=1, spatial_scale=1.0).flatten(1)
+        # Inside the mask: a cell counts when the mask covers at least half of the cell's part
+        # inside the box (pixels whose centre is in the box), so a mask filling the box selects
+        # exactly the box's cells whatever the rounding of pasted masks. Regions are processed in
+        # chunks so that the (regions, C, h, w) selection stays bounded in memory.
+        big_h, big_w = padded_masks.shape[-2:]
+        px = torch.arange(big_w, device=fmap.device, dtype=rois.dtype) + 0.5
+        py = torch.arange(big_h, device=fmap.device, dtype=rois.dtype) + 0.5
+        box_px = ((px[None, None, :] >= rois[:, None, None, 1]) & (px[None, None, :] < rois[:, None, None, 3])
+                  & (py[None, :, None] >= rois[:, None, None, 2]) & (py[None, :, None] < rois[:, None, None, 4]))
+        box_px = box_px.to(padded_masks.dtype)
+        covered = F.interpolate((padded_masks * box_px)[:, None], size=(h, w), mode="area")[:, 0]
+        area = F.interpolate(box_px[:, None], size=(h, w), mode="area")[:, 0]
+        in_mask = covered >= 0.5 * area
+        xs, ys = torch.arange(w, device=fmap.device), torch.arange(h, device=fmap.device)
+        in_box = ((xs[None, None, :] >= cells[:, None, None, 0]) & (xs[None, None, :] < cells[:, None, None, 2])
+                  & (ys[None, :, None] >= cells[:, None, None, 1]) & (ys[None, :, None] < cells[:, None, None, 3]))
+        select = in_box & in_mask
+        select = torch.where(select.flatten(1).any(1)[:, None, None], select, in_box)  # empty mask: whole box
+        image = rois[:, 0].long()
+        chunk = max(1, (1 << 24) // max(fmap.shape[1] * h * w, 1))
+        out = []
+        for start in range(0, rois.shape[0], chunk):
+            part = slice(start, start + chunk)
+            values = fmap[image[part]].masked_fill(~select[part, None], float("-inf"))
+            out.append(values.flatten(2).amax(dim=2))
+        return torch.cat(out)
+
+    @staticmethod
+    def _reduce(bins: Tensor, keep: Optional[Tensor]) -> Tensor:
+        """``(N, C, S*S)`` -> ``(N, C)``: the mean over the kept bins (all without a mask)."""
         if keep is None:
-            return bins.amax(dim=2) if self.pooling == "max" else bins.mean(dim=2)
-        keep = keep[:, None, :]  # (N, 1, S*S), broadcast over channels
-        if self.pooling == "max":
-            return bins.masked_fill(~keep, float("-inf")).amax(dim=2)
-        weights = keep.to(bins.dtype)
+            return bins.mean(dim=2)
+        weights = keep[:, None, :].to(bins.dtype)  # (N, 1, S*S), broadcast over channels
         return (bins * weights).sum(dim=2) / weights.sum(dim=2)
 
-    def _mask_bins(self, masks: list[Tensor], boxes: list[Tensor], rois: Tensor,
-                   image_size: tuple[int, int]) -> Tensor:
-        """Which RoIAlign bins of each region lie inside its mask: ``(N, S*S)`` bool.
-
-        Each region's mask is resampled with the very same RoIAlign grid (scale 1: masks are in
-        image pixels), so a bin is kept exactly when the mask averaged over that bin's samples is
-        at least 0.5. Masks of different sizes are zero-padded to the batch tensor's size (outside
-        the image there is no object), then all regions are resampled in one call by treating the
-        region index as the batch index.
-        """
+    @staticmethod
+    def _padded_masks(masks: list[Tensor], boxes: list[Tensor], rois: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """``(N, H, W)``: every region's mask zero-padded to the batch tensor's size (outside the
+        image there is no object), regions in the order of ``rois``."""
         if len(masks) != len(boxes):
             raise ValueError(f"RoIFeaturePooler: {len(masks)} mask lists for {len(boxes)} box lists")
         height, width = image_size
@@ -158,10 +219,19 @@ class RoIFeaturePooler(nn.Module):
                 raise ValueError(f"RoIFeaturePooler: masks[{i}] is {tuple(m.shape[1:])}, larger than the "
                                  f"image tensor {image_size}; masks must be in the backbone input's pixels")
             padded.append(F.pad(m.to(rois.dtype), (0, width - m.shape[2], 0, height - m.shape[1])))
-        stacked = torch.cat(padded).to(rois.device)[:, None]  # (N, 1, H, W)
+        return torch.cat(padded).to(rois.device)
+
+    def _mask_bins(self, padded_masks: Tensor, rois: Tensor) -> Tensor:
+        """Which RoIAlign bins of each region lie inside its mask: ``(N, S*S)`` bool.
+
+        Each region's mask is resampled with the very same RoIAlign grid (scale 1: masks are in
+        image pixels), so a bin is kept exactly when the mask averaged over that bin's samples is
+        at least 0.5. All regions are resampled in one call by treating the region index as the
+        batch index.
+        """
         per_region = rois.clone()
         per_region[:, 0] = torch.arange(rois.shape[0], dtype=rois.dtype, device=rois.device)
-        resampled = roi_align(stacked, per_region, output_size=self.output_size, spatial_scale=1.0,
+        resampled = roi_align(padded_masks[:, None], per_region, output_size=self.output_size, spatial_scale=1.0,
                               sampling_ratio=self.sampling_ratio, aligned=True).flatten(1)  # (N, S*S)
         keep = resampled >= 0.5
         empty = ~keep.any(dim=1, keepdim=True)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from instsearch.networks.global_descriptors import GeM, MAC, RMAC, SPoC, build_global_pooling, rmac_regions, valid_mask
+from torchvision.ops import roi_align
+
 from instsearch.networks.region_features import RoIFeaturePooler, boxes_to_rois, fuse_regions, l2_concat
 from slow_reference import bilinear as _bilinear
 
@@ -32,16 +34,46 @@ def _roi_bins_slow(fmap: torch.Tensor, box: list[float], scale: float, size: int
     return out
 
 
-def _pool_slow(features, layers, boxes, image_size, pooling, size, ratio, keep=None):
+def _cell_max_slow(fmap: torch.Tensor, box: list[float], scale: float, mask=None) -> torch.Tensor:
+    """(C,) max over the cells whose centre (j + 0.5) lies in the scaled box, by explicit loops; on
+    an axis where no centre does, the row / column under the box centre. With ``mask`` (pixels of the image, an integer
+    number of pixels per cell) only cells whose pixels inside the box (centre in the box) are at
+    least half covered count, unless none is."""
+    c, h, w = fmap.shape
+    x1, y1, x2, y2 = (v * scale for v in box)
+    rows = [i for i in range(h) if y1 <= i + 0.5 < y2] or [min(max(math.floor((y1 + y2) / 2), 0), h - 1)]
+    cols = [j for j in range(w) if x1 <= j + 0.5 < x2] or [min(max(math.floor((x1 + x2) / 2), 0), w - 1)]
+    cells = [(i, j) for i in rows for j in cols]
+    if mask is not None:
+        step = round(1 / scale)
+        inside = []
+        for i, j in cells:
+            pixels = [mask[y, x].item() for y in range(i * step, (i + 1) * step) for x in range(j * step, (j + 1) * step)
+                      if box[0] <= x + 0.5 < box[2] and box[1] <= y + 0.5 < box[3]]
+            if pixels and sum(pixels) >= 0.5 * len(pixels):
+                inside.append((i, j))
+        cells = inside or cells
+    best = torch.full((c,), float("-inf"), dtype=torch.float64)
+    for i, j in cells:
+        best = torch.maximum(best, fmap[:, i, j].double())
+    return best
+
+
+def _pool_slow(features, layers, boxes, image_size, pooling, size, ratio, keep=None, masks=None):
     rows = []
     for b, image_boxes in enumerate(boxes):
         for box in image_boxes.tolist():
             parts = []
             for name in layers:
                 fmap = features[name][b]
-                bins = _roi_bins_slow(fmap, box, fmap.shape[-1] / image_size[1], size, ratio).flatten(1)
+                scale = fmap.shape[-1] / image_size[1]
+                if pooling == "max":
+                    v = _cell_max_slow(fmap, box, scale, None if masks is None else masks[len(rows)])
+                    parts.append(v / v.norm())
+                    continue
+                bins = _roi_bins_slow(fmap, box, scale, size, ratio).flatten(1)
                 k = keep[len(rows)] if keep is not None else torch.ones(bins.shape[1], dtype=torch.bool)
-                v = bins[:, k].amax(dim=1) if pooling == "max" else bins[:, k].mean(dim=1)
+                v = bins[:, k].mean(dim=1)
                 parts.append(v / v.norm())
             cat = torch.cat(parts)
             rows.append(cat / cat.norm())
@@ -85,6 +117,27 @@ def test_avg_pool_two_layers_l2_each_then_concat_then_l2():
     expected = torch.cat([v3 / v3.norm(), v4 / v4.norm()])
     torch.testing.assert_close(out[0], expected / expected.norm(), atol=1e-6, rtol=1e-5)
     assert out.shape == (1, 10)
+
+
+def test_max_is_the_true_cell_maximum_not_the_max_of_bilinear_bins():
+    # One hot cell on a ReLU-like map: RoIAlign bins average bilinear samples around it and never
+    # reach its value; the seed's "maximum activation of the scaled ROI region" is the cell itself.
+    fmap = torch.zeros(1, 1, 16, 16)
+    fmap[0, 0, 5, 9] = 4.0
+    box = torch.tensor([[30.0, 14.0, 50.0, 30.0]])  # stride 4: x 7.5..12.5, y 3.5..7.5 -> cells x 7..11, y 3..6
+    pooler = RoIFeaturePooler(["conv3"], pooling="max", normalize=False)
+    assert pooler({"conv3": fmap}, [box], (64, 64)).item() == 4.0
+    bins = roi_align(fmap, torch.tensor([[0.0, 30.0, 14.0, 50.0, 30.0]]), output_size=7, spatial_scale=0.25,
+                     sampling_ratio=2, aligned=True)
+    assert bins.max().item() < 4.0 * 0.9
+    # the cell range itself, by hand: centres 7.5..11.5 lie in [7.5, 12.5), centres 3.5..6.5 in [3.5, 7.5)
+    ranges = RoIFeaturePooler.cell_ranges(torch.tensor([[0.0, 30.0, 14.0, 50.0, 30.0]]), 0.25, 16, 16)
+    assert ranges.tolist() == [[7, 3, 12, 7]]
+    # a box inside one cell takes that cell; a box past the map's edge is clipped to it; a thin box
+    # takes the row under its centre across the columns it spans
+    tiny = RoIFeaturePooler.cell_ranges(torch.tensor([[0.0, 37.0, 21.0, 38.0, 22.0], [0.0, 60.0, 60.0, 90.0, 90.0],
+                                                      [0.0, 8.0, 33.0, 24.0, 34.0]]), 0.25, 16, 16)
+    assert tiny.tolist() == [[9, 5, 10, 6], [15, 15, 16, 16], [2, 8, 6, 9]]
 
 
 @pytest.mark.parametrize("pooling", ["max", "avg"])
@@ -151,15 +204,18 @@ def test_mask_matches_slow_reference_and_empty_mask_falls_back_to_box(two_layer_
     masks[1][0, 30:48, 20:40] = 1.0  # mask[0][1] stays empty
     pooler = RoIFeaturePooler(["conv3", "conv4"], pooling="max", output_size=4, sampling_ratio=2)
     out = pooler(two_layer_features, boxes, (64, 64), masks=masks)
-    # reference: resample each mask on the same grid by the slow RoIAlign, keep bins >= 0.5
-    keep = []
-    for image_boxes, image_masks in zip(boxes, masks):
-        padded = F.pad(image_masks, (0, 64 - image_masks.shape[2], 0, 64 - image_masks.shape[1]))
-        for box, m in zip(image_boxes.tolist(), padded):
-            k = _roi_bins_slow(m[None], box, 1.0, 4, 2).flatten() >= 0.5
-            keep.append(k if k.any() else torch.ones_like(k))
-    ref = _pool_slow(two_layer_features, ["conv3", "conv4"], boxes, (64, 64), "max", 4, 2, keep=keep)
+    # reference: the cells inside box and mask, by loops over the zero-padded masks
+    padded = [m for image_masks in masks
+              for m in F.pad(image_masks, (0, 64 - image_masks.shape[2], 0, 64 - image_masks.shape[1]))]
+    ref = _pool_slow(two_layer_features, ["conv3", "conv4"], boxes, (64, 64), "max", 4, 2, masks=padded)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # avg pooling resamples each mask on the RoIAlign grid (slow RoIAlign), keeping bins >= 0.5
+    keep = [k if k.any() else torch.ones_like(k)
+            for k in (_roi_bins_slow(m[None], box, 1.0, 4, 2).flatten() >= 0.5
+                      for box, m in zip([b for bs in boxes for b in bs.tolist()], padded))]
+    avg = RoIFeaturePooler(["conv3", "conv4"], pooling="avg", output_size=4, sampling_ratio=2)
+    ref_avg = _pool_slow(two_layer_features, ["conv3", "conv4"], boxes, (64, 64), "avg", 4, 2, keep=keep)
+    torch.testing.assert_close(avg(two_layer_features, boxes, (64, 64), masks=masks), ref_avg, atol=1e-5, rtol=1e-5)
     no_mask = pooler(two_layer_features, boxes, (64, 64))
     torch.testing.assert_close(out[1], no_mask[1])  # empty mask -> whole box
     assert not torch.allclose(out[0], no_mask[0])
