@@ -91,12 +91,30 @@ def test_detect_regions_boxes_match_the_detectors_own_postprocessing(model, imag
         torch.testing.assert_close(region.scores, ref["scores"][: model.top_k])
 
 
-def test_database_and_query_sides_agree_on_the_same_box(model, images):
+def test_database_and_query_features_are_the_cell_maximum_of_the_box(images):
+    """Both sides against a hand computation: resize as the detector does, run the backbone, cut
+    the cells whose centre lies in the scaled box out of conv4 and take each channel's maximum."""
+    torch.manual_seed(0)
+    net = DeepRegionCNN("small", num_classes=3, top_k=3, feature_layers=["conv4"]).eval()
     with torch.no_grad():
-        regions = model.detect_regions(images)
-        queries = model.describe_boxes(images, [r.boxes for r in regions])
-    for region, query in zip(regions, queries):
-        torch.testing.assert_close(query, region.features, atol=1e-4, rtol=1e-4)
+        regions = net.detect_regions(images)
+        queries = net.describe_boxes(images, [r.boxes for r in regions])
+        batch, _ = net.detector.transform(list(images))  # batched as the network batches them
+        all_conv4 = net.backbone.forward_stages(batch.tensors)["conv4"]
+        for index, (image, region, query) in enumerate(zip(images, regions, queries)):
+            conv4 = all_conv4[index]
+            h, w = batch.image_sizes[index]
+            scale = conv4.shape[-1] / batch.tensors.shape[-1]
+            expected = []
+            for box in region.boxes.tolist():
+                x1, x2 = (v * w / image.shape[-1] * scale for v in (box[0], box[2]))
+                y1, y2 = (v * h / image.shape[-2] * scale for v in (box[1], box[3]))
+                cols = [j for j in range(conv4.shape[-1]) if x1 <= j + 0.5 < x2] or [int((x1 + x2) / 2)]
+                rows = [i for i in range(conv4.shape[-2]) if y1 <= i + 0.5 < y2] or [int((y1 + y2) / 2)]
+                v = conv4[:, rows][:, :, cols].amax(dim=(1, 2))
+                expected.append(v / v.norm())
+            torch.testing.assert_close(region.features, torch.stack(expected), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(query, region.features, atol=1e-4, rtol=1e-4)
 
 
 def test_same_object_at_two_image_sizes_gives_the_same_feature(model):

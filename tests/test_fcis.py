@@ -177,10 +177,22 @@ def test_ohem_select_and_loss_on_subset():
     sub = loss(logits, deltas, masks, labels, reg, mtarget, index=index)
     for key in ("loss_classifier", "loss_box_reg", "loss_mask"):
         torch.testing.assert_close(full[key], sub[key])
+    # per RoI, written out from the definitions: -log softmax of the label, smooth-L1 (beta 1)
+    # summed over the four coordinates and the pixel mean of the 2-way (logistic) mask loss of the
+    # label's channel, both for foreground RoIs only
     per = loss.per_roi(logits, deltas, masks, labels, reg, mtarget)
-    expected = (fcis_class_loss(logits, labels, "none") + fcis_box_loss(deltas, reg, labels, 1.0, "none")
-                + fcis_mask_loss(masks, mtarget, labels, "none"))
-    torch.testing.assert_close(per, expected)
+    expected = []
+    for i in range(r):
+        y = int(labels[i])
+        value = -(logits[i, y] - logits[i].exp().sum().log())
+        if y > 0:
+            d = (deltas[i] - reg[i]).abs()
+            value = value + torch.where(d < 1.0, 0.5 * d * d, d - 0.5).sum()
+            p_in = torch.sigmoid(masks[i, y])
+            t = mtarget[i]
+            value = value - (t * p_in.log() + (1 - t) * (1 - p_in).log()).mean()
+        expected.append(value)
+    torch.testing.assert_close(per, torch.stack(expected), atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ the network
