@@ -33,6 +33,7 @@ def build_args(out: Path, data: Path, accelerator: str, epochs: int, seed: int, 
         "--model.net.backbone=small",
         f"--model.net.num_classes={num_classes}",
         "--model.net.top_k=10",
+        "--model.net.fusion=none",  # each of the top-10 regions searchable on its own (best-region search)
         "--model.net.feature_layers=[conv2,conv3]",
         "--model.optim.lr=0.02",
         "--model.optim.warmup_steps=50",

@@ -8,7 +8,7 @@ injected by the config (``model.net``), so every network option is reachable fro
       init_args:
         net:
           class_path: instsearch.networks.deep_region_cnn.DeepRegionCNN
-          init_args: {backbone: vgg16, num_classes: 201, top_k: 2}
+          init_args: {backbone: vgg16, num_classes: 201, top_k: 2, fusion: concat, region_feature: crop_fc7}
 """
 from __future__ import annotations
 

@@ -2,22 +2,39 @@
 regions of each image, and the top-K regions are described by CNN features.
 
 Offline, the detector is fine-tuned on the instance dataset with the first two convolution stages
-fixed (``frozen_stages=2``). Online, each database image keeps its ``top_k`` highest-scoring boxes
-(K = 2 is the paper's best) with one feature each; the paper's feature is VGG-16 FC7 (4096-D),
-which here is the detector's own box head (``feature_layers=["box_head"]``: fc6/fc7 initialised
-from VGG-16's classifier, applied to RoIAlign-ed conv5_3). Convolutional variants pool any stage
-instead (``["conv5"]``, ``["conv4", "conv5"]``, ...). The paper's image-level variants fuse the K
-region features by concatenation, mean or max (:meth:`DeepRegionCNN.fuse_top_k`).
+fixed (``frozen_stages=2``). Online, each image keeps its ``top_k`` highest-scoring boxes (K = 2 is
+the paper's best) with one feature each, and the search runs over
 
-Choices where the paper is silent or the library differs, all configurable:
+* ``fusion="none"``: every one of the top-K regions, each its own searchable region (an image
+  scores by its best region; the query box is described directly).
+* ``fusion="concat" | "mean" | "max"``: one vector per image, the paper's three strategies "to
+  fuse the features from top K's regions for each instance image" (Section 3.2 "Online instance
+  retrieval"; concatenation with K = 2 is its best, 0.404 mAP on Oxford 5k). See
+  :meth:`DeepRegionCNN.detect_regions` and :meth:`DeepRegionCNN.describe_boxes` for how this
+  reads on each side.
 
-* Region features come from the *same* forward pass as the detection (RoIAlign on the fine-tuned
-  maps). The paper crops each box and feeds it to an ImageNet VGG-16; ``database_mode="crop"``
-  / ``query_mode="crop"`` reproduce that (the crop is resized like an image and described as one
-  whole-crop RoI), at the price of one more backbone pass per region.
-* Boxes come from torchvision's post-processing (per-class NMS 0.5, scores = class softmax); the
-  score threshold defaults to 0, so every image has its K regions. An image with no detection at
-  all (degenerate input) falls back to its whole frame with score 0 so that it stays searchable.
+With ``top_k=1`` both search each image by its highest-scoring region, the paper's basic setting
+("we selected the bounding box with the highest score for each image as the target region"); they
+differ on the query side, where ``none`` describes the query box itself and a fusion mode the top
+detection inside the query crop.
+
+A region is described by (``region_feature``)
+
+* ``"roi"`` (default, fast): the configured ``feature_layers`` RoI-pooled from the *same* forward
+  pass as the detection; ``["box_head"]`` is the detector's own box representation (fc6/fc7
+  initialised from VGG-16's classifier, applied to RoIAlign-ed conv5_3), convolutional variants
+  pool any stage (``["conv5"]``, ``["conv4", "conv5"]``, ...);
+* ``"crop_fc7"`` (the paper's, Section 3.1.2): the box is cut out, resized to 224 x 224 and
+  described by FC7 of an ImageNet VGG-16 of its own weights file (``crop_weights``), not the
+  fine-tuned detector (:class:`~instsearch.networks.crop_features.CropFC7`); one more VGG-16 pass
+  per region;
+* ``"crop"``: the box is cut out, resized like an image and described by the *detector's* backbone
+  with ``feature_layers`` (the whole crop pooled as one RoI); one more backbone pass per region.
+
+Choices where the paper is silent or the library differs, all configurable: boxes come from
+torchvision's post-processing (per-class NMS 0.5, scores = class softmax); the score threshold
+defaults to 0, so every image has its K regions. An image with no detection at all (degenerate
+input) falls back to its whole frame with score 0 so that it stays searchable.
 
 The whole-image baseline the paper compares with (GeM / MAC / SPoC / R-MAC of a backbone stage) is
 its own network, :class:`~instsearch.networks.global_model.GlobalDescriptorModel`, which can run
@@ -26,6 +43,7 @@ over this network's trained backbone (:meth:`~instsearch.networks.global_model.G
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
@@ -39,16 +57,21 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image
 
 from instsearch.networks.backbones import IMAGENET_MEAN, IMAGENET_STD, StagedBackbone, build_backbone
-from instsearch.networks.region_features import RoIFeaturePooler, fuse_regions, l2_concat
+from instsearch.networks.crop_features import CropFC7
+from instsearch.networks.region_features import RoIFeaturePooler, fuse_top_regions, l2_concat
 from instsearch.networks.region_search import require_eval_mode
 from instsearch.networks.transform import DetectionTransform, check_boxes, check_images, crop_boxes
 from instsearch.networks.weights import load_weights
 from instsearch.structures import Regions
 
-__all__ = ["DeepRegionCNN", "BOX_HEAD"]
+__all__ = ["DeepRegionCNN", "BOX_HEAD", "FUSIONS", "REGION_FEATURES"]
 
 #: The special feature layer name: the detector's box-head representation (FC7 for VGG-16).
 BOX_HEAD = "box_head"
+#: What is searched: each top-K region on its own, or one fused vector per image.
+FUSIONS = ("none", "concat", "mean", "max")
+#: How a region is described (see the module docstring).
+REGION_FEATURES = ("roi", "crop_fc7", "crop")
 
 
 class DeepRegionCNN(nn.Module):
@@ -77,15 +100,22 @@ class DeepRegionCNN(nn.Module):
             box_batch_size_per_image: ``None`` = the backbone's defaults.
         box_score_thresh: minimum class score of a detection (default 0: top-K always exists).
         box_nms_thresh / box_detections_per_img: torchvision's post-processing.
-        top_k: regions kept per database image (2 in the paper; evaluators may ask for more).
-        feature_layers: what describes a region, concatenated in this order after per-part l2:
-            ``"box_head"`` (the detector's box representation, FC7 for VGG-16), any stage
-            ``"conv1"``..``"conv5"``, or an FPN level ``"p2"``..``"p6"``.
+        top_k: the K highest-scoring detections kept per image (2 in the paper).
+        fusion: what is searched: ``"none"`` (default) each of the top-K regions on its own;
+            ``"concat"`` (the paper's best), ``"mean"`` or ``"max"`` one fused top-K vector per
+            image (``feature_dim`` = K x region dimension for ``concat``).
+        region_feature: how a region (detected or query box) is described: ``"roi"`` (default)
+            ``feature_layers`` pooled from the detection pass; ``"crop_fc7"`` the paper's crop ->
+            224 x 224 -> ImageNet VGG-16 FC7 (4096-D, ``crop_weights``); ``"crop"`` the crop through
+            the detector's backbone with ``feature_layers``. Same on the database and query sides.
+        feature_layers: what ``roi`` and ``crop`` describe a region with, concatenated in this
+            order after per-part l2: ``"box_head"`` (the detector's box representation, FC7 for
+            VGG-16), any stage ``"conv1"``..``"conv5"``, or an FPN level ``"p2"``..``"p6"``.
         pooling / output_size / sampling_ratio: RoI pooling of the stage layers.
-        fusion: default mode of :meth:`fuse_top_k` (``"concat"``, the paper's best).
-        query_mode / database_mode: ``"roi"`` pools the box on the whole image's maps; ``"crop"``
-            cuts the box out, resizes it like an image and describes the whole crop.
-        crop_batch_size: crops encoded per backbone batch in crop mode (bounds memory).
+        crop_weights: the ImageNet VGG-16 file of ``crop_fc7`` (torchvision's
+            ``vgg16-397923af.pth``); ``None`` = random init, said once. Not part of checkpoints.
+        crop_batch_size: crops per network batch of ``crop`` / ``crop_fc7``, and query crops per
+            detector batch under fusion (bounds memory).
         image_mean / image_std: input normalisation (ImageNet's, as the pretrained backbones).
     """
 
@@ -116,9 +146,9 @@ class DeepRegionCNN(nn.Module):
         pooling: Literal["max", "avg"] = "max",
         output_size: int = 7,
         sampling_ratio: int = 2,
-        fusion: Literal["concat", "mean", "max"] = "concat",
-        query_mode: Literal["roi", "crop"] = "roi",
-        database_mode: Literal["roi", "crop"] = "roi",
+        fusion: Literal["none", "concat", "mean", "max"] = "none",
+        region_feature: Literal["roi", "crop_fc7", "crop"] = "roi",
+        crop_weights: Union[str, Path, None] = None,
         crop_batch_size: int = 16,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
@@ -128,9 +158,9 @@ class DeepRegionCNN(nn.Module):
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        for option, value, allowed in (("query_mode", query_mode, ("roi", "crop")),
-                                       ("database_mode", database_mode, ("roi", "crop")),
-                                       ("fusion", fusion, ("concat", "mean", "max"))):
+        if crop_batch_size < 1:
+            raise ValueError(f"crop_batch_size must be >= 1, got {crop_batch_size}")
+        for option, value, allowed in (("fusion", fusion, FUSIONS), ("region_feature", region_feature, REGION_FEATURES)):
             if value not in allowed:
                 raise ValueError(f"{option} must be one of {allowed}, got {value!r}")
         staged: StagedBackbone = build_backbone(backbone, weights=weights, frozen_stages=frozen_stages)
@@ -185,9 +215,10 @@ class DeepRegionCNN(nn.Module):
         self.pooler = (RoIFeaturePooler(conv_layers, pooling=pooling, output_size=output_size,
                                         sampling_ratio=sampling_ratio) if conv_layers else None)
         self.fusion = fusion
-        self.query_mode = query_mode
-        self.database_mode = database_mode
+        self.region_feature = region_feature
         self.crop_batch_size = int(crop_batch_size)
+        self.crop_fc7 = (CropFC7(crop_weights, batch_size=crop_batch_size) if region_feature == "crop_fc7"
+                         else None)
         self.register_load_state_dict_pre_hook(_drop_global_pool_key)
 
     # -- structure ------------------------------------------------------------------------------
@@ -209,11 +240,14 @@ class DeepRegionCNN(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        return self.region_feature_dim
+        """Width of what is searched: a region feature, or the fused top-K vector."""
+        return self.region_feature_dim * (self.top_k if self.fusion == "concat" else 1)
 
     @property
     def region_feature_dim(self) -> int:
-        """Dimension of one region feature (``describe_boxes`` / ``detect_regions`` rows)."""
+        """Dimension of one region's feature (before any fusion)."""
+        if self.region_feature == "crop_fc7":
+            return CropFC7.feature_dim
         return sum(self._channels(name) for name in self.feature_layers)
 
     # -- detector -------------------------------------------------------------------------------
@@ -254,11 +288,70 @@ class DeepRegionCNN(nn.Module):
 
     # -- RegionSearchModel ----------------------------------------------------------------------
     def detect_regions(self, images: list[Tensor]) -> list[Regions]:
-        """Database side: the ``top_k`` detections of each image with one feature each.
+        """Database side: what is searched of each image, boxes in the pixels of ``images``.
+
+        ``fusion="none"``: the ``top_k`` detections, best first, one feature each.
+
+        Under fusion, ONE region per image: its feature is the fused top-K vector
+        (:func:`~instsearch.networks.region_features.fuse_top_regions`, l2-normalised; ``concat``
+        zero-pads an image with fewer than K detections), and its box, score and label are those of
+        the image's top-1 detection. The paper ranks images by the fused vector and says nothing of
+        a box; the top-1 box is what this network localises (mIoU is scored on it).
+        """
+        regions = self._top_regions(images)
+        if self.fusion == "none":
+            return regions
+        fused = self._fuse(regions)
+        best = torch.zeros(1, dtype=torch.long, device=fused.device)
+        return [replace(r.select(best), features=fused[i:i + 1]) for i, r in enumerate(regions)]
+
+    def describe_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
+        """Query side: ``(n_i, feature_dim)`` features of the given boxes (pixels of ``images[i]``).
+
+        ``fusion="none"``: each box described as a region (``region_feature``).
+
+        Under fusion the query box is read as the paper's *query instance image* ("given the query
+        instance image, we extract the visual features based on the fine-tuned Faster R-CNN and
+        CNN", Section 3.2): the crop of the box is processed exactly like a database image --
+        detection, top-K regions of the crop, their features, fusion -- so that query and database
+        vectors are the same kind of vector.
+        """
+        if len(images) != len(boxes):
+            raise ValueError(f"describe_boxes: {len(images)} images but {len(boxes)} box lists")
+        boxes = [check_boxes(b, img, i) for i, (img, b) in enumerate(zip(images, boxes))]
+        counts = [len(b) for b in boxes]
+        if self.fusion == "none":
+            return list(self._describe_given_boxes(images, boxes).split(counts))
+        require_eval_mode(self, "describe_boxes")  # the crops go through the detector
+        crops = crop_boxes(images, boxes)
+        fused = [self._fuse(self._top_regions(crops[start:start + self.crop_batch_size]))
+                 for start in range(0, len(crops), self.crop_batch_size)]
+        features = torch.cat(fused) if fused else images[0].new_zeros(0, self.feature_dim)
+        return list(features.split(counts))
+
+    @torch.no_grad()
+    def classify_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
+        """The detector's predicted class (background excluded) of each given box, for category
+        pruning; ``(n_i,)`` int64 per image."""
+        boxes = [check_boxes(b, img, i) for i, (img, b) in enumerate(zip(images, boxes))]
+        batch, _, detection = self._encode(images)
+        boxes_net = [resize_boxes(b, list(img.shape[-2:]), list(net))
+                     for b, img, net in zip(boxes, images, batch.image_sizes)]
+        roi_heads = self.detector.roi_heads
+        if sum(len(b) for b in boxes_net) == 0:
+            return [b.new_zeros(0, dtype=torch.long) for b in boxes]
+        logits, _ = roi_heads.box_predictor(roi_heads.box_head(
+            roi_heads.box_roi_pool(detection, boxes_net, batch.image_sizes)))
+        labels = logits[:, 1:].argmax(dim=1) + 1
+        return list(labels.split([len(b) for b in boxes]))
+
+    # -- regions -------------------------------------------------------------------------------
+    def _top_regions(self, images: Sequence[Tensor]) -> list[Regions]:
+        """The ``top_k`` detections of each image, best first, one ``region_feature`` each.
 
         One pass: transform -> backbone (stages and detector maps together) -> RPN -> box head;
-        the kept boxes are then pooled from the same maps. Boxes, scores and labels (predicted
-        class) are returned in the pixels of ``images``.
+        ``roi`` features are pooled from the same maps. Boxes, scores and labels (predicted class)
+        are in the pixels of ``images``.
         """
         require_eval_mode(self, "detect_regions")
         orig_sizes = [tuple(img.shape[-2:]) for img in images]
@@ -278,45 +371,34 @@ class DeepRegionCNN(nn.Module):
             labels.append(l)
         boxes_orig = [clip_boxes_to_image(resize_boxes(b, list(net), list(orig)), orig)
                       for b, net, orig in zip(boxes_net, batch.image_sizes, orig_sizes)]
-        if self.database_mode == "roi":
-            features = self._describe(batch, maps, detection, boxes_net).split([len(b) for b in boxes_net])
+        if self.region_feature == "roi":
+            features = self._describe(batch, maps, detection, boxes_net)
         else:
             features = self._describe_crops(images, boxes_orig)
         return [Regions(boxes=b, scores=s, features=f, labels=l, image_size=orig)
-                for b, s, f, l, orig in zip(boxes_orig, scores, features, labels, orig_sizes)]
+                for b, s, f, l, orig in zip(boxes_orig, scores, features.split([len(b) for b in boxes_net]),
+                                            labels, orig_sizes)]
 
-    def describe_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
-        """Query side: ``(n_i, D)`` features of the given boxes (pixels of ``images[i]``)."""
-        if len(images) != len(boxes):
-            raise ValueError(f"describe_boxes: {len(images)} images but {len(boxes)} box lists")
-        boxes = [check_boxes(b, img, i) for i, (img, b) in enumerate(zip(images, boxes))]
-        if self.query_mode == "crop":
+    def _fuse(self, regions: Sequence[Regions]) -> Tensor:
+        """``(B, feature_dim)``: each image's top-K region features fused by ``fusion``."""
+        return fuse_top_regions(torch.cat([r.features for r in regions]), [len(r) for r in regions],
+                                self.fusion, self.top_k)
+
+    def _describe_given_boxes(self, images: Sequence[Tensor], boxes: Sequence[Tensor]) -> Tensor:
+        """``(sum n_i, region_feature_dim)`` features of ``boxes`` (pixels of ``images``)."""
+        if self.region_feature != "roi":
             return self._describe_crops(images, boxes)
         batch, maps, detection = self._encode(images, with_detection=self._needs_detection_maps)
         boxes_net = [resize_boxes(b, list(img.shape[-2:]), list(net))
                      for b, img, net in zip(boxes, images, batch.image_sizes)]
-        return list(self._describe(batch, maps, detection, boxes_net).split([len(b) for b in boxes]))
+        return self._describe(batch, maps, detection, boxes_net)
 
-    @torch.no_grad()
-    def classify_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
-        """The detector's predicted class (background excluded) of each given box, for category
-        pruning; ``(n_i,)`` int64 per image."""
-        boxes = [check_boxes(b, img, i) for i, (img, b) in enumerate(zip(images, boxes))]
-        batch, _, detection = self._encode(images)
-        boxes_net = [resize_boxes(b, list(img.shape[-2:]), list(net))
-                     for b, img, net in zip(boxes, images, batch.image_sizes)]
-        roi_heads = self.detector.roi_heads
-        if sum(len(b) for b in boxes_net) == 0:
-            return [b.new_zeros(0, dtype=torch.long) for b in boxes]
-        logits, _ = roi_heads.box_predictor(roi_heads.box_head(
-            roi_heads.box_roi_pool(detection, boxes_net, batch.image_sizes)))
-        labels = logits[:, 1:].argmax(dim=1) + 1
-        return list(labels.split([len(b) for b in boxes]))
-
-    # -- crops ----------------------------------------------------------------------------------
-    def _describe_crops(self, images: Sequence[Tensor], boxes: Sequence[Tensor]) -> list[Tensor]:
-        """Describe each box as its own image: crop, resize like an image, pool the whole crop as
-        one RoI with the configured feature layers."""
+    def _describe_crops(self, images: Sequence[Tensor], boxes: Sequence[Tensor]) -> Tensor:
+        """Describe each box as a picture of its own: ``crop_fc7`` (ImageNet VGG-16 FC7 of the
+        224 x 224 crop) or ``crop`` (the crop resized like an image through the detector's backbone,
+        pooled as one whole-crop RoI with ``feature_layers``)."""
+        if self.region_feature == "crop_fc7":
+            return self.crop_fc7(images, boxes)
         crops = crop_boxes(images, boxes)
         out = []
         for start in range(0, len(crops), self.crop_batch_size):
@@ -325,17 +407,7 @@ class DeepRegionCNN(nn.Module):
             whole = [torch.tensor([[0.0, 0.0, float(w), float(h)]], device=batch.tensors.device)
                      for h, w in batch.image_sizes]
             out.append(self._describe(batch, maps, detection, whole))
-        features = torch.cat(out) if out else images[0].new_zeros(0, self.region_feature_dim)
-        return list(features.split([len(b) for b in boxes]))
-
-    # -- image-level fusion ---------------------------------------------------------------------
-    def fuse_top_k(self, regions: Regions, mode: Optional[Literal["concat", "mean", "max"]] = None) -> Tensor:
-        """The paper's image-level vector: the top-``top_k`` region features fused by ``mode``
-        (default ``fusion``); ``concat`` is ``top_k * D`` long, zero-padded for fewer regions."""
-        if regions.features is None:
-            raise ValueError("fuse_top_k needs Regions with features (from detect_regions)")
-        best = regions.top_k(self.top_k)
-        return fuse_regions(best.features, mode or self.fusion, k=self.top_k)
+        return torch.cat(out) if out else images[0].new_zeros(0, self.region_feature_dim)
 
 
 def _drop_global_pool_key(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:

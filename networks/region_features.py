@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align, roi_pool
 
-__all__ = ["RoIFeaturePooler", "fuse_regions", "boxes_to_rois", "l2_concat"]
+__all__ = ["RoIFeaturePooler", "fuse_regions", "fuse_top_regions", "boxes_to_rois", "l2_concat"]
 
 PoolingMode = Literal["max", "avg"]
 FusionMode = Literal["concat", "mean", "max"]
@@ -265,19 +265,41 @@ def fuse_regions(features: Tensor, mode: FusionMode, k: Optional[int] = None) ->
     """
     if features.ndim != 2:
         raise ValueError(f"fuse_regions expects (K, D) features, got {tuple(features.shape)}")
-    n, dim = features.shape
-    k = n if k is None else int(k)
+    return fuse_top_regions(features, [features.shape[0]], mode, features.shape[0] if k is None else k)[0]
+
+
+def fuse_top_regions(features: Tensor, counts: Sequence[int], mode: FusionMode, k: int) -> Tensor:
+    """:func:`fuse_regions` for a batch of images at once: ``(B, k*D)`` for ``concat``, ``(B, D)``
+    for ``mean`` / ``max``, rows l2-normalised.
+
+    Args:
+        features: ``(sum n_i, D)``: the ``n_i`` region features of image ``i`` as consecutive rows,
+            best first (as ``torch.cat`` of the images' ``Regions.features``).
+        counts: ``n_i`` per image (0 allowed: a zero vector).
+        mode / k: as :func:`fuse_regions`; an image's regions beyond its first ``k`` are ignored.
+    """
+    if mode not in ("concat", "mean", "max"):
+        raise ValueError(f"fuse_regions mode must be 'concat', 'mean' or 'max', got {mode!r}")
+    k = int(k)
     if k < 1:
         raise ValueError(f"fuse_regions needs k >= 1, got {k}")
-    top = features[:k]
+    counts = torch.as_tensor(list(counts), dtype=torch.long, device=features.device)
+    if features.ndim != 2 or features.shape[0] != int(counts.sum()):
+        raise ValueError(f"fuse_top_regions: {tuple(features.shape)} features for counts summing to {int(counts.sum())}")
+    batch, dim = counts.shape[0], features.shape[1]
+    # Scatter every kept region to its (image, rank) slot of a zero (B, k, D) tensor.
+    image = torch.repeat_interleave(torch.arange(batch, device=features.device), counts)
+    rank = torch.arange(features.shape[0], device=features.device) - (torch.cumsum(counts, 0) - counts)[image]
+    kept = rank < k
+    padded = features.new_zeros(batch, k, dim)
+    padded[image[kept], rank[kept]] = features[kept]
+    filled = counts.clamp(max=k)  # regions fused per image
     if mode == "concat":
-        padded = features.new_zeros(k, dim)
-        padded[: top.shape[0]] = top
-        fused = padded.reshape(k * dim)
+        fused = padded.reshape(batch, k * dim)
     elif mode == "mean":
-        fused = top.mean(dim=0) if top.shape[0] else features.new_zeros(dim)
-    elif mode == "max":
-        fused = top.amax(dim=0) if top.shape[0] else features.new_zeros(dim)
+        fused = padded.sum(dim=1) / filled.clamp(min=1)[:, None].to(features.dtype)
     else:
-        raise ValueError(f"fuse_regions mode must be 'concat', 'mean' or 'max', got {mode!r}")
-    return F.normalize(fused, dim=0)
+        slot_used = torch.arange(k, device=features.device)[None, :] < filled[:, None]
+        fused = padded.masked_fill(~slot_used[..., None], float("-inf")).amax(dim=1)
+        fused = torch.where(filled[:, None] > 0, fused, torch.zeros_like(fused))
+    return F.normalize(fused, dim=1)

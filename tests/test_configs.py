@@ -59,3 +59,18 @@ def test_framework_advertisements_are_silenced_and_real_messages_kept(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert "GPU available: False, used: False" in messages
     assert not [m for m in messages if "Tip" in m]
+
+
+def test_every_deep_region_cnn_config_states_what_it_searches():
+    import yaml
+
+    from instsearch.demo import build_args
+
+    searched = {}
+    for config in CONFIGS:
+        if config.stem.startswith("deep_region_cnn"):
+            net = yaml.safe_load(config.read_text())["model"]["init_args"]["net"]["init_args"]
+            searched[config.stem] = (net["fusion"], net["region_feature"], net["top_k"])
+    assert searched.pop("deep_region_cnn_synthetic") == ("none", "roi", 10)  # the demo's per-region search
+    assert searched and set(searched.values()) == {("concat", "crop_fc7", 2)}  # the paper's: top-2 crop FC7 concatenated
+    assert "--model.net.fusion=none" in build_args(Path("out"), Path("data"), "cpu", 1, 0, 7, 0)

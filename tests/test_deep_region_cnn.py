@@ -1,5 +1,7 @@
 """DeepRegionCNN on the small backbone: detector training, region detection and description, box
-mapping between original and network pixels, crop mode, the whole-image baseline over its backbone, weights."""
+mapping between original and network pixels, crop mode, the whole-image baseline over its backbone, weights.
+The search modes (fusion) are in test_deep_region_cnn_fusion.py, the paper's crop-FC7 describer in
+test_crop_features.py."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
+from smooth_images import smooth_image
 
 from instsearch.structures import RegionSearchModel, Regions
 from instsearch.networks.deep_region_cnn import DeepRegionCNN
@@ -18,14 +22,6 @@ from instsearch.networks.weights import reset_random_init_warnings
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 
 
-def _smooth_image(h: int, w: int, seed: int = 0, base: int = 12) -> torch.Tensor:
-    """A smooth random RGB image (bilinear upsampling of a coarse grid): resizing it loses little,
-    so the same scene at two sizes reaches the network almost unchanged."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(1, 3, base, base * w // h, generator=g)
-    return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
-
-
 @pytest.fixture(scope="module")
 def model() -> DeepRegionCNN:
     torch.manual_seed(0)
@@ -34,7 +30,7 @@ def model() -> DeepRegionCNN:
 
 @pytest.fixture(scope="module")
 def images() -> list[torch.Tensor]:
-    return [_smooth_image(120, 150, seed=1), _smooth_image(160, 100, seed=2)]
+    return [smooth_image(120, 150, seed=1), smooth_image(160, 100, seed=2)]
 
 
 def test_is_a_region_search_model(model):
@@ -45,7 +41,7 @@ def test_is_a_region_search_model(model):
 def test_training_forward_returns_the_four_losses_and_backward_works():
     torch.manual_seed(0)
     net = DeepRegionCNN("small", num_classes=3).train()
-    images = [_smooth_image(128, 160, seed=3), _smooth_image(160, 128, seed=4)]
+    images = [smooth_image(128, 160, seed=3), smooth_image(160, 128, seed=4)]
     targets = [{"boxes": torch.tensor([[10.0, 20.0, 90.0, 100.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.tensor([[30.0, 30.0, 100.0, 150.0], [5.0, 5.0, 40.0, 40.0]]),
                 "labels": torch.tensor([2, 1])}]
@@ -118,7 +114,7 @@ def test_database_and_query_features_are_the_cell_maximum_of_the_box(images):
 
 
 def test_same_object_at_two_image_sizes_gives_the_same_feature(model):
-    small, large = _smooth_image(160, 200, seed=5), _smooth_image(320, 400, seed=5)
+    small, large = smooth_image(160, 200, seed=5), smooth_image(320, 400, seed=5)
     box = torch.tensor([[40.0, 30.0, 120.0, 110.0]])
     with torch.no_grad():
         f_small = model.describe_boxes([small], [box])[0]
@@ -132,13 +128,13 @@ def test_describe_boxes_roi_and_crop_modes(model, images):
     boxes = [torch.tensor([[10.0, 10.0, 90.0, 70.0], [0.0, 0.0, 150.0, 120.0]]), torch.zeros(0, 4)]
     with torch.no_grad():
         roi = model.describe_boxes(images, boxes)
-        model.query_mode = "crop"
+        model.region_feature = "crop"
         try:
             crop = model.describe_boxes(images, boxes)
             # one image alone: its whole-frame crop is batched to the same padded size as the image
             crop_alone = model.describe_boxes(images[:1], boxes[:1])
         finally:
-            model.query_mode = "roi"
+            model.region_feature = "roi"
         roi_alone = model.describe_boxes(images[:1], boxes[:1])
     for feats in (roi, crop):
         assert [f.shape for f in feats] == [(2, model.region_feature_dim), (0, model.region_feature_dim)]
@@ -151,8 +147,7 @@ def test_describe_boxes_roi_and_crop_modes(model, images):
 
 def test_database_crop_mode_describes_detections_by_crops(images):
     torch.manual_seed(0)
-    net = DeepRegionCNN("small", num_classes=3, feature_layers=["conv5"], database_mode="crop",
-                        query_mode="crop").eval()
+    net = DeepRegionCNN("small", num_classes=3, feature_layers=["conv5"], region_feature="crop").eval()
     with torch.no_grad():
         regions = net.detect_regions(images)
         queries = net.describe_boxes(images, [r.boxes for r in regions])
@@ -207,19 +202,6 @@ def test_checkpoints_holding_the_former_global_pooling_still_load_strictly(model
         holder.load_state_dict(state)
 
 
-def test_fuse_top_k(model, images):
-    with torch.no_grad():
-        regions = model.detect_regions(images)
-    fused = model.fuse_top_k(regions[0])
-    assert fused.shape == (2 * model.region_feature_dim,)
-    torch.testing.assert_close(fused.norm(), torch.tensor(1.0))
-    torch.testing.assert_close(model.fuse_top_k(regions[0], "max"),
-                               F.normalize(regions[0].features.amax(dim=0), dim=0))
-    one = regions[0].top_k(1)
-    padded = model.fuse_top_k(one)  # fewer regions than K: zero-padded concat
-    assert padded.shape == fused.shape and padded[model.region_feature_dim:].abs().sum() == 0
-
-
 def test_classify_boxes(model, images):
     labels = model.classify_boxes(images, [torch.tensor([[10.0, 10.0, 90.0, 70.0]]), torch.zeros(0, 4)])
     assert labels[0].shape == (1,) and 1 <= labels[0].item() < 3 and labels[1].shape == (0,)
@@ -261,8 +243,10 @@ def test_invalid_configuration_is_reported():
         DeepRegionCNN("small", anchor_sizes=((32,), (64,)))
     with pytest.raises(ValueError, match="feature_layers"):
         DeepRegionCNN("small", feature_layers=["fc8"])
-    with pytest.raises(ValueError, match="query_mode"):
-        DeepRegionCNN("small", query_mode="warp")
+    with pytest.raises(ValueError, match="region_feature"):
+        DeepRegionCNN("small", region_feature="warp")
+    with pytest.raises(ValueError, match="fusion"):
+        DeepRegionCNN("small", fusion="sum")
     with pytest.raises(ValueError, match="image 0"):
         DeepRegionCNN("small").eval().describe_boxes([torch.rand(1, 32, 32)], [torch.zeros(0, 4)])
     with pytest.raises(ValueError, match=r"boxes\[0\]"):
