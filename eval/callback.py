@@ -90,7 +90,9 @@ class RetrievalEvaluation(pl.Callback):
     """Evaluate instance search on the DataModule's benchmark at the end of validation epochs.
 
     How regions are searched and scored is the module's ``retrieval`` config, which loaders serve
-    the benchmark is the DataModule's; this callback only says when (``every_n_epochs``).
+    the benchmark is the DataModule's; this callback only says when: every ``every_n_epochs``
+    training epochs, at the end of that epoch's validation, or at the end of the training epoch
+    when no validation ran.
     """
 
     def __init__(self, every_n_epochs: int = 1, prefix: str = "retrieval/", progress: bool = True):
@@ -100,6 +102,7 @@ class RetrievalEvaluation(pl.Callback):
         self.prefix = prefix
         self.progress = progress
         self.last_result: Optional[EvaluationResult] = None
+        self._evaluated_epoch: Optional[int] = None
         self._warned = False
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[EvaluationResult]:
@@ -109,9 +112,23 @@ class RetrievalEvaluation(pl.Callback):
         return evaluate(pl_module, loaders, pl_module.make_evaluator(benchmark), step=pl_module.search_step,
                         progress=self.progress and trainer.is_global_zero)
 
+    def _due(self, trainer: pl.Trainer) -> bool:
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if trainer.sanity_checking or not self._due(trainer):
             return
+        self._evaluate_and_publish(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A due epoch that ran no validation (no validation data, e.g. fine-tuning on Oxford's 55
+        query images, or ``check_val_every_n_epoch`` > 1) is evaluated here, after the epoch's
+        validation would have run and before checkpoints are saved, so they can monitor it."""
+        if self._due(trainer) and self._evaluated_epoch != trainer.current_epoch:
+            self._evaluate_and_publish(trainer, pl_module)
+
+    def _evaluate_and_publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._evaluated_epoch = trainer.current_epoch
         benchmark = benchmark_of(trainer)
         if benchmark is None:
             if not self._warned:

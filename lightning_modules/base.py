@@ -98,6 +98,11 @@ class RegionSearchModule(pl.LightningModule):
         if dm_classes is not None and net_classes is not None and dm_classes != net_classes:
             raise ValueError(f"the data has {dm_classes} classes (background included) but {type(self.net).__name__} "
                              f"predicts {net_classes}: set model.net.init_args.num_classes={dm_classes}")
+        if not self.net.training:
+            # Lightning keeps each module's mode; its own "modules in eval mode" warning is silenced
+            # (instsearch.console) because frozen backbone stages are in eval mode on purpose.
+            raise RuntimeError(f"{type(self.net).__name__} is in eval mode at the start of training: it would return "
+                               "detections instead of losses; call .train() on the network (or the module) first")
 
     def on_validation_epoch_start(self) -> None:
         from torchmetrics.detection import MeanAveragePrecision

@@ -191,3 +191,31 @@ def test_wandb_offline_run_receives_metrics_and_image(tmp_path, synthetic_root, 
     values = [float(v) for v in re.findall(rb"retrieval/mAP@all\x82\x01.([0-9.eE+-]+)", raw, flags=re.S)]
     logged = float(trainer.callback_metrics["retrieval/mAP@all"])
     assert values and all(v == pytest.approx(logged, abs=1e-6) for v in values)  # history and summary
+
+
+def test_retrieval_is_evaluated_every_epoch_even_without_validation_data(tmp_path, synthetic_root, small_benchmark,
+                                                                        num_classes):
+    """Fine-tuning sets without a validation split (Oxford's 55 query images) still get their
+    per-epoch retrieval metrics, at the end of the training epoch, before checkpoints are saved."""
+    from instsearch.datamodules.synthetic import SyntheticDataModule
+    from instsearch.eval.callback import RetrievalEvaluation
+    from instsearch.lightning_modules.deep_region_cnn import DeepRegionCNNModule
+
+    pl.seed_everything(0)
+    model = DeepRegionCNNModule(small_net(num_classes), retrieval=RetrievalConfig(grid_queries=0))
+    dm = SyntheticDataModule(root=synthetic_root, benchmark=str(small_benchmark), batch_size=2, num_workers=0)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(RuntimeError, match="eval mode at the start of training"):
+        trainer.fit(model, datamodule=dm)  # small_net() is in eval mode
+    model.train()
+    callback = RetrievalEvaluation(progress=False)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="retrieval/mAP@all", mode="max")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=1, limit_val_batches=0,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback, checkpoint], default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert callback._evaluated_epoch == 1 and callback.last_result is not None
+    assert float(trainer.callback_metrics["retrieval/mAP@all"]) == pytest.approx(
+        callback.last_result.metrics["mAP@all"], abs=1e-6)
+    assert checkpoint.best_model_path  # the checkpoint could monitor the retrieval metric
