@@ -6,6 +6,7 @@ report instead of crashing mid-run.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -58,10 +59,16 @@ class BenchmarkImages(Dataset):
             # The benchmark's declared size is the coordinate frame of every box: rescale to it.
             meta.extra["declared_size_mismatch"] = image.size
             image = image.resize((entry.width, entry.height))
-        if self.max_side and max(image.size) > self.max_side:
-            scale = self.max_side / max(image.size)
-            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-        return pil_to_tensor(image).float().div_(255.0), meta
+        return to_served_tensor(image, self.max_side), meta
+
+
+def to_served_tensor(image, max_side: Optional[int]) -> torch.Tensor:
+    """``(3, H, W)`` float in ``[0, 1]``, shrunk so that its long side is at most ``max_side``
+    (memory guard for huge photos; the served size against the original maps boxes back)."""
+    if max_side and max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    return pil_to_tensor(image).float().div_(255.0)
 
 
 def collate_images(batch):
@@ -98,12 +105,8 @@ def distractor_dataloaders(benchmark: Benchmark | str | Path, batch_size: int = 
 
     bench = benchmark if isinstance(benchmark, Benchmark) else Benchmark.load(benchmark)
 
-    def to_tensor(image):
-        if max_side and max(image.size) > max_side:
-            # Distractors are never localised against ground truth, so a shrunk frame is harmless.
-            s = max_side / max(image.size)
-            image = image.resize((max(1, round(image.width * s)), max(1, round(image.height * s))))
-        return pil_to_tensor(image).float().div_(255.0)
+    # Distractors are never localised against ground truth, so a shrunk frame is harmless.
+    to_tensor = functools.partial(to_served_tensor, max_side=max_side)
 
     loaders = []
     for entry in bench.distractors:

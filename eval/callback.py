@@ -105,9 +105,9 @@ class RetrievalEvaluation(pl.Callback):
         self._evaluated_epoch: Optional[int] = None
         self._warned = False
 
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[EvaluationResult]:
-        """Run the module over this rank's shard of the benchmark; the result on rank 0 only."""
-        benchmark = benchmark_of(trainer)
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                 benchmark: Benchmark) -> Optional[EvaluationResult]:
+        """Run the module over this rank's shard of ``benchmark``; the result on rank 0 only."""
         loaders = trainer.datamodule.benchmark_dataloaders(rank=trainer.global_rank, world_size=trainer.world_size)
         return evaluate(pl_module, loaders, pl_module.make_evaluator(benchmark), step=pl_module.search_step,
                         progress=self.progress and trainer.is_global_zero)
@@ -135,7 +135,7 @@ class RetrievalEvaluation(pl.Callback):
                 rank_zero_info("RetrievalEvaluation: the DataModule has no `benchmark`; retrieval metrics are skipped")
                 self._warned = True
             return
-        result = self.evaluate(trainer, pl_module)
+        result = self.evaluate(trainer, pl_module, benchmark)
         self.last_result = result
         publish(trainer, pl_module, benchmark, result, self.prefix, pl_module.retrieval.grid_queries)
         if result is not None:
