@@ -11,9 +11,10 @@ FCIS+XD paper, Fig. 4/5)?
     python benchmarks/fcis_synthetic.py --out runs/fcis_synthetic --epochs 6
     python benchmarks/fcis_synthetic.py --arch resnext50_32x4d   # shallower, for a 2-core CPU
     python benchmarks/fcis_synthetic.py --variant fcis_d --max-minutes 20
+    python benchmarks/fcis_synthetic.py --config configs/fcis_xd_small.yaml --epochs 12 --max-minutes 15
 
-The network comes from ``configs/<variant>_synthetic.yaml``; ``--arch`` / ``--no-deformable`` override its
-backbone, and the table names the backbone actually trained.
+The network and the SGD schedule come from ``--config`` (default ``configs/<variant>_synthetic.yaml``);
+``--arch`` / ``--no-deformable`` override its backbone, and the table names the backbone actually trained.
 """
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=None, help="synthetic benchmark folder (generated if missing)")
     p.add_argument("--variant", default="fcis_xd", choices=sorted(VARIANTS),
                    help="paper network; its configs/<variant>_synthetic.yaml gives the head settings")
+    p.add_argument("--config", type=Path, default=None,
+                   help="FCIS config whose network and optimiser settings are used (default: the variant's)")
     p.add_argument("--arch", default=None, help="backbone override, e.g. resnext50_32x4d (default: the variant's)")
     p.add_argument("--no-deformable", action="store_true", help="plain res5 even for a deformable variant")
     p.add_argument("--epochs", type=int, default=6)
@@ -99,7 +102,7 @@ def main() -> None:
     dm = SyntheticDataModule(root=data, batch_size=a.batch_size, num_workers=0, seed=a.seed)
     dm.prepare_data()
     bench = Benchmark.load(data / "benchmark.json")
-    config = yaml.safe_load((CONFIGS / f"{a.variant}_synthetic.yaml").read_text())
+    config = yaml.safe_load((a.config or CONFIGS / f"{a.variant}_synthetic.yaml").read_text())
     net_args = config["model"]["init_args"]["net"]["init_args"]
     net_args.update(num_classes=dm.num_classes)
     if a.arch:
@@ -118,7 +121,7 @@ def main() -> None:
                         retrieval=RetrievalConfig(grid_queries=0))
     name = f"FCIS{'+D' if deformable else ''} on {arch}"
     if arch != VARIANTS[a.variant][0]:
-        name += f" (shallower stand-in for {a.variant}'s {VARIANTS[a.variant][0]})"
+        name += f" (smaller stand-in for {a.variant}'s {VARIANTS[a.variant][0]})"
     print(f"{name}: {sum(p.numel() for p in module.parameters()) / 1e6:.1f} M parameters")
     rows: dict[str, dict] = {"untrained": validate(module, dm, a.accelerator, a.precision)}
     print("untrained:", {k: round(v, 4) for k, v in rows["untrained"].items() if "AP@0.5" in k or "mAP@all" in k})

@@ -30,8 +30,10 @@ def ps_roi_assemble(maps: Tensor, rois: Tensor, group_size: int, output_size: in
     ``S = k`` this is position-sensitive RoIAlign; with ``S > k`` every bin is itself resolved at
     ``(S/k) x (S/k)``, which is how FCIS gets 21 x 21 masks from a 7 x 7 grid.
 
-    One :func:`~torchvision.ops.roi_align` call per bin (``k^2`` calls) pools that bin's channel
-    slice for every RoI and group at once over the bin's sub-box; the loop is over bins only.
+    One :func:`~torchvision.ops.roi_align` call pools every (RoI, bin) pair: the maps are regrouped
+    so that each bin's channel slice is its own batch entry (``B k^2`` entries of ``G`` channels),
+    and each RoI becomes ``k^2`` sub-boxes that point at their bin's entry. No loop over bins, and
+    one gradient buffer instead of one per bin in the backward pass.
 
     Args:
         maps: ``(B, G * k * k, H, W)`` score maps.
@@ -56,18 +58,19 @@ def ps_roi_assemble(maps: Tensor, rois: Tensor, group_size: int, output_size: in
         raise ValueError(f"ps_roi_assemble: rois must be (R, 5) [batch_index, x1, y1, x2, y2], got {tuple(rois.shape)}")
     g, m = c // (k * k), s // k
     maps, rois = _common_dtype(maps, rois)
-    grouped = maps.view(b, g, k * k, h, w)
-    index, x1, y1, x2, y2 = rois.unbind(dim=1)
-    bin_w, bin_h = (x2 - x1) / k, (y2 - y1) / k
-    cells = []
-    for cell in range(k * k):
-        i, j = divmod(cell, k)
-        sub = torch.stack([index, x1 + j * bin_w, y1 + i * bin_h, x1 + (j + 1) * bin_w, y1 + (i + 1) * bin_h], dim=1)
-        cells.append(roi_align(grouped[:, :, cell], sub, (m, m), spatial_scale=spatial_scale,
-                               sampling_ratio=sampling_ratio, aligned=aligned))  # (R, G, m, m)
+    # (B, G, k^2, H, W) -> (B k^2, G, H, W): batch entry b k^2 + bin holds bin's slice of image b
+    by_bin = maps.view(b, g, k * k, h, w).transpose(1, 2).reshape(b * k * k, g, h, w)
     r = rois.shape[0]
-    out = torch.stack(cells, dim=0).view(k, k, r, g, m, m)  # (i, j, R, G, u, v)
-    return out.permute(2, 3, 0, 4, 1, 5).reshape(r, g, s, s)
+    index, x1, y1, x2, y2 = (v[:, None] for v in rois.unbind(dim=1))  # (R, 1) each
+    bins = torch.arange(k * k, device=rois.device)
+    i, j = (bins // k).to(rois.dtype), (bins % k).to(rois.dtype)  # (k^2,) bin row / column
+    bin_w, bin_h = (x2 - x1) / k, (y2 - y1) / k
+    sub = torch.stack(torch.broadcast_tensors(index * (k * k) + bins.to(rois.dtype), x1 + j * bin_w, y1 + i * bin_h,
+                                              x1 + (j + 1) * bin_w, y1 + (i + 1) * bin_h), dim=2)  # (R, k^2, 5)
+    cells = roi_align(by_bin, sub.view(-1, 5), (m, m), spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+                      aligned=aligned)  # (R k^2, G, m, m)
+    out = cells.view(r, k, k, g, m, m)  # (R, i, j, G, u, v)
+    return out.permute(0, 3, 1, 4, 2, 5).reshape(r, g, s, s)
 
 
 def ps_roi_box_pool(maps: Tensor, rois: Tensor, group_size: int, spatial_scale: float,

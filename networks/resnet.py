@@ -30,21 +30,41 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from instsearch.networks.staged import STAGES, DetectorDefaults, FeatureInfo, FPNMixin, StagedBackbone
 from instsearch.networks.weights import load_weights
 
-__all__ = ["ARCHS", "ArchSpec", "DeformableConv2d", "ResNetBackbone", "ResNetFPNBackbone", "SmallResNet",
-           "resnet_body"]
+__all__ = ["ARCHS", "ArchSpec", "DeformableConv2d", "ResNetBackbone", "ResNetFPNBackbone", "ScaledResNet",
+           "SmallResNet", "resnet_body"]
+
+
+TORCHVISION_PLANES = (64, 128, 256, 512)
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Block counts per stage and the grouped-conv shape of the 3x3 convs."""
+    """Block counts per stage, the grouped-conv shape of the 3x3 convs and the widths.
+
+    ``planes`` are torchvision's per-stage "planes": a bottleneck's 3x3 conv has
+    ``planes * width_per_group / 64 * groups`` channels and its output ``4 * planes``.
+    torchvision's (and timm's) ResNets use 64, 128, 256, 512 with a 64-channel stem; narrower
+    values give the same topology at a fraction of the cost (ImageNet checkpoints then no longer fit).
+    """
 
     layers: tuple[int, int, int, int]
     groups: int = 1
     width_per_group: int = 64
+    planes: tuple[int, int, int, int] = TORCHVISION_PLANES
+    stem_width: int = 64
+
+    def __post_init__(self) -> None:
+        widths = [p * self.width_per_group // 64 for p in self.planes]
+        if min(widths) < 1 or any(p * self.width_per_group % 64 for p in self.planes):
+            raise ValueError(f"ArchSpec: planes {self.planes} x width_per_group {self.width_per_group} / 64 "
+                             f"must be whole numbers of channels per group")
 
 
-#: The paper's backbones plus smaller ones with the same stage widths (for fast tests and
-#: experiments): ``resnet26`` / ``resnext26_32x4d`` have two bottlenecks per stage.
+#: The paper's backbones plus smaller ones: ``resnet26`` / ``resnext26_32x4d`` have two
+#: bottlenecks per stage at torchvision's widths; ``resnext20_8x4d_narrow`` is a ResNeXt with one
+#: or two bottlenecks per stage at 1/4 of torchvision's widths (8 groups of 4 channels in res2,
+#: outputs 64 / 128 / 256 / 512), sized so that FCIS+XD trains in minutes on a CPU
+#: (``configs/fcis_xd_small.yaml``).
 ARCHS: dict[str, ArchSpec] = {
     "resnet26": ArchSpec((2, 2, 2, 2)),
     "resnet50": ArchSpec((3, 4, 6, 3)),
@@ -52,6 +72,8 @@ ARCHS: dict[str, ArchSpec] = {
     "resnext26_32x4d": ArchSpec((2, 2, 2, 2), groups=32, width_per_group=4),
     "resnext50_32x4d": ArchSpec((3, 4, 6, 3), groups=32, width_per_group=4),
     "resnext101_32x4d": ArchSpec((3, 4, 23, 3), groups=32, width_per_group=4),
+    "resnext20_8x4d_narrow": ArchSpec((1, 1, 2, 2), groups=8, width_per_group=16, planes=(16, 32, 64, 128),
+                                      stem_width=32),
 }
 
 NormName = Literal["auto", "frozen_bn", "bn"]
@@ -116,6 +138,41 @@ class DeformableConv2d(DeformConv2d):
                 f"offset_groups={self.offset_groups}, bias={self.bias is not None})")
 
 
+class ScaledResNet(ResNet):
+    """torchvision's :class:`~torchvision.models.resnet.ResNet` built at the widths of an
+    :class:`ArchSpec`: same modules, same key names and initialisation, any stem and stage width.
+
+    At torchvision's widths it is the plain ``ResNet`` (which hard-codes them); narrower specs
+    reuse its ``_make_layer``, so blocks, downsampling and dilation behave identically.
+    """
+
+    def __init__(self, spec: ArchSpec, norm_layer: type[nn.Module],
+                 replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)) -> None:
+        nn.Module.__init__(self)
+        self._norm_layer = norm_layer
+        self.inplanes = spec.stem_width
+        self.dilation = 1
+        self.groups = spec.groups
+        self.base_width = spec.width_per_group
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        p, n = spec.planes, spec.layers
+        self.layer1 = self._make_layer(Bottleneck, p[0], n[0])
+        self.layer2 = self._make_layer(Bottleneck, p[1], n[1], stride=2, dilate=replace_stride_with_dilation[0])
+        self.layer3 = self._make_layer(Bottleneck, p[2], n[2], stride=2, dilate=replace_stride_with_dilation[1])
+        self.layer4 = self._make_layer(Bottleneck, p[3], n[3], stride=2, dilate=replace_stride_with_dilation[2])
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Identity()
+        for m in self.modules():  # torchvision ResNet's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+
 def resnet_stages(net: nn.Module) -> "OrderedDict[str, nn.Module]":
     """The stages of a torchvision-layout ResNet (``conv1``, ``bn1``, ``relu``, ``maxpool``,
     ``layer1`` .. ``layer4``): ``conv1`` is the stem before max-pooling (stride 2), ``conv2`` ..
@@ -170,8 +227,12 @@ def resnet_body(arch: str, weights: Union[str, Path, None] = None, *, norm: Opti
     if norm not in _NORM_LAYERS:
         raise ValueError(f"norm must be 'auto', 'frozen_bn' or 'bn', got {norm!r}")
     spec = ARCHS[arch]
-    body = ResNet(Bottleneck, list(spec.layers), groups=spec.groups, width_per_group=spec.width_per_group,
-                  replace_stride_with_dilation=[False, False, bool(dilate_conv5)], norm_layer=_NORM_LAYERS[norm])
+    dilation = [False, False, bool(dilate_conv5)]
+    if spec.planes == TORCHVISION_PLANES and spec.stem_width == 64:
+        body = ResNet(Bottleneck, list(spec.layers), groups=spec.groups, width_per_group=spec.width_per_group,
+                      replace_stride_with_dilation=dilation, norm_layer=_NORM_LAYERS[norm])
+    else:
+        body = ScaledResNet(spec, _NORM_LAYERS[norm], tuple(dilation))
     if dilate_conv5:
         first = body.layer4[0].conv2
         first.dilation, first.padding = (2, 2), (2, 2)

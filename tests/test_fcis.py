@@ -80,11 +80,20 @@ def test_assembling_at_group_size_is_ps_roi_align():
         ps_roi_assemble(maps, rois, k, 8, 1 / 8)
 
 
-def test_assembling_is_differentiable():
-    maps = torch.randn(1, 2 * 4, 5, 5, requires_grad=True)
-    out = ps_roi_assemble(maps, torch.tensor([[0, 0.0, 0.0, 40.0, 40.0]]), 2, 4, 1 / 8)
-    out.sum().backward()
-    assert maps.grad.abs().sum() > 0
+def test_assembling_gradient_matches_slow_reference():
+    """Assembling is linear in the maps, so its gradient g for output weights w must satisfy
+    <ref(x), w> = <x, g> for every map x, with ref the slow definition."""
+    torch.manual_seed(3)
+    maps = torch.randn(2, 2 * 4, 5, 6, requires_grad=True)
+    rois = torch.tensor([[0, 0.0, 0.0, 40.0, 40.0], [1, 4.0, 6.0, 30.0, 22.0]])
+    weights = torch.randn(2, 2, 4, 4)
+    (ps_roi_assemble(maps, rois, 2, 4, 1 / 8) * weights).sum().backward()
+    grad = maps.grad
+    for _ in range(3):
+        probe = torch.randn_like(grad)
+        expected = float((_assemble_reference(probe, rois, 2, 4, 1 / 8, 2) * weights).sum())
+        assert float((probe * grad).sum()) == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    assert (grad[0, 4:].abs().sum(dim=(1, 2)) > 0).all()  # every bin's channel of group 1 receives gradient
 
 
 def test_resample_masks_identity_and_reference():

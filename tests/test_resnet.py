@@ -148,3 +148,39 @@ def test_loads_torchvision_checkpoint_into_deformable_backbone(tmp_path):
     torch.testing.assert_close(net.body.conv1.weight, ref.conv1.weight)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_backbone("resnet26", weights=tmp_path / "missing.pth")
+
+
+def test_scaled_resnet_at_torchvision_widths_matches_torchvision_layout():
+    """ScaledResNet is torchvision's ResNet with the widths as parameters: at torchvision's own widths
+    every key and shape of ``resnext50_32x4d`` is the same, so checkpoints load either way."""
+    from torchvision.models import resnext50_32x4d
+
+    from instsearch.networks.resnet import ScaledResNet
+    ours = ScaledResNet(ARCHS["resnext50_32x4d"], nn.BatchNorm2d).state_dict()
+    ref = {k: v for k, v in resnext50_32x4d().state_dict().items() if not k.startswith("fc.")}
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+
+
+def test_narrow_resnext_widths_groups_and_deformable_res5():
+    """The CPU-sized ResNeXt of fcis_xd_small: 32-ch stem, bottleneck 3x3 convs of 8 groups x 4, 8, 16,
+    32 channels, outputs 64 / 128 / 256 / 512 at strides 4 / 8 / 16 / 16 (dilated), every res5 block
+    deformable."""
+    net = build_backbone("resnext20_8x4d_narrow", deformable=True, dilate_conv5=True).eval()
+    body = net.body
+    assert body.conv1.out_channels == 32
+    assert [len(layer) for layer in (body.layer1, body.layer2, body.layer3, body.layer4)] == [1, 1, 2, 2]
+    mid = [layer[0].conv2 for layer in (body.layer1, body.layer2, body.layer3, body.layer4)]
+    assert [(c.in_channels, c.groups) for c in mid] == [(32, 8), (64, 8), (128, 8), (256, 8)]
+    assert all(isinstance(b.conv2, DeformableConv2d) for b in body.layer4)
+    assert not any(isinstance(b.conv2, DeformableConv2d) for b in body.layer3)
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 64, 96))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "conv1": (1, 32, 32, 48), "conv2": (1, 64, 16, 24), "conv3": (1, 128, 8, 12),
+        "conv4": (1, 256, 4, 6), "conv5": (1, 512, 4, 6)}
+
+
+def test_arch_spec_refuses_fractional_group_widths():
+    from instsearch.networks.resnet import ArchSpec
+    with pytest.raises(ValueError, match="whole numbers"):
+        ArchSpec((1, 1, 1, 1), groups=8, width_per_group=4, planes=(8, 16, 32, 64))
