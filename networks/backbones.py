@@ -22,6 +22,8 @@ name                           stages (stride)                 detector maps    
 ``resnet26`` / ``50`` /        conv1 .. conv5 (2 .. 32; conv5  --                         --
 ``101``, ``resnext26`` /       16 with ``dilate_conv5``),
 ``50`` / ``101_32x4d``         ``deformable`` res5a-c
+``resnext20_8x4d_narrow``      as above at 1/4 width: 32, 64,  --                         --
+                               128, 256, 512 ch (CPU FCIS+XD)
 ViTs of :data:`VIT_MODELS`     ``tokens`` (patch size)         --                         --
 =============================  ==============================  =========================  ===================
 

@@ -15,13 +15,13 @@ from instsearch.networks.resnet import ARCHS
 from instsearch.networks.vit import VIT_MODELS, ViTBackbone
 from instsearch.networks.weights import reset_random_init_warnings
 
-CNNS = ["vgg16", "resnet50_fpn", "small", "resnet26", "resnet50", "resnet101", "resnext26_32x4d", "resnext50_32x4d",
+CNNS = ["vgg16", "resnet50_fpn", "small", "resnet26", "resnet50", "resnet101", "resnext20_8x4d_narrow", "resnext26_32x4d", "resnext50_32x4d",
         "resnext101_32x4d"]
 
 
 def test_registry_lists_every_family():
     assert list_backbones() == sorted(CNNS + list(VIT_MODELS))
-    assert list_backbones("resnext*") == ["resnext101_32x4d", "resnext26_32x4d", "resnext50_32x4d"]
+    assert list_backbones("resnext*") == ["resnext101_32x4d", "resnext20_8x4d_narrow", "resnext26_32x4d", "resnext50_32x4d"]
     with pytest.raises(ValueError, match="already registered"):
         register_backbone("small", build_backbone)
 
