@@ -119,7 +119,8 @@ def main() -> None:
         optim["lr"] = a.lr
     module = FCISModule(FCIS(**net_args), optim=OptimizerConfig(**optim),
                         retrieval=RetrievalConfig(grid_queries=0))
-    name = f"FCIS{'+D' if deformable else ''} on {arch}"
+    tag = ("X" if arch.startswith("resnext") else "") + ("D" if deformable else "")
+    name = f"FCIS{'+' + tag if tag else ''} on {arch}"
     if arch != VARIANTS[a.variant][0]:
         name += f" (smaller stand-in for {a.variant}'s {VARIANTS[a.variant][0]})"
     print(f"{name}: {sum(p.numel() for p in module.parameters()) / 1e6:.1f} M parameters")
@@ -142,7 +143,8 @@ def main() -> None:
     last_epoch = max(e for e, _ in losses)
     last = np.mean([l for e, l in losses if e == last_epoch])
     # an epoch cut short by --max-minutes still counts in the loss curve, so say it was partial
-    epochs_run = a.epochs if trainer.current_epoch >= a.epochs else f"{trainer.current_epoch} (+ partial, time limit)"
+    done = trainer.global_step / max(trainer.num_training_batches, 1)
+    epochs_run = a.epochs if done >= a.epochs else f"{done:.1f} (time limit)"
 
     net = module.net.cpu().eval()
     variants = {}

@@ -248,6 +248,26 @@ def test_variants_forward_backward(variant):
     assert body.conv1.weight.grad is None and body.layer1[0].conv1.weight.grad is None  # frozen conv1, res2
 
 
+def test_fcis_xd_small_config_is_fcis_xd_at_cpu_size_and_trains_every_stage():
+    """configs/fcis_xd_small.yaml: the same FCIS+XD code (grouped 3x3 convs, deformable res5, dilated
+    conv5 at stride 16) on the narrow ResNeXt, every stage trained from random initialisation."""
+    import yaml
+    from pathlib import Path
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "fcis_xd_small.yaml").read_text())
+    args = dict(config["model"]["init_args"]["net"]["init_args"], min_size=64, max_size=96)
+    torch.manual_seed(0)
+    net = FCIS(**args)
+    body = net.backbone.body
+    assert all(isinstance(b.conv2, DeformableConv2d) for b in body.layer4)
+    assert {b.conv2.groups for layer in (body.layer1, body.layer2, body.layer3, body.layer4) for b in layer} == {8}
+    assert net.backbone.feature_info.stride("conv5") == 16 and net.feature_dim == 128 + 256
+    images, targets = _data()
+    net.train()
+    sum(net(images, [dict(t, labels=t["labels"] + 3) for t in targets]).values()).backward()
+    assert body.conv1.weight.grad.abs().sum() > 0 and body.layer1[0].conv1.weight.grad.abs().sum() > 0
+
+
 def test_full_size_head_dimensions():
     net = FCIS(num_classes=81, backbone="resnet26", deformable=False)
     assert net.head.cls_seg.out_channels == 2 * 7 * 7 * 81 and net.head.bbox.out_channels == 4 * 7 * 7
