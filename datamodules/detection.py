@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import pytorch_lightning as pl
+from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
+from instsearch.checkpointing import training_position
 from instsearch.datamodules.benchmark import ServesBenchmark
 from instsearch.datamodules.coco_instances import CocoInstances
 from instsearch.datamodules.detection_dataset import InstanceDataset, detection_collate
 from instsearch.datamodules.image_io import BadImageReport
-from instsearch.datamodules.samplers import GroupedBatchSampler, aspect_ratio_groups, training_sampler
+from instsearch.datamodules.samplers import (GroupedBatchSampler, TrainingBatchSampler, aspect_ratio_groups,
+                                             training_sampler)
 from instsearch.datamodules.transforms import Compose, RandomHorizontalFlip, RandomResize, Resize, ToTensor
 
 __all__ = ["DetectionDataModule", "require_path"]
@@ -47,7 +50,11 @@ class DetectionDataModule(ServesBenchmark, pl.LightningDataModule):
       as :class:`~instsearch.datamodules.benchmark.BenchmarkDataModule` does (long side capped at
       ``benchmark_max_side``);
     * unreadable images are skipped and listed in :meth:`bad_image_report`, written to
-      ``<log_dir>/bad_images.json`` at teardown when there are any.
+      ``<log_dir>/bad_images.json`` at teardown when there are any;
+    * exact resumption: the training order of an epoch and each sample's augmentation are
+      functions of ``(seed, epoch[, index])``, and the module's checkpoint state is its position in
+      training (:func:`~instsearch.checkpointing.training_position`), so a run resumed from any
+      checkpoint continues with the batch the interrupted run would have trained on next.
 
     ``test_short_side`` defaults to 800 with ``max_size`` 1333 (the Mask R-CNN / detectron2
     evaluation scale matching the default multi-scale range); FCIS' own protocol is 600 / 1000.
@@ -91,6 +98,7 @@ class DetectionDataModule(ServesBenchmark, pl.LightningDataModule):
         self.train_dataset: Optional[InstanceDataset] = None
         self.val_dataset: Optional[InstanceDataset] = None
         self._report: Optional[BadImageReport] = None
+        self._resume_at: Optional[tuple[int, int]] = None  # (epoch, batches done), from a checkpoint
 
     # -- overridable pieces --------------------------------------------------------------
     def train_transforms(self) -> Callable:
@@ -131,12 +139,24 @@ class DetectionDataModule(ServesBenchmark, pl.LightningDataModule):
             raise RuntimeError(f"the training split has no image with a usable target "
                                f"({self.train_annotations or type(self).__name__})")
         sampler = training_sampler(ds, self.trainer, self.seed)
+        start = self._resume_at  # kept: Lightning may build the loader more than once before training
         if self.group_by_aspect_ratio:
             groups = aspect_ratio_groups(ds.aspect_ratios(), self.aspect_ratio_group_k)
-            batch_sampler: BatchSampler = GroupedBatchSampler(sampler, groups, self.batch_size)
+            batch_sampler: BatchSampler = GroupedBatchSampler(sampler, groups, self.batch_size,
+                                                              sample_seed=self.seed, start=start)
         else:
-            batch_sampler = BatchSampler(sampler, self.batch_size, drop_last=False)
+            batch_sampler = TrainingBatchSampler(sampler, self.batch_size, sample_seed=self.seed, start=start)
         return self._loader(ds, batch_sampler=batch_sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: where training stands, so that a resumed run starts its loader there."""
+        if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        return {"training_position": list(training_position(self.trainer))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("training_position")
+        self._resume_at = None if position is None else (int(position[0]), int(position[1]))
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
@@ -150,6 +170,8 @@ class DetectionDataModule(ServesBenchmark, pl.LightningDataModule):
         return self.val_batch_size
 
     def teardown(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit"):
+            self._resume_at = None  # a later fit of the same module starts from scratch unless resumed again
         if self._report is None:
             return
         self._report.collect()

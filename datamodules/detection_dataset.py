@@ -19,7 +19,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from instsearch.datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport, load_rgb
+from instsearch.datamodules.samplers import SeededIndex
 from instsearch.datamodules.transforms import to_float_tensor
+from instsearch.seeding import seeded_rng
 
 __all__ = ["DetectionTarget", "detection_collate", "InstanceDataset"]
 
@@ -97,7 +99,10 @@ class InstanceDataset(Dataset):
         raise NotImplementedError
 
     # -- serving --------------------------------------------------------------------------
-    def __getitem__(self, index: int) -> tuple[Tensor, DetectionTarget]:
+    def __getitem__(self, key: int | SeededIndex) -> tuple[Tensor, DetectionTarget]:
+        """The image and target of ``key``: an index, or ``(index, seed)`` from a training batch
+        sampler, whose random augmentation then draws from ``seed`` (:func:`~instsearch.seeding.seeded_rng`)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} items")
@@ -119,7 +124,8 @@ class InstanceDataset(Dataset):
                 continue
             target["orig_size"] = torch.tensor([image.height, image.width], dtype=torch.int64)
             if self.transforms is not None:
-                image, target = self.transforms(image, target)
+                with seeded_rng(seed):
+                    image, target = self.transforms(image, target)
             return to_float_tensor(image), target
         raise RuntimeError(f"no readable image with a target left in {type(self).__name__} ({n} items); "
                            f"see the bad-image report ({len(self.report)} entries)")

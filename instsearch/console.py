@@ -25,6 +25,9 @@ QUIET_WARNINGS = (
     (r".*isinstance\(treespec, LeafSpec\)", UserWarning),
     # frozen backbone stages keep their batch-norm statistics on purpose (README, deep region CNN)
     (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning),
+    # resuming mid-epoch: the DataModule saves its position in the checkpoint and its batch
+    # sampler starts there (instsearch.checkpointing.training_position), which Lightning cannot see
+    (r"You're resuming from a checkpoint that ended before the epoch ended", Warning),
 )
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from instsearch.eval.callback import benchmark_of, publish
 from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator
 from instsearch.eval.extract import SearchBatch, extract_batch
+from instsearch.seeding import StepSeeding
 from instsearch.structures import Regions
 
 
@@ -83,6 +84,11 @@ class RegionSearchModule(pl.LightningModule):
         return RetrievalEvaluator(benchmark, self.retrieval, method=type(self).__name__, device=self.device)
 
     # ------------------------------------------------------------ training
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Every fit reseeds the global generators per step from ``seed_everything``'s seed, so that a
+        resumed run repeats the uninterrupted one (README "Resuming training")."""
+        return [StepSeeding()]
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, targets = batch
         losses = self.net(list(images), list(targets))

@@ -52,7 +52,7 @@ def test_datamodule_without_grouping_and_without_val(tmp_path):
     dm = DetectionDataModule(images_dir, ann, batch_size=2, num_workers=0, group_by_aspect_ratio=False,
                              train_short_sides=(32,), max_size=64, masks=False)
     loader = dm.train_dataloader()
-    assert type(loader.batch_sampler).__name__ == "BatchSampler"
+    assert type(loader.batch_sampler).__name__ == "TrainingBatchSampler"  # plain batches, epoch-seeded
     assert sum(len(b[0]) for b in loader) == 2
     assert dm.val_dataloader() == []
     with pytest.raises(ValueError, match="both val_images and val_annotations"):
@@ -101,8 +101,10 @@ def test_lightning_injects_distributed_sampler_into_grouped_batches(tmp_path):
         assert isinstance(injected.batch_sampler, GroupedBatchSampler)
         assert injected.batch_sampler.sampler.rank == rank
         assert injected.collate_fn is detection_collate
+        assert injected.batch_sampler.sample_seed == dm.seed  # augmentation seeds survive the re-creation
         batches = list(injected.batch_sampler)
-        assert len(batches) == 2 and all(set(b) <= set(injected.batch_sampler.sampler) for b in batches)
+        shard = set(injected.batch_sampler.sampler)
+        assert len(batches) == 2 and all({i for i, _ in b} <= shard for b in batches)
 
 
 def test_fits_under_a_lightning_trainer(tmp_path):
