@@ -95,16 +95,22 @@ class TrainingBatchSampler(BatchSampler):
         self.drop_last = drop_last  # epoch length floor(n / batch_size) instead of ceil
         self.sample_seed = None if sample_seed is None else int(sample_seed)
         self.start = None if start is None else (int(start[0]), int(start[1]))
-        self.epoch = 0
+        self._epoch = 0
         self._pending_start = self.start
         if self.start is not None:
             self.set_epoch(self.start[0])
 
+    @property
+    def epoch(self) -> int:
+        """The sampler's epoch when it has one (Lightning sets it on ``batch_sampler.sampler``, not
+        on the batch sampler), else the last :meth:`set_epoch`."""
+        return int(getattr(self.sampler, "epoch", self._epoch))
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch = int(epoch)
         set_epoch = getattr(self.sampler, "set_epoch", None)
         if callable(set_epoch):
-            set_epoch(self.epoch)
+            set_epoch(self._epoch)
 
     def __len__(self) -> int:
         n = len(self.sampler)  # type: ignore[arg-type]

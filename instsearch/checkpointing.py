@@ -118,27 +118,28 @@ class LastCheckpoint(ModelCheckpoint):
         dirpath: where ``last.ckpt`` goes (e.g. ``runs/<name>/checkpoints``).
         every_n_train_steps: also save every this many optimiser steps (mid-epoch; the DataModule
             records its position, so a resume continues with the next batch). ``None``: epochs only.
-        **kwargs: other :class:`~pytorch_lightning.callbacks.ModelCheckpoint` arguments
-            (``filename`` is unused, ``save_weights_only`` would make resuming impossible).
+        verbose: log every save.
     """
 
     def __init__(self, dirpath: Optional[str | Path] = None, every_n_train_steps: Optional[int] = None,
-                 **kwargs: Any) -> None:
-        for fixed in ("save_last", "save_top_k", "every_n_epochs", "monitor", "save_on_train_epoch_end"):
-            if fixed in kwargs:
-                raise ValueError(f"LastCheckpoint sets {fixed} itself; use ModelCheckpoint for other schedules")
-        if kwargs.get("save_weights_only"):
-            raise ValueError("LastCheckpoint with save_weights_only could not resume training")
+                 verbose: bool = False) -> None:
         if every_n_train_steps is not None and int(every_n_train_steps) < 1:
             raise ValueError(f"every_n_train_steps must be >= 1 or None, got {every_n_train_steps}")
-        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_epochs=1,
-                         save_on_train_epoch_end=True, **kwargs)
+        # The schedule is fixed: no monitor, no top-k files, a save at every training epoch end.
+        super().__init__(dirpath=dirpath, verbose=verbose, save_last=True, save_top_k=0, every_n_epochs=1,
+                         save_on_train_epoch_end=True)
         self.every_n_steps = None if every_n_train_steps is None else int(every_n_train_steps)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = DurableCheckpointIO()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # ModelCheckpoint writes last.ckpt only when it has just saved a top-k file; this callback
+        # keeps none, so it writes last.ckpt itself.
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -98,6 +98,10 @@ def test_sample_seeds_follow_index_and_epoch():
     assert e0[4][1] == derive_seed(2, 0, 4) and e1[4][1] == derive_seed(2, 1, 4)
     assert len({s for _, s in e0 + e1}) == 12
     assert list(TrainingBatchSampler(SequentialSampler(range(5)), 2)) == [[0, 1], [2, 3], [4]]  # plain indices
+    inner = EpochRandomSampler(range(6), seed=1)
+    grouped = GroupedBatchSampler(inner, np.zeros(6, dtype=int), 3, sample_seed=2)
+    inner.set_epoch(3)  # Lightning sets the epoch on batch_sampler.sampler only
+    assert all(seed == derive_seed(2, 3, i) for batch in grouped for i, seed in batch)
 
 
 def test_augmentation_follows_the_sample_seed_not_the_global_generator(synthetic_root):
@@ -143,11 +147,9 @@ def test_truncated_checkpoint_is_refused_with_its_name(tmp_path):
         io.load_checkpoint(cut)
 
 
-def test_last_checkpoint_refuses_schedules_it_owns():
-    with pytest.raises(ValueError, match="sets save_top_k itself"):
-        LastCheckpoint(save_top_k=3)
-    with pytest.raises(ValueError, match="could not resume"):
-        LastCheckpoint(save_weights_only=True)
+def test_last_checkpoint_schedule():
+    cb = LastCheckpoint(dirpath="x", every_n_train_steps=50)
+    assert cb.save_last is True and cb.save_top_k == 0 and cb.monitor is None and cb.every_n_steps == 50
     with pytest.raises(ValueError, match="every_n_train_steps"):
         LastCheckpoint(every_n_train_steps=0)
 
