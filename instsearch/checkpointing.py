@@ -28,11 +28,27 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-__all__ = ["CheckpointError", "DurableCheckpointIO", "LastCheckpoint", "training_position"]
+__all__ = ["CheckpointError", "DurableCheckpointIO", "LastCheckpoint", "training_position", "unreadable_checkpoint"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read back."""
+
+
+#: What ``torch.load`` raises on a truncated or corrupt file.
+UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
+
+
+def unreadable_checkpoint(path: Any, err: BaseException) -> CheckpointError:
+    """The error for a checkpoint that ``torch.load`` could not read: which file, how big, what to do."""
+    try:
+        size = f"{get_filesystem(path).size(str(path))} bytes"
+    except (OSError, ValueError):
+        size = "size unknown"
+    return CheckpointError(
+        f"{path} ({size}) is not a complete checkpoint: {type(err).__name__}: {err}. It was probably cut short "
+        f"while being copied or written by another tool; instsearch's own checkpoints are replaced only once "
+        f"complete, so the previous one in the same folder is intact: pass it to --ckpt_path instead.")
 
 
 def _is_local(path: Any) -> bool:
@@ -78,13 +94,8 @@ class DurableCheckpointIO(TorchCheckpointIO):
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-            size = get_filesystem(path).size(str(path)) if _is_local(path) else "?"
-            raise CheckpointError(
-                f"{path} ({size} bytes) is not a complete checkpoint: {type(err).__name__}: {err}. It was probably "
-                f"cut short while being copied or written by another tool; instsearch's own checkpoints are "
-                f"replaced only once complete, so the previous one in the same folder is intact: pass it to "
-                f"--ckpt_path instead.") from err
+        except UNREADABLE as err:
+            raise unreadable_checkpoint(path, err) from err
 
 
 def training_position(trainer: pl.Trainer) -> tuple[int, int]:

@@ -30,6 +30,16 @@ class InstsearchCLI(LightningCLI):
 
         parser.add_lightning_class_args(RetrievalEvaluation, "retrieval")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyper-parameters before any Trainer exists: a file cut
+        # short fails here first, so say here which file it is (instsearch.checkpointing).
+        from instsearch.checkpointing import UNREADABLE, unreadable_checkpoint
+
+        try:
+            super()._parse_ckpt_path()
+        except UNREADABLE as err:
+            raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), err) from err
+
 
 @contextlib.contextmanager
 def _argv(args: list[str]) -> Iterator[None]:

@@ -277,3 +277,16 @@ def test_two_process_gloo_test_writes_the_same_metrics_json(uninterrupted, synth
     assert one.keys() == two.keys() and "mAP@all" in one
     for key, value in one.items():
         assert two[key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), key
+
+
+def test_fit_refuses_a_truncated_checkpoint_by_name(uninterrupted, synthetic_root, small_benchmark, num_classes):
+    tmp = uninterrupted[0]
+    config = _config(tmp, synthetic_root, small_benchmark, num_classes, "truncated")
+    good = tmp / "uninterrupted" / "ckpt" / "last.ckpt"
+    cut = config.parent / "ckpt" / "last.ckpt"
+    cut.parent.mkdir(parents=True, exist_ok=True)
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    done = _fit(config, "--ckpt_path", str(cut))
+    assert done.returncode != 0
+    assert f"{cut} (" in done.stderr and "is not a complete checkpoint" in done.stderr
+    assert good.is_file()
