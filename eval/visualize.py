@@ -1,12 +1,17 @@
-"""Result grids: each row a query crop and its top results with their returned boxes.
+"""Pictures people would rather look at than read.
 
-A result is framed green when it is a positive of the query, red when not, grey when junk.
+* Result grids: each row a query crop and its top results with their returned boxes; a result is
+  framed green when it is a positive of the query, red when not, grey when junk.
+* Region hierarchies (:func:`region_hierarchy_figure`): one panel per depth of a region
+  decomposition, each region tinted in its own colour with its box, as CLAID's Fig. 3 shows them.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from instsearch.datamodules.image_io import BadImageError, load_rgb
@@ -68,3 +73,53 @@ def save_result_grid(path: str | Path, benchmark: Benchmark, run: Run, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     result_grid(benchmark, run, **kwargs).save(path)
     return path
+
+
+#: Distinct tints for the regions of one panel (cycled).
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0))
+
+
+def region_hierarchy_figure(image: Image.Image, masks: torch.Tensor, levels: torch.Tensor,
+                            boxes: Optional[torch.Tensor] = None, alpha: float = 0.5, panel: int = 256) -> Image.Image:
+    """One panel per depth of a region hierarchy: the image with that depth's regions tinted.
+
+    Args:
+        image: the RGB image the regions belong to.
+        masks: ``(R, H, W)`` bool, in the image's pixels (e.g. upsampled patch masks).
+        levels: ``(R,)`` depth of each region (1 = children of the whole image).
+        boxes: optional ``(R, 4)`` boxes in the image's pixels, outlined in the region's colour.
+        alpha: tint opacity inside a region; pixels outside every region of a panel are unchanged.
+        panel: width of each panel in pixels (height follows the image's aspect ratio).
+
+    Returns:
+        The panels side by side, each headed "level k: n regions".
+    """
+    if masks.ndim != 3 or masks.shape[1:] != (image.height, image.width):
+        raise ValueError(f"region_hierarchy_figure: masks must be (R, {image.height}, {image.width}) like the image, "
+                         f"got {tuple(masks.shape)}")
+    if levels.shape != masks.shape[:1]:
+        raise ValueError(f"region_hierarchy_figure: {masks.shape[0]} masks but {levels.shape[0]} levels")
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    depths = sorted(set(levels.tolist())) or [0]
+    scale = panel / image.width
+    height = max(1, round(image.height * scale))
+    header = 14
+    figure = Image.new("RGB", (len(depths) * (panel + 4) + 4, height + header + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(figure)
+    for p, depth in enumerate(depths):
+        members = (levels == depth).nonzero().flatten().tolist()
+        tinted = base.copy()
+        for k, r in enumerate(members):  # a handful of regions per depth: the loop is over regions, not pixels
+            inside = masks[r].cpu().numpy().astype(bool)
+            tinted[inside] = (1 - alpha) * tinted[inside] + alpha * np.asarray(PALETTE[k % len(PALETTE)], np.float32)
+        shown = Image.fromarray(tinted.round().clip(0, 255).astype(np.uint8)).resize((panel, height))
+        if boxes is not None:
+            d = ImageDraw.Draw(shown)
+            for k, r in enumerate(members):
+                x1, y1, x2, y2 = (float(v) * scale for v in boxes[r])
+                d.rectangle([x1, y1, x2 - 1, y2 - 1], outline=PALETTE[k % len(PALETTE)], width=2)
+        x = 4 + p * (panel + 4)
+        figure.paste(shown, (x, header))
+        draw.text((x, 1), f"level {depth}: {len(members)} regions", fill=(0, 0, 0))
+    return figure
