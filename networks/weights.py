@@ -98,6 +98,31 @@ def _strip_wrapper_prefixes(state: dict[str, Tensor], target_keys: set[str]) -> 
     return state
 
 
+def _select_submodule(state: dict[str, Tensor], target_keys: set[str]) -> dict[str, Tensor]:
+    """The part of ``state`` that is the module, when the file holds a larger model around it.
+
+    A backbone inside an instsearch checkpoint is stored as ``net.detector.backbone.conv1.weight``
+    (say): find the prefix whose removal matches the most of the module's keys, and keep only the
+    entries under it -- so the backbone of any trained checkpoint (the demo's, for instance) loads by
+    path like a plain backbone file. Nothing changes when the keys already match best as they are.
+    """
+    direct = len(target_keys & state.keys())
+    counts: dict[str, int] = {}
+    for key in state:
+        dot = key.find(".")
+        while dot != -1:
+            if key[dot + 1:] in target_keys:
+                prefix = key[:dot + 1]
+                counts[prefix] = counts.get(prefix, 0) + 1
+            dot = key.find(".", dot + 1)
+    if not counts:
+        return state
+    prefix, matched = max(counts.items(), key=lambda item: (item[1], -len(item[0])))
+    if matched <= direct:
+        return state
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def _apply_key_map(state: dict[str, Tensor], key_map: KeyMap) -> dict[str, Tensor]:
     """Rename keys: a mapping replaces the longest matching prefix; a callable returns the new key
     or ``None`` to drop the entry."""
@@ -157,7 +182,9 @@ def load_weights(module: nn.Module, weights: Union[str, Path, None], *, name: st
             Non-strict loading is the norm for fine-tuning: a detector head with another class
             count, or a classifier the backbone drops, must not stop the load.
         key_map: renames applied after wrapper prefixes are stripped: ``{"old.prefix.": "new.prefix."}``
-            or a callable ``key -> new key | None`` (``None`` drops it).
+            or a callable ``key -> new key | None`` (``None`` drops it). Without one, a file that holds
+            a larger model around ``module`` (e.g. a trained detector's checkpoint for its backbone)
+            is cut to the entries under the prefix that matches ``module`` best.
 
     Returns:
         ``True`` when a file was loaded, ``False`` when running randomly initialised.
@@ -172,8 +199,8 @@ def load_weights(module: nn.Module, weights: Union[str, Path, None], *, name: st
         return False
     target = module.state_dict()
     state = _strip_wrapper_prefixes(read_state_dict(path), set(target))
-    if key_map is not None:
-        state = _apply_key_map(state, key_map)
+    # an explicit key_map says how names map; otherwise find the module inside a larger model
+    state = _apply_key_map(state, key_map) if key_map is not None else _select_submodule(state, set(target))
 
     mismatched = sorted(k for k, v in state.items() if k in target and target[k].shape != v.shape)
     if mismatched:

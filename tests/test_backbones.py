@@ -186,3 +186,20 @@ def test_random_init_warning_is_logged_once_per_name(caplog):
     messages = [r.getMessage() for r in caplog.records if "RANDOMLY INITIALISED" in r.getMessage()]
     assert len(messages) == 2 and "tiny" in messages[0] and "other" in messages[1]
     assert "weights: /path" in messages[0]
+
+
+def test_backbone_loads_from_a_trained_detector_checkpoint(tmp_path):
+    """`weights:` may name a whole instsearch checkpoint: the backbone's entries are found under
+    their prefix (here the deep region CNN's net.detector.backbone.) and the rest is ignored."""
+    from instsearch.networks.deep_region_cnn import DeepRegionCNN
+
+    torch.manual_seed(3)
+    detector = DeepRegionCNN(backbone="small", num_classes=3, feature_layers=["conv4"])
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in detector.state_dict().items()}, "epoch": 11}, path)
+    torch.manual_seed(4)
+    backbone = build_backbone("small", weights=str(path))
+    source = detector.detector.backbone.state_dict()
+    assert backbone.state_dict().keys() == source.keys()
+    for key, value in source.items():
+        assert torch.equal(backbone.state_dict()[key], value), key
