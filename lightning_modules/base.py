@@ -62,6 +62,8 @@ class OptimizerConfig:
 
 class RegionSearchModule(pl.LightningModule):
     net: nn.Module
+    #: COCO AP computed on the validation set ("bbox", "segm"); empty: none (a training-free,
+    #: class-agnostic method has no detections to score against category ground truth)
     box_iou_types: Sequence[str] = ("bbox",)
 
     def __init__(self, optim: Optional[OptimizerConfig] = None, retrieval: Optional[RetrievalConfig] = None):
@@ -113,6 +115,8 @@ class RegionSearchModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         from torchmetrics.detection import MeanAveragePrecision
 
+        if not self.box_iou_types:  # a method without detection ground truth (class-agnostic regions)
+            return
         if self._val_map is None:
             # extended_summary exposes COCOeval's precision array, from which AP@0.7 is read
             # (torchmetrics itself reports only AP@0.5 and AP@0.75 besides AP@[.5:.95]).
@@ -122,6 +126,8 @@ class RegionSearchModule(pl.LightningModule):
         self._val_map.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        if self._val_map is None:
+            return
         images, targets = batch
         detections = self.net(list(images))
         preds = [{k: v for k, v in d.items() if k in ("boxes", "scores", "labels", "masks")} for d in detections]

@@ -12,6 +12,9 @@ similarity the search uses. The reduction is
   half-pixel model of aligned RoIAlign (cell ``j`` covers ``[j, j + 1)`` of the scaled axis, centre
   ``j + 0.5``); a box too small to contain a centre takes the cell under its own centre.
 * ``avg`` (DASR, CLAID): the mean of the RoIAlign bins, i.e. the bilinear average over the box.
+* ``gem`` (CLAID's alternative): generalised mean ``(mean x^p)^(1/p)`` (Radenovic et al.) over the
+  same bins: the bins average ``max(x, eps)^p``, so ``p = 1`` is ``avg`` and a large ``p``
+  approaches the maximum.
 """
 from __future__ import annotations
 
@@ -24,8 +27,11 @@ from torchvision.ops import roi_align, roi_pool
 
 __all__ = ["RoIFeaturePooler", "fuse_regions", "fuse_top_regions", "boxes_to_rois", "l2_concat"]
 
-PoolingMode = Literal["max", "avg"]
+PoolingMode = Literal["max", "avg", "gem"]
 FusionMode = Literal["concat", "mean", "max"]
+
+#: Floor of GeM's input, as the whole-image GeM (a ReLU map's zeros would make ``x^p`` vanish).
+GEM_EPS = 1e-6
 
 
 def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
@@ -58,17 +64,20 @@ class RoIFeaturePooler(nn.Module):
             Mask R-CNN / detectron2).
         normalize: l2-normalise per layer and after concatenation. Off only to inspect raw
             activations (e.g. before a learned PCA-whitening that normalises itself).
+        p: the GeM exponent of ``pooling="gem"`` (3, as the whole-image GeM).
     """
 
     def __init__(self, layers: Sequence[str], pooling: PoolingMode = "max", output_size: int = 7,
-                 sampling_ratio: int = 2, normalize: bool = True) -> None:
+                 sampling_ratio: int = 2, normalize: bool = True, p: float = 3.0) -> None:
         super().__init__()
         if isinstance(layers, str):
             layers = [layers]
         if len(layers) == 0:
             raise ValueError("RoIFeaturePooler needs at least one feature layer name")
-        if pooling not in ("max", "avg"):
-            raise ValueError(f"RoIFeaturePooler pooling must be 'max' or 'avg', got {pooling!r}")
+        if pooling not in ("max", "avg", "gem"):
+            raise ValueError(f"RoIFeaturePooler pooling must be 'max', 'avg' or 'gem', got {pooling!r}")
+        if pooling == "gem" and not p > 0:
+            raise ValueError(f"RoIFeaturePooler GeM exponent p must be > 0, got {p}")
         if output_size < 1:
             raise ValueError(f"RoIFeaturePooler output_size must be >= 1, got {output_size}")
         self.layers = list(layers)
@@ -76,10 +85,12 @@ class RoIFeaturePooler(nn.Module):
         self.output_size = int(output_size)
         self.sampling_ratio = int(sampling_ratio)
         self.normalize = normalize
+        self.p = float(p)
 
     def extra_repr(self) -> str:
         return (f"layers={self.layers}, pooling={self.pooling!r}, output_size={self.output_size}, "
-                f"sampling_ratio={self.sampling_ratio}, normalize={self.normalize}")
+                f"sampling_ratio={self.sampling_ratio}, normalize={self.normalize}"
+                + (f", p={self.p}" if self.pooling == "gem" else ""))
 
     def forward(self, features: Mapping[str, Tensor], boxes: list[Tensor], image_size: tuple[int, int],
                 masks: Optional[list[Tensor]] = None) -> Tensor:
@@ -94,7 +105,7 @@ class RoIFeaturePooler(nn.Module):
             masks: optional ``B`` tensors ``(N_i, H_i, W_i)`` with ``H_i <= H, W_i <= W`` in the
                 same pixels, values in ``[0, 1]``: only the cells whose part inside the box is at
                 least half covered (``max``) or the bins whose resampled mask is ``>= 0.5``
-                (``avg``) are pooled; a region whose mask covers none falls back to its whole box.
+                (``avg``, ``gem``) are pooled; a region whose mask covers none falls back to its whole box.
 
         Returns:
             ``(sum N_i, D)`` with ``D = sum of the layers' channels``, rows in the order of
@@ -124,7 +135,7 @@ class RoIFeaturePooler(nn.Module):
 
         padded_masks = None if masks is None else self._padded_masks(masks, boxes, rois, (height, width))
         keep = None
-        if padded_masks is not None and self.pooling == "avg":
+        if padded_masks is not None and self.pooling != "max":
             keep = self._mask_bins(padded_masks, rois)
 
         parts = []
@@ -137,9 +148,12 @@ class RoIFeaturePooler(nn.Module):
             if self.pooling == "max":
                 parts.append(self._cell_max(fmap, rois.to(fmap.dtype), scale, padded_masks))
                 continue
+            if self.pooling == "gem":
+                fmap = fmap.clamp(min=GEM_EPS).pow(self.p)
             bins = roi_align(fmap, rois.to(fmap.dtype), output_size=self.output_size, spatial_scale=scale,
                              sampling_ratio=self.sampling_ratio, aligned=True)  # (N, C, S, S)
-            parts.append(self._reduce(bins.flatten(2), keep))
+            pooled = self._reduce(bins.flatten(2), keep)
+            parts.append(pooled.clamp(min=GEM_EPS ** self.p).pow(1.0 / self.p) if self.pooling == "gem" else pooled)
         return parts
 
     @staticmethod

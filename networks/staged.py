@@ -184,6 +184,53 @@ class StagedBackbone(nn.Module):
                     break
         return out
 
+    def forward_layer(self, x: Tensor, layer: str) -> Tensor:
+        """``(B, 3, H, W)`` normalised images -> the map of one ``layer``: a stage (``"conv4"``) or
+        the output of block ``j`` of a stage (``"conv5.0"``), the pass stopping there.
+
+        Block-level maps are what training-free region methods pool from: DASR and CLAID describe
+        regions by ResNet-50's ``layer4.0`` (torchvision's name), i.e. ``conv5.0`` here -- the first
+        bottleneck of conv5, already at conv5's stride and width but less specialised than its end.
+        Blocks are the children of the stage's ``nn.Sequential`` (the ResNets' ``conv2`` starts
+        with the stem's max-pool, so its blocks are shifted by one).
+        """
+        stage, block = self.parse_layer(layer)
+        for name, module in self.stage_modules().items():
+            if name != stage:
+                x = module(x)
+                continue
+            if block is None:
+                return module(x)
+            for child in list(module.children())[: block + 1]:
+                x = child(x)
+            return x
+        raise AssertionError("unreachable: parse_layer checked the stage")
+
+    def parse_layer(self, layer: str) -> tuple[str, Optional[int]]:
+        """``"conv5.0"`` -> ``("conv5", 0)``, ``"conv4"`` -> ``("conv4", None)``; unknown stages and
+        blocks a stage does not have are refused by name."""
+        stage, _, block = layer.partition(".")
+        if stage not in self.feature_info:
+            raise ValueError(f"unknown layer {layer!r}: {type(self).__name__} has the stages "
+                             f"{list(self.feature_info.names)} (a block of one as 'stage.j', e.g. 'conv5.0')")
+        if not block:
+            return stage, None
+        module = self.stage_modules()[stage]
+        if not isinstance(module, nn.Sequential):
+            raise ValueError(f"layer {layer!r}: stage {stage} of {type(self).__name__} is not a sequence of blocks")
+        if not block.isdigit() or int(block) >= len(module):
+            raise ValueError(f"layer {layer!r}: stage {stage} of {type(self).__name__} has blocks 0..{len(module) - 1}")
+        return stage, int(block)
+
+    def layer_channels(self, layer: str) -> int:
+        """Channels of :meth:`forward_layer`'s map: a stage's width (every block of a stage ends at
+        the stage's width in the ResNet family)."""
+        return self.feature_info.channels(self.parse_layer(layer)[0])
+
+    def layer_stride(self, layer: str) -> int:
+        """Stride of :meth:`forward_layer`'s map (a stage's first block already strides)."""
+        return self.feature_info.stride(self.parse_layer(layer)[0])
+
     def detection_features(self, stages: "OrderedDict[str, Tensor]") -> "OrderedDict[str, Tensor]":
         """The maps the downstream detector consumes, computed from the stages (no second pass);
         a backbone without detector parts feeds its stages as they are."""

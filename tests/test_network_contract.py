@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from instsearch.networks.claid import CLAID
 from instsearch.networks.deep_region_cnn import DeepRegionCNN
 from instsearch.networks.fcis import build_fcis, build_mask_rcnn
 from instsearch.networks.global_model import GlobalDescriptorModel
@@ -34,8 +35,13 @@ def _global():
     return GlobalDescriptorModel("small", layer="conv4", pooling="gem", min_size=64, max_size=96)
 
 
-@pytest.fixture(scope="module", params=[_deep_region_cnn, _fcis, _mask_rcnn, _global],
-                ids=["deep_region_cnn", "fcis", "mask_rcnn", "global"])
+def _claid():
+    return CLAID(patch_backbone="small", patch_layer="conv3", describe_backbone="small", describe_layer="conv5.0",
+                 min_size=64, max_size=96)
+
+
+@pytest.fixture(scope="module", params=[_deep_region_cnn, _fcis, _mask_rcnn, _global, _claid],
+                ids=["deep_region_cnn", "fcis", "mask_rcnn", "global", "claid"])
 def net(request):
     torch.manual_seed(0)
     return request.param().eval()
@@ -54,7 +60,7 @@ def _modes(net):
 def test_is_a_region_search_model(net):
     assert isinstance(net, RegionSearchModel)
     assert isinstance(net.feature_dim, int) and net.feature_dim > 0
-    assert net.predicts_labels == (not isinstance(net, GlobalDescriptorModel))
+    assert net.predicts_labels == (not isinstance(net, (GlobalDescriptorModel, CLAID)))
 
 
 def test_database_side_frame_and_width(net, images):

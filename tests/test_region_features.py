@@ -151,6 +151,25 @@ def test_pooler_matches_slow_reference_on_fractional_boxes(two_layer_features, p
     torch.testing.assert_close(out.norm(dim=1), torch.ones(4))
 
 
+def test_gem_pooling_is_the_generalised_mean_of_the_roi_bins(two_layer_features):
+    """GeM over a box: (mean of the RoIAlign bins of x^p)^(1/p), from the slow RoIAlign; p = 1 is avg."""
+    boxes = [torch.tensor([[3.3, 7.1, 40.2, 29.9]]), torch.tensor([[12.0, 31.5, 50.25, 63.0]])]
+    gem = RoIFeaturePooler(["conv3"], pooling="gem", p=3.0, output_size=3, sampling_ratio=2, normalize=False)
+    out = gem(two_layer_features, boxes, (64, 64))
+    rows = []
+    for b, image_boxes in enumerate(boxes):
+        fmap = two_layer_features["conv3"][b].clamp(min=1e-6) ** 3
+        bins = _roi_bins_slow(fmap, image_boxes[0].tolist(), 16 / 64, 3, 2).flatten(1)
+        rows.append(bins.mean(dim=1) ** (1 / 3))
+    torch.testing.assert_close(out, torch.stack(rows).float(), atol=1e-5, rtol=1e-5)
+    avg = RoIFeaturePooler(["conv3"], pooling="avg", output_size=3, sampling_ratio=2, normalize=False)
+    one = RoIFeaturePooler(["conv3"], pooling="gem", p=1.0, output_size=3, sampling_ratio=2, normalize=False)
+    torch.testing.assert_close(one(two_layer_features, boxes, (64, 64)), avg(two_layer_features, boxes, (64, 64)))
+    assert (out > avg(two_layer_features, boxes, (64, 64)) + 1e-4).all()  # p > 1 leans towards the maximum
+    with pytest.raises(ValueError, match="p must be > 0"):
+        RoIFeaturePooler(["conv3"], pooling="gem", p=0.0)
+
+
 def test_pooler_handles_images_without_boxes_and_empty_batches(two_layer_features):
     pooler = RoIFeaturePooler(["conv3", "conv4"])
     boxes = [torch.zeros(0, 4), torch.tensor([[1.0, 2.0, 30.0, 40.0]])]

@@ -1,0 +1,294 @@
+"""CLAID's region decomposition (networks/bisecting.py) against hand-computed cases, brute force,
+scipy's connected-component labelling and planted hierarchies."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from instsearch.networks.bisecting import (affinity, average_connectivity, bisect_regions, build_hierarchy,
+                                           connected_components, high_energy, ksums_bisect, ksums_objective,
+                                           ncut_bisect, output_nodes, regions_to_boxes, select_seeds,
+                                           upsample_masks)
+
+
+# ----------------------------------------------------------------------------- planted grids
+def planted_grid(noise: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A 12x16 grid of 32-D features: a background of direction e0 (norm ~1) around an object made
+    of two adjacent parts of directions e1 (rows 3-6) and e2 (rows 7-9), columns 4-11, norm ~5.
+
+    The three directions are orthogonal, so the affinity (alpha 0.2) joins exactly the patches of
+    one group; the object's 56 patches are the 58 high-energy ones (ceil(0.3 * 192)) but for two
+    background patches, which makes the background a dummy (xi = 2 / 136).
+    """
+    g = torch.Generator().manual_seed(seed)
+    h, w, d = 12, 16, 32
+    masks = {name: torch.zeros(h, w, dtype=torch.bool) for name in ("background", "top", "bottom")}
+    masks["top"][3:7, 4:12] = True
+    masks["bottom"][7:10, 4:12] = True
+    masks["background"] = ~(masks["top"] | masks["bottom"])
+    feats = noise * torch.randn(h, w, d, generator=g)
+    feats[..., :3] = 0
+    feats[masks["background"], 0] += 1.0
+    feats[masks["top"], 1] += 5.0
+    feats[masks["bottom"], 2] += 5.0
+    masks["object"] = masks["top"] | masks["bottom"]
+    return feats, masks
+
+
+def brute_force_objective(x: torch.Tensor, side: torch.Tensor) -> float:
+    """Eq. 1 by its definition: the sum over both clusters of ||x_i - x_j||^2 over pairs i < j."""
+    xn = F.normalize(x.double(), dim=1)
+    total = 0.0
+    for part in (xn[side], xn[~side]):
+        diff = part[:, None, :] - part[None, :, :]
+        total += float(diff.square().sum()) / 2.0
+    return total
+
+
+# ----------------------------------------------------------------------------- equations
+def test_affinity_thresholds_the_cosine_of_the_features():
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.3], [0.0, 2.0], [-1.0, 0.1]])
+    # cosines: (0,1) 0.995, (0,2) 0, (1,2) 0.0995, (0,3) -0.995, (2,3) 0.0995
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(affinity(x, alpha=0.2), expected)
+    # alpha 0.05 adds the two ~0.0995 pairs
+    expected[1, 2] = expected[2, 1] = expected[2, 3] = expected[3, 2] = True
+    assert torch.equal(affinity(x, alpha=0.05), expected)
+
+
+def test_average_connectivity_counts_pairs_without_the_diagonal():
+    adj = torch.eye(4, dtype=torch.bool)
+    adj[0, 1] = adj[1, 0] = adj[1, 2] = adj[2, 1] = True
+    # two edges among the six pairs of four features
+    assert float(average_connectivity(adj)) == pytest.approx(2 / 6)
+    subsets = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    got = average_connectivity(adj, subsets)
+    assert got.tolist() == pytest.approx([1.0, 0.0, 2 / 3, 1.0])  # a single feature: nothing to cut, c = 1
+
+
+def test_high_energy_takes_the_rounded_up_share_by_l1_norm_with_ties_to_the_lower_index():
+    norms = [5.0, 1.0, 7.0, 3.0, 7.0, 2.0, 0.5, 4.0, 1.0, 6.0]
+    features = torch.tensor(norms)[:, None] * torch.tensor([[0.5, -0.5]])  # l1 norm = the value
+    # 30 % of 10 = 3 patches: the two 7s and the 6
+    assert high_energy(features, 0.3).nonzero().squeeze(1).tolist() == [2, 4, 9]
+    # 25 % of 10 = 2.5 -> 3 as well; 20 % -> 2: the two 7s; a three-way tie resolved towards index 0
+    assert high_energy(features, 0.25).sum() == 3
+    assert high_energy(features, 0.2).nonzero().squeeze(1).tolist() == [2, 4]
+    tied = torch.ones(5, 3)
+    assert high_energy(tied, 0.4).nonzero().squeeze(1).tolist() == [0, 1]
+
+
+def test_seeds_are_the_highest_and_lowest_degree_features():
+    adj = torch.eye(5, dtype=torch.bool)
+    for i, j in [(0, 1), (1, 2), (1, 3), (2, 3)]:
+        adj[i, j] = adj[j, i] = True
+    # degrees without the diagonal: 1, 3, 2, 2, 0
+    assert select_seeds(adj) == (1, 4)
+    # all degrees equal: b is the first feature and w the first of the others
+    assert select_seeds(torch.ones(3, 3, dtype=torch.bool)) == (0, 1)
+
+
+def test_ksums_objective_is_eq1_by_its_definition():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(17, 6, generator=g)
+    side = torch.rand(17, generator=g) > 0.4
+    assert ksums_objective(x, side) == pytest.approx(brute_force_objective(x, side), rel=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["batched", "sequential"])
+@pytest.mark.parametrize("seed_selection", [True, False])
+def test_ksums_never_increases_the_objective_and_stops_at_a_local_optimum(solver, seed_selection):
+    g = torch.Generator().manual_seed(11)
+    centres = torch.randn(3, 8, generator=g)
+    x = centres[torch.randint(0, 3, (90,), generator=g)] + 0.8 * torch.randn(90, 8, generator=g)
+    side, history = ksums_bisect(x, solver=solver, seed_selection=seed_selection, return_history=True,
+                                 generator=torch.Generator().manual_seed(5))
+    assert len(history) >= 2
+    assert all(b <= a + 1e-9 for a, b in zip(history, history[1:]))
+    final = brute_force_objective(x, side)
+    assert history[-1] == pytest.approx(final, rel=1e-6)
+    assert 0 < int(side.sum()) < 90
+    # no single move lowers Eq. 1 (beyond the solvers' rounding margin): the k-sums fixpoint
+    for i in range(90):
+        moved = side.clone()
+        moved[i] = ~moved[i]
+        if 0 < int(moved.sum()) < 90:
+            assert brute_force_objective(x, moved) >= final - 1e-5 * 90 - 1e-9
+
+
+def test_ksums_finds_the_brute_force_optimum_of_two_planted_clusters():
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.tensor([1.0, 0, 0]) + 0.3 * torch.randn(6, 3, generator=g),
+                   torch.tensor([0, 1.0, 0]) + 0.3 * torch.randn(5, 3, generator=g)])
+    best = min((brute_force_objective(x, torch.tensor(bits, dtype=torch.bool)), bits)
+               for bits in itertools.product([True, False], repeat=11) if 0 < sum(bits) < 11)
+    for solver in ("batched", "sequential"):
+        side = ksums_bisect(x, solver=solver)
+        assert brute_force_objective(x, side) == pytest.approx(best[0], rel=1e-9)
+        planted = torch.arange(11) < 6
+        assert torch.equal(side, planted) or torch.equal(side, ~planted)
+
+
+def test_batched_and_sequential_solvers_give_the_same_split_on_planted_grids():
+    for seed in range(3):
+        feats, masks = planted_grid(seed=seed)
+        x = feats.reshape(-1, feats.shape[-1])
+        batched = ksums_bisect(x, solver="batched")
+        sequential = ksums_bisect(x, solver="sequential")
+        assert torch.equal(batched, sequential)
+        # the root splits into the background and the object
+        assert torch.equal(batched.reshape(12, 16), masks["background"])
+
+
+def test_ksums_max_iters_zero_returns_the_seed_assignment():
+    x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.7, 0.7]])
+    # degrees (alpha 0.2): feature 4 is affine to all others -> b = 4; w = 0 (first of the lowest, degree 2)
+    side = ksums_bisect(x, max_iters=0)
+    # every feature joins the seed it is closer to; b's side is True
+    assert side.tolist() == [False, False, True, True, True]
+
+
+def test_ncut_separates_two_unconnected_groups():
+    adj = torch.zeros(9, 9, dtype=torch.bool)
+    adj[:5, :5] = True
+    adj[5:, 5:] = True
+    side = ncut_bisect(adj)
+    assert side.tolist() == [True] * 5 + [False] * 4  # the highest-degree feature (group of 5) is True
+
+
+# ----------------------------------------------------------------------------- components
+@pytest.mark.parametrize("min_patches", [1, 3])
+def test_connected_components_match_scipy_8_connectivity(min_patches):
+    ndimage = pytest.importorskip("scipy.ndimage")
+    g = torch.Generator().manual_seed(7)
+    masks = torch.rand(4, 13, 17, generator=g) > 0.55
+    comps, source = connected_components(masks, min_patches)
+    expected, expected_source = [], []
+    for b, m in enumerate(masks.numpy()):
+        labels, count = ndimage.label(m, structure=np.ones((3, 3)))
+        for k in range(1, count + 1):
+            comp = labels == k
+            if comp.sum() >= min_patches:
+                expected.append(comp)
+                expected_source.append(b)
+    assert comps.shape[0] == len(expected) > 5
+    assert source.tolist() == expected_source
+    for got, want in zip(comps.numpy(), expected):
+        assert np.array_equal(got, want)
+
+
+def test_connected_components_of_a_spiral_need_many_propagation_steps():
+    spiral = torch.zeros(1, 9, 9, dtype=torch.bool)
+    spiral[0, 0, :] = spiral[0, :, 8] = spiral[0, 8, :] = spiral[0, 2:, 0] = True
+    spiral[0, 2, :7] = spiral[0, 2:7, 6] = spiral[0, 6, 2:7] = spiral[0, 4:7, 2] = True
+    spiral[0, 4, 2:5] = True
+    comps, _ = connected_components(spiral)
+    assert comps.shape[0] == 1 and torch.equal(comps[0], spiral[0])
+
+
+# ----------------------------------------------------------------------------- hierarchy
+def test_planted_grid_gives_the_planted_hierarchy():
+    feats, masks = planted_grid()
+    nodes = build_hierarchy(feats)
+    assert [(n.level, n.parent) for n in nodes] == [(0, -1), (1, 0), (1, 0), (2, 2), (2, 2)]
+    assert torch.equal(nodes[1].mask, masks["background"])
+    assert torch.equal(nodes[2].mask, masks["object"])
+    assert torch.equal(nodes[3].mask, masks["top"])  # raster order of the first patch
+    assert torch.equal(nodes[4].mask, masks["bottom"])
+    assert [n.bisected for n in nodes] == [True, False, True, False, False]
+    assert [n.dummy for n in nodes] == [True, True, False, False, False]
+    assert nodes[1].energy_ratio == pytest.approx(2 / 136)
+    assert nodes[2].energy_ratio == pytest.approx(1.0)
+    assert nodes[1].connectivity == pytest.approx(1.0)
+    # the root: the 3 groups' internal pairs among all pairs
+    pairs = sum(int(m.sum()) * (int(m.sum()) - 1) for m in (masks["background"], masks["top"], masks["bottom"]))
+    assert nodes[0].connectivity == pytest.approx(pairs / (192 * 191))
+
+
+def test_bisect_regions_keeps_non_dummy_nodes_and_the_options_change_the_output():
+    feats, masks = planted_grid()
+    regions, levels = bisect_regions(feats)
+    assert levels.tolist() == [1, 2, 2]
+    assert torch.equal(regions, torch.stack([masks["object"], masks["top"], masks["bottom"]]))
+    # the dummy background is output without the filter
+    regions, levels = bisect_regions(feats, filter_dummy=False)
+    assert levels.tolist() == [1, 1, 2, 2]
+    # depth-limited: only the first cut
+    regions, levels = bisect_regions(feats, max_depth=1)
+    assert levels.tolist() == [1]
+    # a root that is already coherent enough is not cut: no region
+    regions, _ = bisect_regions(feats, tau1=0.3)
+    assert regions.shape[0] == 0
+    # tiny pieces are dropped: with min_patches above the object's parts, the object is a leaf
+    regions, levels = bisect_regions(feats, min_patches=40)
+    assert levels.tolist() == [1]
+    # an energy share that covers the background makes it a region
+    regions, levels = bisect_regions(feats, energy_top=0.9)
+    assert levels.tolist() == [1, 1, 2, 2]
+
+
+def test_output_nodes_drop_the_root_and_dummies():
+    feats, _ = planted_grid()
+    nodes = build_hierarchy(feats)
+    position = {id(n): i for i, n in enumerate(nodes)}
+    assert [position[id(n)] for n in output_nodes(nodes)] == [2, 3, 4]
+    assert [position[id(n)] for n in output_nodes(nodes, filter_dummy=False)] == [1, 2, 3, 4]
+
+
+def test_identical_features_are_never_cut():
+    feats = torch.ones(6, 7, 4)
+    nodes = build_hierarchy(feats)
+    assert len(nodes) == 1 and not nodes[0].bisected
+    assert nodes[0].connectivity == 1.0
+
+
+def test_ncut_method_recovers_the_planted_hierarchy():
+    feats, masks = planted_grid()
+    regions, levels = bisect_regions(feats, method="ncut")
+    assert levels.tolist() == [1, 2, 2]
+    assert torch.equal(regions, torch.stack([masks["object"], masks["top"], masks["bottom"]]))
+
+
+@pytest.mark.parametrize("solver", ["batched", "sequential"])
+def test_random_initialisation_is_reproducible_from_the_generator(solver):
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(10, 12, 8, generator=g)
+    run = [bisect_regions(feats, seed_selection=False, solver=solver, min_patches=3,
+                          generator=torch.Generator().manual_seed(9))[0] for _ in range(2)]
+    assert run[0].shape[0] > 0 and torch.equal(run[0], run[1])
+    other = bisect_regions(feats, seed_selection=False, solver=solver, min_patches=3,
+                           generator=torch.Generator().manual_seed(10))[0]
+    assert not (other.shape == run[0].shape and torch.equal(other, run[0]))  # the generator is what decides
+
+
+def test_invalid_options_are_refused():
+    feats, _ = planted_grid()
+    with pytest.raises(ValueError, match="method"):
+        build_hierarchy(feats, method="kmeans")
+    with pytest.raises(ValueError, match="solver"):
+        build_hierarchy(feats, solver="fast")
+    with pytest.raises(ValueError, match=r"\(h, w, D\)"):
+        build_hierarchy(feats.reshape(-1, 32))
+
+
+# ----------------------------------------------------------------------------- masks to pixels
+def test_regions_to_boxes_cover_the_patches_in_image_pixels():
+    masks = torch.zeros(2, 4, 5, dtype=torch.bool)
+    masks[0, 1:3, 2:5] = True  # rows 1-2, columns 2-4
+    # a 40x100 image: a patch is 10 px high and 20 px wide
+    boxes = regions_to_boxes(masks, (40, 100))
+    assert boxes.tolist() == [[40.0, 10.0, 100.0, 30.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+def test_upsample_masks_take_the_patch_under_each_pixel_centre():
+    masks = torch.zeros(1, 3, 2, dtype=torch.bool)
+    masks[0, 1, 1] = True
+    up = upsample_masks(masks, (20, 4))
+    # 20 px over 3 patch rows: pixel y belongs to row floor((2y + 1) * 3 / 40) -> rows 7..12 are row 1
+    rows = up[0, :, 3].nonzero().squeeze(1).tolist()
+    assert rows == list(range(7, 13))
+    assert up[0, :, :2].sum() == 0 and up.dtype == torch.float32

@@ -1,0 +1,201 @@
+"""CLAID as a search network: the patch grid, regions in image pixels, the descriptor's pooling
+options, the whole-image fallback, and `instsearch test` of a training-free config."""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from instsearch.networks.claid import CLAID, resize_to_grid
+from instsearch.networks.staged import FeatureInfo, StageInfo, StagedBackbone
+
+# background, and three mutually orthogonal object colours
+BACKGROUND = (0.0, 0.0, 0.3)  # low l1 norm: outside the high-energy set
+RED, GREEN = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
+
+
+class ColourPatches(StagedBackbone):
+    """A "patch backbone" whose 8x8 patches are described by their mean colour: planted colour
+    blocks become planted patch-feature regions, so the wiring (resize, grid, boxes) is testable
+    without learned features."""
+
+    default_frozen_stages = 0
+    input_mean = (0.0, 0.0, 0.0)
+    input_std = (1.0, 1.0, 1.0)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feature_info = FeatureInfo([StageInfo("patches", 3, 8)])
+        self.pool = nn.AvgPool2d(8)
+
+    def stage_modules(self) -> "OrderedDict[str, nn.Module]":
+        return OrderedDict([("patches", self.pool)])
+
+
+def planted_image(height: int = 96, width: int = 128) -> tuple[torch.Tensor, dict[str, list[int]], torch.Tensor]:
+    """A red rectangle and a green L-shape on a dark background, on the 8 px patch lattice; the
+    boxes (pixels) and the L-shape's pixel mask."""
+    image = torch.tensor(BACKGROUND)[:, None, None].repeat(1, height, width)
+    image[:, 16:64, 16:56] = torch.tensor(RED)[:, None, None]  # 6 x 5 patches
+    green = torch.zeros(height, width, dtype=torch.bool)
+    green[40:88, 72:96] = True  # 6 x 3 patches
+    green[72:88, 96:120] = True  # + 2 x 3 patches: an L of 24 patches
+    image[:, green] = torch.tensor(GREEN)[:, None]
+    return image, {"red": [16, 16, 56, 64], "green": [72, 40, 120, 88]}, green
+
+
+def colour_claid(**kwargs) -> CLAID:
+    options = dict(patch_backbone=ColourPatches(), describe_backbone="small", describe_layer="conv5.0",
+                   min_size=96, max_size=400)
+    options.update(kwargs)
+    torch.manual_seed(0)
+    return CLAID(**options).eval()
+
+
+def test_resize_to_grid_hand_cases():
+    assert resize_to_grid(480, 640, 360, 800, 8) == (360, 480)  # short side to 360
+    assert resize_to_grid(300, 1500, 360, 800, 8) == (160, 800)  # long side capped: 800 / 1500 * 300 = 160
+    assert resize_to_grid(100, 133, 100, 800, 8) == (104, 136)  # rounded to whole patches: 12.5 -> 13, 16.6 -> 17
+    assert resize_to_grid(10, 10, 4, 4, 8) == (8, 8)  # at least one patch
+
+
+def test_forward_layer_block_is_the_first_block_of_the_stage():
+    from instsearch.networks.backbones import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet26", frozen_stages=0).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        stages = backbone.stage_modules()
+        y = x
+        for name in ("conv1", "conv2", "conv3", "conv4"):
+            y = stages[name](y)
+        expected = stages["conv5"][0](y)  # torchvision's layer4[0]
+        got = backbone.forward_layer(x, "conv5.0")
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(backbone.forward_layer(x, "conv4"), backbone.forward_stages(x)["conv4"])
+    assert backbone.layer_channels("conv5.0") == 2048 and backbone.layer_stride("conv5.0") == 32
+    with pytest.raises(ValueError, match="blocks 0..1"):
+        backbone.parse_layer("conv5.7")
+    with pytest.raises(ValueError, match="unknown layer 'layer4.0'"):
+        backbone.parse_layer("layer4.0")
+
+
+def test_regions_are_the_planted_objects_in_image_pixels():
+    image, boxes, _ = planted_image()
+    net = colour_claid()
+    with torch.no_grad():
+        (regions,) = net.detect_regions([image])
+    assert regions.image_size == (96, 128)
+    got = sorted(regions.boxes.tolist())
+    assert got == sorted([[float(v) for v in boxes["red"]], [float(v) for v in boxes["green"]]])
+    # the background is one coherent but low-energy node: a dummy, never output
+    assert len(regions) == 2
+    assert regions.features.shape == (2, net.feature_dim) == (2, 256)
+    torch.testing.assert_close(regions.features.norm(dim=1), torch.ones(2))
+    # scores are the energy ratios xi(S): both objects lie wholly in the high-energy set here
+    assert regions.scores.tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_a_smaller_image_is_resized_for_the_grid_and_boxes_come_back_in_its_pixels():
+    image, boxes, green = planted_image()
+    small = torch.nn.functional.interpolate(image[None], size=(48, 64), mode="nearest")[0]
+    net = colour_claid()  # min_size 96: the 48 x 64 image is doubled for the 12 x 16 grid
+    with torch.no_grad():
+        (regions,) = net.detect_regions([small])
+    assert regions.image_size == (48, 64)
+    half = sorted([[v / 2 for v in boxes["red"]], [v / 2 for v in boxes["green"]]])
+    assert sorted(regions.boxes.tolist()) == half
+    # masks are upsampled to the given image: the L-shape, not its box
+    index = max(range(2), key=lambda i: regions.boxes[i, 0].item())  # the green one is on the right
+    torch.testing.assert_close(regions.masks[index], green[::2, ::2].float())
+
+
+def test_pool_in_mask_changes_only_the_l_shaped_region():
+    image, _, _ = planted_image()
+    with torch.no_grad():
+        box = colour_claid().detect_regions([image])[0]
+        masked = colour_claid(pool_in_mask=True).detect_regions([image])[0]
+    order_box = torch.argsort(box.boxes[:, 0])
+    order_masked = torch.argsort(masked.boxes[:, 0])
+    red_box, green_box = box.features[order_box]
+    red_masked, green_masked = masked.features[order_masked]
+    torch.testing.assert_close(red_box, red_masked)  # a rectangle fills its box
+    assert not torch.allclose(green_box, green_masked, atol=1e-4)  # the L-shape does not
+
+
+@pytest.mark.parametrize("pooling", ["max", "gem"])
+def test_pooling_option_changes_the_features(pooling):
+    image, _, _ = planted_image()
+    with torch.no_grad():
+        avg = colour_claid().detect_regions([image])[0]
+        other = colour_claid(pooling=pooling).detect_regions([image])[0]
+    assert torch.equal(avg.boxes, other.boxes)
+    assert not torch.allclose(avg.features, other.features, atol=1e-4)
+
+
+def test_query_box_is_pooled_from_the_same_map_as_regions():
+    image, boxes, _ = planted_image()
+    net = colour_claid()
+    with torch.no_grad():
+        (regions,) = net.detect_regions([image])
+        (query,) = net.describe_boxes([image], [regions.boxes])
+    torch.testing.assert_close(query, regions.features)
+
+
+def test_uniform_image_keeps_its_whole_frame_only_with_the_fallback():
+    image = torch.tensor(RED)[:, None, None].repeat(1, 64, 80)  # one colour: c-bar = 1, never cut
+    with torch.no_grad():
+        (kept,) = colour_claid().detect_regions([image])
+        (none,) = colour_claid(whole_image_fallback=False).detect_regions([image])
+    assert kept.boxes.tolist() == [[0.0, 0.0, 80.0, 64.0]]
+    assert len(none) == 0 and none.features.shape == (0, 256)
+
+
+def test_unknown_describe_layer_is_refused_at_construction():
+    with pytest.raises(ValueError, match="unknown layer"):
+        CLAID(patch_backbone=ColourPatches(), describe_backbone="small", describe_layer="layer4.0")
+
+
+def test_training_free_module_refuses_fit():
+    import pytorch_lightning as pl
+
+    from instsearch.lightning_modules.training_free import TrainingFreeModule
+
+    module = TrainingFreeModule(colour_claid())
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    loader = torch.utils.data.DataLoader([0])
+    with pytest.raises(RuntimeError, match="training-free"):
+        trainer.fit(module, loader)
+
+
+def test_instsearch_test_runs_the_claid_config_without_a_checkpoint(tmp_path, small_benchmark, capsys):
+    """The shipped synthetic config, made small, through `instsearch test`: metrics and run.json."""
+    import yaml
+
+    from instsearch.cli import main
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "claid_synthetic.yaml").read_text())
+    config["trainer"]["logger"] = [{"class_path": "pytorch_lightning.loggers.CSVLogger",
+                                    "init_args": {"save_dir": str(tmp_path), "name": "claid"}}]
+    config["trainer"]["enable_progress_bar"] = False
+    net = config["model"]["init_args"]["net"]["init_args"]
+    net.update(min_size=96, max_size=160)
+    config["data"] = {"class_path": "instsearch.datamodules.benchmark.BenchmarkDataModule",
+                      "init_args": {"benchmark": str(small_benchmark), "batch_size": 4}}
+    path = tmp_path / "claid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["test", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(Path(next(line.split(": ", 1)[1] for line in out.splitlines()
+                                   if line.startswith("metrics: "))).read_text())
+    run = json.loads(Path(next(line.split(": ", 1)[1] for line in out.splitlines()
+                               if line.startswith("run: "))).read_text())
+    assert metrics["num_queries"] == 4
+    assert metrics["regions_per_image"] >= 1.0  # every image keeps at least its whole frame
+    assert set(run["rankings"]) == {q["id"] for q in json.loads(small_benchmark.read_text())["queries"]}
