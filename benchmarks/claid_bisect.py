@@ -9,14 +9,14 @@ some parts made of sub-parts, each block a shared direction plus noise, on a two
 background. Reported per solver: median and best seconds per image, regions and cuts (bisected
 nodes, Table V's "#cut") per image; then the speed ratio and how well the two outputs agree (for
 each region of one run the best IoU in the other, its mean, and the share matched at IoU >= 0.9).
-``--profile`` breaks the batched run down (Gram matrix, k-sums, connected components, the rest).
+``--profile`` breaks both runs down (Gram matrix, k-sums, connected components, the rest) and gives the
+k-sums-only ratio.
 
 The CLAID paper times one CPU thread (Table V), hence ``--threads 1`` by default.
 
 ``--vit-weights PATH`` adds real DINO ViT-B/8 patch tokens (timm ``vit_base_patch8_224.dino``
 loaded from that local file; ``--image`` picks the picture, a random one otherwise). It runs only
-when the file is given; no such weights are available in the environment this script was written
-in, so the numbers it reports there come from the planted features alone.
+when the file is given (README "Measured" says which rows were measured with real tokens).
 
     python benchmarks/claid_bisect.py --images 5 --out runs/claid_bisect.json
 """
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from instsearch.networks import bisecting
-from instsearch.networks.bisecting import RegionNode, build_hierarchy
+from instsearch.networks.bisecting import RegionNode, build_hierarchy, output_nodes
 
 # (row0, row1, col0, col1) on the 45x60 grid; parts and sub-parts lie inside their parent
 OBJECTS = [
@@ -125,7 +125,7 @@ def best_iou(a: Tensor, b: Tensor) -> Tensor:
 
 
 def output_masks(nodes: list[RegionNode]) -> Tensor:
-    kept = [n.mask for n in nodes[1:] if not n.dummy]
+    kept = [n.mask for n in output_nodes(nodes)]
     return torch.stack(kept) if kept else torch.zeros(0, *nodes[0].mask.shape, dtype=torch.bool)
 
 
@@ -162,8 +162,8 @@ def timed(totals: dict[str, float], name: str, function: str) -> Iterator[None]:
         setattr(bisecting, function, original)
 
 
-def profile(grids: list[Tensor]) -> dict[str, float]:
-    """Seconds per image of the batched run spent in the Gram matrix (measured alone), k-sums,
+def profile(grids: list[Tensor], solver: str = "batched") -> dict[str, float]:
+    """Seconds per image of one solver's run spent in the Gram matrix (measured alone), k-sums,
     connected components, connectivity, and everything else."""
     gram = []
     for grid in grids:
@@ -176,7 +176,7 @@ def profile(grids: list[Tensor]) -> dict[str, float]:
             timed(totals, "connectivity", "average_connectivity"):
         start = time.perf_counter()
         for grid in grids:
-            build_hierarchy(grid, generator=torch.Generator().manual_seed(0))
+            build_hierarchy(grid, solver=solver, generator=torch.Generator().manual_seed(0))
         total = time.perf_counter() - start
     out = {"total": total / len(grids), "gram": sum(gram) / len(grids)}
     out.update({k: v / len(grids) for k, v in totals.items()})
@@ -190,7 +190,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per image for the batched solver (best kept)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (the paper times one)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", action="store_true", help="break the batched time down")
+    p.add_argument("--profile", action="store_true", help="break both solvers' time down (Gram, k-sums, ...)")
     p.add_argument("--vit-weights", type=Path, default=None,
                    help="local DINO ViT-B/8 weights (timm vit_base_patch8_224.dino) to add real patch tokens")
     p.add_argument("--image", type=Path, default=None, help="picture for --vit-weights (random pixels otherwise)")
@@ -236,7 +236,10 @@ def main() -> None:
             truth_all = torch.cat(truth)
             row["planted regions recovered by batched at IoU >= 0.9"] = float((truth_all >= 0.9).float().mean())
         if a.profile:
-            row["batched profile (s/image)"] = profile(grids)
+            row["batched profile (s/image)"] = profile(grids, "batched")
+            row["sequential profile (s/image)"] = profile(grids, "sequential")
+            row["k-sums speed ratio"] = (row["sequential profile (s/image)"]["ksums"]
+                                         / row["batched profile (s/image)"]["ksums"])
         report[name] = row
     print(json.dumps(report, indent=1))
     if a.out is not None:

@@ -26,7 +26,8 @@ def test_config_parses(config):
 
 def test_a_removed_option_is_refused(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(CONFIGS[0].read_text().replace("retrieval:\n", "retrieval:\n  max_side: 1000\n", 1))
+    source = next(c for c in CONFIGS if "retrieval:\n" in c.read_text())  # a block-style retrieval section
+    bad.write_text(source.read_text().replace("retrieval:\n", "retrieval:\n  max_side: 1000\n", 1))
     with pytest.raises(SystemExit):
         lightning_cli(["--config", str(bad)], run=False, cli_class=ParseOnly)
     assert "max_side" in capsys.readouterr().err
