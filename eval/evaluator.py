@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from instsearch.eval.extract import QueryFeature, SearchBatch, extract_batch, model_device
 from instsearch.eval.metrics import recall_at_iou, retrieval_metrics
 from instsearch.eval.search import RegionIndex, RegionStore
+from instsearch.eval.whitening import PCAWhitening
 from instsearch.formats import Benchmark, Run
 from instsearch.structures import Regions
 
@@ -47,6 +49,13 @@ class RetrievalConfig:
         index_factory: ``Flat`` (exact, torch) or a faiss factory string (``IVF1024,Flat``, ``PQ32``).
         ranking_depth: images ranked per query (``None``: every database image with a region).
         grid_queries: queries shown in the logged result grid (0: no grid).
+        whitening: PCA-whiten every region and query feature before the search (l2 -> whiten ->
+            l2, :mod:`instsearch.eval.whitening`): ``False`` (none), ``True`` / ``"pca"`` (fitted on
+            this database's region features, the DASR paper's post-processing), or the path of a
+            whitening saved by :meth:`~instsearch.eval.whitening.PCAWhitening.save` (fitted on
+            another set).
+        whitening_dim: keep at most this many whitened dimensions (``None``: every axis with
+            non-negligible variance).
     """
 
     normalization: str = "relevant"
@@ -56,12 +65,26 @@ class RetrievalConfig:
     index_factory: str = "Flat"
     ranking_depth: Optional[int] = None
     grid_queries: int = 4
+    whitening: Union[bool, str] = False
+    whitening_dim: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.normalization not in ("relevant", "min", "retrieved"):
             raise ValueError(f"normalization must be relevant, min or retrieved, got {self.normalization!r}")
         if self.protocol not in ("standard", "oxford"):
             raise ValueError(f"protocol must be standard or oxford, got {self.protocol!r}")
+        if isinstance(self.whitening, str) and self.whitening != "pca" and not Path(self.whitening).is_file():
+            raise ValueError(f"whitening must be true/false, 'pca' or the path of a saved whitening (.npz), got "
+                             f"{self.whitening!r} (no such file)")
+
+    def fit_whitening(self, features: np.ndarray) -> Optional[PCAWhitening]:
+        """The whitening this config asks for, fitted on the database ``features`` when it is not
+        loaded from a file; ``None`` when whitening is off."""
+        if self.whitening is False or self.whitening is None:
+            return None
+        if self.whitening is True or self.whitening == "pca":
+            return PCAWhitening.fit(features, dim=self.whitening_dim)
+        return PCAWhitening.load(self.whitening)
 
 
 @dataclass
@@ -131,10 +154,17 @@ class RetrievalEvaluator:
             listed = set(bench.database)
             image_ids += sorted(i for i in self.database if i not in listed and bench.is_distractor(i))
         store = RegionStore.from_regions(image_ids, [self.database[i] for i in image_ids])
+        whitening = cfg.fit_whitening(store.features) if len(store) > 1 else None
+        if cfg.whitening and whitening is None:
+            log.warning("whitening skipped: the database has %d region(s), too few to fit it", len(store))
+        if whitening is not None:
+            store.features = whitening.transform(store.features)
         index = RegionIndex(store, index_factory=cfg.index_factory, device=self.device)
         query_ids = [q.id for q in bench.queries if q.id in self.queries]
         if query_ids:
             features = torch.stack([self.queries[q].feature for q in query_ids]).numpy()
+            if whitening is not None:
+                features = whitening.transform(features)
             labels = [self.queries[q].label for q in query_ids] if cfg.prune_by_label else None
             rankings = index.search(features, top_images=cfg.ranking_depth, query_labels=labels,
                                     prune_by_label=cfg.prune_by_label)

@@ -123,3 +123,79 @@ def region_hierarchy_figure(image: Image.Image, masks: torch.Tensor, levels: tor
         figure.paste(shown, (x, header))
         draw.text((x, 1), f"level {depth}: {len(members)} regions", fill=(0, 0, 0))
     return figure
+
+
+def _heat(values: np.ndarray) -> np.ndarray:
+    """``(H, W)`` values -> ``(H, W, 3)`` float RGB of a blue (low) to red (high) colour ramp."""
+    v = values.astype(np.float32)
+    v = (v - v.min()) / max(float(v.max() - v.min()), 1e-12)
+    return np.stack([255 * v, 255 * (1 - np.abs(2 * v - 1)), 255 * (1 - v)], axis=-1)
+
+
+def _ellipse_outline(centre: np.ndarray, cov: np.ndarray, scale: float, points: int = 64) -> list[tuple[float, float]]:
+    """The polygon of the ellipse ``centre + scale * L (cos t, sin t)``, ``L Lᵀ = cov``."""
+    values, vectors = np.linalg.eigh(cov)
+    axes = vectors * (scale * np.sqrt(np.clip(values, 0, None)))
+    t = np.linspace(0, 2 * np.pi, points)
+    xy = centre[:, None] + axes @ np.stack([np.cos(t), np.sin(t)])
+    return [(float(x), float(y)) for x, y in xy.T]
+
+
+def salient_region_figure(image: Image.Image, xbar: torch.Tensor, maps: torch.Tensor, centres: torch.Tensor,
+                          covs: torch.Tensor, boxes: torch.Tensor, peaks: Optional[torch.Tensor] = None,
+                          ellipse_scale: float = 2.0, max_maps: int = 7, panel: int = 192,
+                          alpha: float = 0.5) -> Image.Image:
+    """DASR's picture of one image (its Fig. 3): ``X̄`` over the image, each region's peak response
+    map with its ellipse, and every fitted ellipse with its box on the image.
+
+    Args:
+        image: the RGB image as the network saw it (its pixels are the frame of the rest).
+        xbar: ``(h, w)`` mean activation map; ``peaks`` ``(n, 2)`` = ``(y, x)`` on it, marked.
+        maps: ``(n, H, W)`` peak response maps of the regions to show, in the image's pixels.
+        centres / covs / boxes: ``(n, 2)``, ``(n, 2, 2)``, ``(n, 4)``: each region's ellipse
+            (second moments, x-y order) and box, in the image's pixels.
+        ellipse_scale: the ellipse axes in standard deviations (as the detector's).
+        max_maps: map panels shown (the first ones).
+    """
+    n = len(maps)
+    if not (len(centres) == len(covs) == len(boxes) == n):
+        raise ValueError(f"salient_region_figure: {n} maps, {len(centres)} centres, {len(covs)} covariances, "
+                         f"{len(boxes)} boxes")
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    scale = panel / image.width
+    height = max(1, round(image.height * scale))
+    header = 14
+
+    def shown(rgb: np.ndarray) -> Image.Image:
+        return Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8)).resize((panel, height))
+
+    heat = np.asarray(Image.fromarray(_heat(xbar.cpu().numpy()).astype(np.uint8)).resize(image.size, Image.BILINEAR))
+    panels = [("mean activation and its peaks", shown((1 - alpha) * base + alpha * heat))]
+    if peaks is not None and len(peaks):
+        d = ImageDraw.Draw(panels[0][1])
+        sy, sx = height / xbar.shape[0], panel / xbar.shape[1]
+        for y, x in peaks.tolist():
+            cx, cy = (x + 0.5) * sx, (y + 0.5) * sy
+            d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], outline=(255, 255, 255), width=2)
+    regions = shown(base)
+    d = ImageDraw.Draw(regions)
+    for k in range(n):  # a handful of regions: the loop is over regions, not pixels
+        colour = PALETTE[k % len(PALETTE)]
+        d.line(_ellipse_outline(centres[k].double().numpy() * scale, covs[k].double().numpy() * scale ** 2,
+                                ellipse_scale), fill=colour, width=2)
+        x1, y1, x2, y2 = (float(v) * scale for v in boxes[k])
+        d.rectangle([x1, y1, x2 - 1, y2 - 1], outline=colour, width=1)
+    panels.append((f"{n} regions: ellipses and boxes", regions))
+    for k in range(min(n, max_maps)):
+        p = shown(0.35 * base + 0.65 * _heat(maps[k].cpu().numpy()))
+        ImageDraw.Draw(p).line(_ellipse_outline(centres[k].double().numpy() * scale,
+                                                covs[k].double().numpy() * scale ** 2, ellipse_scale),
+                               fill=(255, 255, 255), width=2)
+        panels.append((f"region {k}: peak response", p))
+    figure = Image.new("RGB", (len(panels) * (panel + 4) + 4, height + header + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(figure)
+    for i, (title, p) in enumerate(panels):
+        x = 4 + i * (panel + 4)
+        figure.paste(p, (x, header))
+        draw.text((x, 1), title, fill=(0, 0, 0))
+    return figure

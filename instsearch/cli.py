@@ -13,6 +13,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "convert": ("instsearch.datamodules.converters:main", "convert a public benchmark (INSTRE, Oxford, Paris, Holidays, ...) to benchmark.json"),
     "evaluate": ("instsearch.eval.evaluate:main", "score a run.json against a benchmark.json (mAP@k, mIoU)"),
     "demo": ("instsearch.demo:main", "synthetic benchmark -> untrained vs trained vs global GeM, end to end"),
+    "dasr-figure": ("instsearch.networks.dasr:figure_main", "DASR's picture of one image: mean activation, peak maps, ellipses"),
 }
 LIGHTNING = {
     "fit": "train a model (LightningCLI; --config configs/*.yaml)",
