@@ -134,7 +134,7 @@ class CLAID(nn.Module):
         height, width = image.shape[-2:]
         size = resize_to_grid(height, width, self.min_size, self.max_size, self.patch_stride)
         x = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-        x = _normalize(x, self.patch_backbone)
+        x = self.patch_backbone.normalize_input(x)
         fmap = self.patch_backbone.forward_layer(x, self.patch_layer)[0]
         return fmap.permute(1, 2, 0)
 
@@ -154,7 +154,7 @@ class CLAID(nn.Module):
         their own resolution, batched with zero padding to a common multiple of the deepest stride."""
         height = _round_up(max(int(i.shape[-2]) for i in images), self._pad_multiple)
         width = _round_up(max(int(i.shape[-1]) for i in images), self._pad_multiple)
-        batch = torch.stack([F.pad(_normalize(img[None].float(), self.describe_backbone)[0],
+        batch = torch.stack([F.pad(self.describe_backbone.normalize_input(img[None].float())[0],
                                    (0, width - img.shape[-1], 0, height - img.shape[-2])) for img in images])
         fmap = self.describe_backbone.forward_layer(batch, self.describe_layer)
         return self.pooler({self.describe_layer: fmap}, boxes, (height, width), masks)
@@ -206,12 +206,6 @@ def _backbone(backbone: BackboneArg, weights: Union[str, Path, None], role: str)
     if weights is not None:
         raise ValueError(f"{role}_weights only apply to a {role}_backbone given by name; load them into the instance")
     return backbone
-
-
-def _normalize(x: Tensor, backbone: StagedBackbone) -> Tensor:
-    mean = x.new_tensor(backbone.input_mean)[:, None, None]
-    std = x.new_tensor(backbone.input_std)[:, None, None]
-    return (x - mean) / std
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -71,7 +71,6 @@ from torch import Tensor, nn
 from torchvision.ops import nms
 
 from instsearch.networks.backbones import StagedBackbone, build_backbone
-from instsearch.networks.claid import _normalize
 from instsearch.networks.region_features import RoIFeaturePooler
 from instsearch.networks.region_search import require_eval_mode
 from instsearch.networks.transform import check_boxes, check_images
@@ -550,7 +549,7 @@ class DASR(nn.Module):
         x = image[None].float()
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        return _normalize(x, self.backbone)
+        return self.backbone.normalize_input(x)
 
     def find_peaks(self, xbar: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, h, w)`` -> peaks ``(P, 3)`` and values, by the DASR or DASR* rule, capped at

@@ -184,6 +184,14 @@ class StagedBackbone(nn.Module):
                     break
         return out
 
+    def normalize_input(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` images in ``[0, 1]`` -> the normalisation the weights expect
+        (``input_mean`` / ``input_std``), for networks that feed the backbone directly rather than
+        through a detector transform."""
+        mean = x.new_tensor(self.input_mean)[:, None, None]
+        std = x.new_tensor(self.input_std)[:, None, None]
+        return (x - mean) / std
+
     def forward_layer(self, x: Tensor, layer: str) -> Tensor:
         """``(B, 3, H, W)`` normalised images -> the map of one ``layer``: a stage (``"conv4"``) or
         the output of block ``j`` of a stage (``"conv5.0"``), the pass stopping there.

@@ -203,3 +203,12 @@ def test_backbone_loads_from_a_trained_detector_checkpoint(tmp_path):
     assert backbone.state_dict().keys() == source.keys()
     for key, value in source.items():
         assert torch.equal(backbone.state_dict()[key], value), key
+
+
+def test_normalize_input_applies_the_weights_mean_and_std_per_channel():
+    backbone = build_backbone("small")
+    backbone.input_mean, backbone.input_std = (0.5, 0.25, 0.0), (0.25, 0.5, 2.0)
+    x = torch.tensor([1.0, 0.75, 1.0])[None, :, None, None].expand(2, 3, 4, 5)
+    out = backbone.normalize_input(x)
+    assert out.shape == (2, 3, 4, 5)
+    assert out[0, :, 0, 0].tolist() == [2.0, 1.0, 0.5]
