@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from instsearch.networks.claid import CLAID
+from instsearch.networks.dasr import DASR
 from instsearch.networks.deep_region_cnn import DeepRegionCNN
 from instsearch.networks.fcis import build_fcis, build_mask_rcnn
 from instsearch.networks.global_model import GlobalDescriptorModel
@@ -40,8 +41,12 @@ def _claid():
                  min_size=64, max_size=96)
 
 
-@pytest.fixture(scope="module", params=[_deep_region_cnn, _fcis, _mask_rcnn, _global, _claid],
-                ids=["deep_region_cnn", "fcis", "mask_rcnn", "global", "claid"])
+def _dasr():
+    return DASR("small", star=True, long_side=96)
+
+
+@pytest.fixture(scope="module", params=[_deep_region_cnn, _fcis, _mask_rcnn, _global, _claid, _dasr],
+                ids=["deep_region_cnn", "fcis", "mask_rcnn", "global", "claid", "dasr"])
 def net(request):
     torch.manual_seed(0)
     return request.param().eval()
@@ -60,7 +65,7 @@ def _modes(net):
 def test_is_a_region_search_model(net):
     assert isinstance(net, RegionSearchModel)
     assert isinstance(net.feature_dim, int) and net.feature_dim > 0
-    assert net.predicts_labels == (not isinstance(net, (GlobalDescriptorModel, CLAID)))
+    assert net.predicts_labels == (not isinstance(net, (GlobalDescriptorModel, CLAID, DASR)))
 
 
 def test_database_side_frame_and_width(net, images):
