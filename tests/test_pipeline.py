@@ -183,14 +183,49 @@ def test_wandb_offline_run_receives_metrics_and_image(tmp_path, synthetic_root, 
     assert len(runs) == 1
     images = list(runs[0].rglob("files/media/images/**/*.png"))
     assert images, "the result grid was not logged"
-    # The offline run file holds history records as protobuf: key (field 2) then value_json
-    # (field 16); read the logged value back rather than only looking for the name.
-    import re
-
-    raw = next(runs[0].glob("run-*.wandb")).read_bytes()
-    values = [float(v) for v in re.findall(rb"retrieval/mAP@all\x82\x01.([0-9.eE+-]+)", raw, flags=re.S)]
+    # read the logged value back from the run file's history and summary records
+    values = _logged_values(next(runs[0].glob("run-*.wandb")).read_bytes(), "retrieval/mAP@all")
     logged = float(trainer.callback_metrics["retrieval/mAP@all"])
     assert values and all(v == pytest.approx(logged, abs=1e-6) for v in values)  # history and summary
+
+
+def _logged_values(raw: bytes, key: str) -> list[float]:
+    """The values of ``key`` in the history and summary records of an offline wandb run file.
+
+    The file is a LevelDB-style log: a 7-byte file header, then 32 KiB blocks of chunks, each with
+    a 7-byte header (checksum u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last); a record
+    that crosses a block boundary is split into chunks, so it must be reassembled before decoding.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    block, header = 32768, 7
+    records, pending, pos = [], b"", header
+    while pos + header <= len(raw):
+        left = block - pos % block
+        if left < header:  # block trailer padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + header])
+        pos += header
+        data, pos = raw[pos:pos + length], pos + length
+        if kind == 1:
+            records.append(data)
+        elif kind == 2:
+            pending = data
+        elif kind == 3:
+            pending += data
+        elif kind == 4:
+            records.append(pending + data)
+    values = []
+    for data in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        items = (record.history.item if record.HasField("history")
+                 else record.summary.update if record.HasField("summary") else [])
+        values += [float(item.value_json) for item in items if item.key == key or list(item.nested_key) == [key]]
+    return values
 
 
 def test_retrieval_is_evaluated_every_epoch_even_without_validation_data(tmp_path, synthetic_root, small_benchmark,
