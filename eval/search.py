@@ -143,21 +143,57 @@ class ExactInnerProductIndex:
         return torch.cat(scores).numpy(), torch.cat(ids).numpy().astype(np.int64)
 
 
+class InverseDistanceIndex:
+    """L2 search through a faiss index, scored ``1 / ‖f_q − φ(f)‖`` so that higher is better.
+
+    UDQ scores a proposal by the inverse of its asymmetric (ADC) distance to the query (its Eq. 5),
+    with ``φ`` the product-quantised database feature; an image's score is then its best proposal,
+    exactly what :class:`RegionIndex` does with inner products. The wrapped index is any trained,
+    empty faiss index with the L2 metric -- e.g. ``OPQCodebook.to_faiss_index()`` of
+    :mod:`instsearch.networks.product_quantizer`, whose codebooks come from the model, not from the
+    database -- and the database is added to it here.
+    """
+
+    def __init__(self, index, features: np.ndarray, eps: float = 1e-12):
+        if index.metric_type != faiss.METRIC_L2:
+            raise ValueError("InverseDistanceIndex wraps an L2 faiss index (e.g. OPQCodebook.to_faiss_index())")
+        if not index.is_trained:
+            raise ValueError("InverseDistanceIndex needs a trained index: its codebooks come from the model")
+        if index.ntotal:
+            raise ValueError(f"InverseDistanceIndex needs an empty index, this one holds {index.ntotal} vectors")
+        self.index = index
+        self.eps = float(eps)
+        if len(features):
+            index.add(np.ascontiguousarray(features, dtype=np.float32))
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        distances, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), int(k))
+        # faiss returns squared L2, nearest first; the inverse distance keeps that order
+        return (1.0 / np.sqrt(np.maximum(distances, self.eps))).astype(np.float32), ids
+
+
 class RegionIndex:
     """An index over a :class:`RegionStore` answering image-level queries.
 
     ``index_factory`` is ``"Flat"`` (exact, torch on ``device``) or any other faiss factory string
     over inner product ("IVF…", "PQ…", "OPQ…" trade accuracy for speed and memory and are trained
-    on the stored features). Category-pruning sub-indexes are exact.
+    on the stored features). ``l2_index`` instead: a trained, empty faiss index with the L2 metric
+    whose quantiser comes from the model (UDQ's OPQ codebooks), searched by inverse distance
+    (:class:`InverseDistanceIndex`). Category-pruning sub-indexes are exact.
     """
 
     def __init__(self, store: RegionStore, index_factory: str = "Flat", nprobe: int = 16,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", l2_index=None):
         self.store = store
         self.index_factory = index_factory
         self.nprobe = nprobe
         self.device = device
-        self.index = self._build(store.features)
+        self.index = (InverseDistanceIndex(l2_index, store.features) if l2_index is not None
+                      else self._build(store.features))
         self._label_indexes: dict[int, tuple[ExactInnerProductIndex, np.ndarray]] = {}
 
     def _build(self, features: np.ndarray):

@@ -138,3 +138,43 @@ def test_faiss_factory_indexes_still_serve_the_same_exact_ranking():
     for a, b in zip(torch_rank, faiss_rank):
         np.testing.assert_array_equal(a.images, b.images)
         np.testing.assert_array_equal(a.regions, b.regions)
+
+
+def test_l2_index_ranks_images_by_their_nearest_quantised_proposal():
+    """UDQ's search (its Eq. 5): an image scores 1 / (ADC distance of its nearest proposal), and
+    that proposal's box is returned; checked against explicit distances to the decoded codes."""
+    from instsearch.networks.product_quantizer import OPQCodebook, adc_distances
+
+    g = torch.Generator().manual_seed(3)
+    sizes = [7, 1, 12, 5, 9]
+    feats = [torch.randn(n, 8, generator=g) for n in sizes]
+    regions = [Regions(boxes=torch.arange(4.0).repeat(n, 1) + 10 * torch.arange(n)[:, None].float(),
+                       scores=torch.ones(n), features=f) for n, f in zip(sizes, feats)]
+    store = RegionStore.from_regions([f"im{i}" for i in range(len(sizes))], regions)
+    codebook = OPQCodebook.fit(torch.randn(300, 8, generator=g), num_subspaces=2, nbits=4, seed=0, num_threads=1)
+    index = RegionIndex(store, l2_index=codebook.to_faiss_index())
+    queries = torch.randn(3, 8, generator=g)
+    rankings = index.search(queries.numpy())
+
+    all_feats = torch.cat(feats)
+    dist = adc_distances(queries, codebook.encode(all_feats), codebook)  # (Q, N) squared L2
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    for q, ranking in enumerate(rankings):
+        best = [int(torch.argmin(torch.where(owner == i, dist[q], torch.inf))) for i in range(len(sizes))]
+        nearest = torch.stack([dist[q, b] for b in best])
+        order = torch.argsort(nearest).tolist()
+        assert ranking.images.tolist() == order
+        assert ranking.regions.tolist() == [best[i] for i in order]
+        assert np.allclose(ranking.scores, 1 / nearest[order].sqrt().numpy(), rtol=1e-4)
+
+
+def test_l2_index_refuses_an_inner_product_or_filled_index():
+    import faiss
+
+    store = RegionStore.from_regions(["a"], [Regions(torch.zeros(1, 4), torch.ones(1), torch.ones(1, 8))])
+    with pytest.raises(ValueError, match="L2"):
+        RegionIndex(store, l2_index=faiss.IndexFlatIP(8))
+    filled = faiss.IndexFlatL2(8)
+    filled.add(np.ones((2, 8), np.float32))
+    with pytest.raises(ValueError, match="empty"):
+        RegionIndex(store, l2_index=filled)
