@@ -42,6 +42,15 @@ class Regions:
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
 
+    @classmethod
+    def whole_frames(cls, images: list[Tensor], features: Tensor) -> list["Regions"]:
+        """Each image's whole frame as its one region (score 1), described by its row of
+        ``features`` ``(B, D)``: the database side of a whole-image descriptor."""
+        return [cls(boxes=torch.tensor([[0.0, 0.0, float(img.shape[-1]), float(img.shape[-2])]], device=features.device),
+                    scores=features.new_ones(1), features=features[i:i + 1],
+                    image_size=(int(img.shape[-2]), int(img.shape[-1])))
+                for i, img in enumerate(images)]
+
     def to(self, device: torch.device | str) -> "Regions":
         return replace(self, **{f.name: getattr(self, f.name).to(device)
                                 for f in _tensor_fields() if getattr(self, f.name) is not None})

@@ -42,7 +42,7 @@ from instsearch.networks.bisecting import (RegionNode, bisect_regions, build_hie
                                            upsample_masks)
 from instsearch.networks.region_features import RoIFeaturePooler
 from instsearch.networks.region_search import require_eval_mode
-from instsearch.networks.transform import check_boxes, check_images
+from instsearch.networks.transform import check_box_lists, check_images
 from instsearch.structures import Regions
 
 __all__ = ["CLAID", "bisect_regions", "build_hierarchy", "regions_to_boxes", "upsample_masks", "RegionNode",
@@ -188,11 +188,9 @@ class CLAID(nn.Module):
     @torch.no_grad()
     def describe_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
         """Query side: each box RoI-pooled from its image's descriptor map, as a region is."""
-        if len(images) != len(boxes):
-            raise ValueError(f"describe_boxes: {len(images)} images but {len(boxes)} box lists")
         require_eval_mode(self, "describe_boxes")
         check_images(images)
-        boxes = [check_boxes(b, img, i) for i, (img, b) in enumerate(zip(images, boxes))]
+        boxes = check_box_lists(images, boxes)
         return list(self._describe(images, boxes).split([len(b) for b in boxes]))
 
     def classify_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:

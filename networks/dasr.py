@@ -73,7 +73,7 @@ from torchvision.ops import nms
 from instsearch.networks.backbones import StagedBackbone, build_backbone
 from instsearch.networks.region_features import RoIFeaturePooler
 from instsearch.networks.region_search import require_eval_mode
-from instsearch.networks.transform import check_boxes, check_images
+from instsearch.networks.transform import check_box_lists, check_images
 from instsearch.networks.vgg import VGG16Backbone
 from instsearch.structures import Regions
 
@@ -630,13 +630,10 @@ class DASR(nn.Module):
     @torch.no_grad()
     def describe_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
         """Query side: each box average-pooled from its image's map at the network size, as a region is."""
-        if len(images) != len(boxes):
-            raise ValueError(f"describe_boxes: {len(images)} images but {len(boxes)} box lists")
         require_eval_mode(self, "describe_boxes")
         check_images(images)
         out = []
-        for i, (image, b) in enumerate(zip(images, boxes)):
-            b = check_boxes(b, image, i)
+        for image, b in zip(images, check_box_lists(images, boxes)):
             x = self.network_input(image)
             size = (int(x.shape[-2]), int(x.shape[-1]))
             scale = b.new_tensor([size[1] / image.shape[-1], size[0] / image.shape[-2]] * 2)

@@ -60,7 +60,7 @@ from instsearch.networks.backbones import IMAGENET_MEAN, IMAGENET_STD, StagedBac
 from instsearch.networks.crop_features import CropFC7
 from instsearch.networks.region_features import RoIFeaturePooler, fuse_top_regions, l2_concat
 from instsearch.networks.region_search import require_eval_mode
-from instsearch.networks.transform import DetectionTransform, check_boxes, check_images, crop_boxes
+from instsearch.networks.transform import DetectionTransform, check_box_lists, check_boxes, check_images, crop_boxes
 from instsearch.networks.weights import load_weights
 from instsearch.structures import Regions
 
@@ -316,9 +316,7 @@ class DeepRegionCNN(nn.Module):
         detection, top-K regions of the crop, their features, fusion -- so that query and database
         vectors are the same kind of vector.
         """
-        if len(images) != len(boxes):
-            raise ValueError(f"describe_boxes: {len(images)} images but {len(boxes)} box lists")
-        boxes = [check_boxes(b, img, i) for i, (img, b) in enumerate(zip(images, boxes))]
+        boxes = check_box_lists(images, boxes)
         counts = [len(b) for b in boxes]
         if self.fusion == "none":
             return list(self._describe_given_boxes(images, boxes).split(counts))

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from instsearch.networks.backbones import StagedBackbone, build_backbone
 from instsearch.networks.global_descriptors import build_global_pooling, valid_mask
 from instsearch.networks.region_search import require_eval_mode
-from instsearch.networks.transform import DetectionTransform, check_boxes, check_images, crop_boxes
+from instsearch.networks.transform import DetectionTransform, check_box_lists, check_images, crop_boxes
 from instsearch.structures import Regions
 
 __all__ = ["GlobalDescriptorModel"]
@@ -103,20 +103,13 @@ class GlobalDescriptorModel(nn.Module):
     def detect_regions(self, images: list[Tensor]) -> list[Regions]:
         """Database side: each image's whole frame, described by its global descriptor."""
         require_eval_mode(self, "detect_regions")
-        features = self.global_descriptor(images)
-        return [Regions(boxes=torch.tensor([[0.0, 0.0, float(img.shape[-1]), float(img.shape[-2])]],
-                                           device=features.device),
-                        scores=features.new_ones(1), features=features[i:i + 1],
-                        image_size=(int(img.shape[-2]), int(img.shape[-1])))
-                for i, img in enumerate(images)]
+        return Regions.whole_frames(images, self.global_descriptor(images))
 
     @torch.no_grad()
     def describe_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
         """Query side: the global descriptor of each box's crop, ``(n_i, D)`` per image."""
-        if len(images) != len(boxes):
-            raise ValueError(f"describe_boxes: {len(images)} images but {len(boxes)} box lists")
         require_eval_mode(self, "describe_boxes")
-        boxes = [check_boxes(b, img, i) for i, (img, b) in enumerate(zip(images, boxes))]
+        boxes = check_box_lists(images, boxes)
         crops = crop_boxes(images, boxes)
         out = [self.global_descriptor(crops[s:s + self.crop_batch_size])
                for s in range(0, len(crops), self.crop_batch_size)]

@@ -83,6 +83,14 @@ def check_boxes(boxes: Tensor, image: Tensor, index: int) -> Tensor:
     return clip_boxes_to_image(boxes, tuple(image.shape[-2:]))
 
 
+def check_box_lists(images: Sequence[Tensor], boxes: Sequence[Tensor]) -> list[Tensor]:
+    """The query side's boxes: one ``(N, 4)`` list per image, each checked and clipped by
+    :func:`check_boxes`."""
+    if len(images) != len(boxes):
+        raise ValueError(f"describe_boxes: {len(images)} images but {len(boxes)} box lists")
+    return [check_boxes(b, img, i) for i, (img, b) in enumerate(zip(images, boxes))]
+
+
 def crop_corners(boxes: Tensor, height: int, width: int) -> Tensor:
     """``(N, 4)`` int64 ``[x0, y0, x1, y1)``: the outer integer pixels of each box (at least 1 px),
     inside a ``height x width`` image -- the pixels :func:`crop_boxes` cuts."""

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from instsearch.networks.dasr import DASR
 from instsearch.networks.region_search import require_eval_mode
-from instsearch.networks.transform import check_boxes, check_images, crop_boxes
+from instsearch.networks.transform import check_box_lists, check_images, crop_boxes
 from instsearch.structures import Regions
 
 __all__ = ["fit_codebook", "assign_words", "vlad", "DASRVLAD"]
@@ -114,20 +114,13 @@ class DASRVLAD(nn.Module):
         """Database side: each image's whole frame, described by its VLAD."""
         require_eval_mode(self, "detect_regions")
         check_images(images)
-        features = self.encode(images)
-        return [Regions(boxes=torch.tensor([[0.0, 0.0, float(img.shape[-1]), float(img.shape[-2])]],
-                                           device=features.device),
-                        scores=features.new_ones(1), features=features[i:i + 1],
-                        image_size=(int(img.shape[-2]), int(img.shape[-1])))
-                for i, img in enumerate(images)]
+        return Regions.whole_frames(images, self.encode(images))
 
     @torch.no_grad()
     def describe_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
         """Query side: the VLAD of the DASR regions of each box's crop."""
-        if len(images) != len(boxes):
-            raise ValueError(f"describe_boxes: {len(images)} images but {len(boxes)} box lists")
         require_eval_mode(self, "describe_boxes")
-        boxes = [check_boxes(b, img, i) for i, (img, b) in enumerate(zip(images, boxes))]
+        boxes = check_box_lists(images, boxes)
         crops = crop_boxes(images, boxes)
         features = self.encode(crops) if crops else self.codebook.new_zeros(0, self.feature_dim)
         return list(features.split([len(b) for b in boxes]))
