@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+from config_runs import run_shipped_config
 
 from instsearch.networks.claid import CLAID, resize_to_grid
 from instsearch.networks.staged import FeatureInfo, StageInfo, StagedBackbone
@@ -176,26 +177,8 @@ def test_training_free_module_refuses_fit():
 
 def test_instsearch_test_runs_the_claid_config_without_a_checkpoint(tmp_path, small_benchmark, capsys):
     """The shipped synthetic config, made small, through `instsearch test`: metrics and run.json."""
-    import yaml
-
-    from instsearch.cli import main
-
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "claid_synthetic.yaml").read_text())
-    config["trainer"]["logger"] = [{"class_path": "pytorch_lightning.loggers.CSVLogger",
-                                    "init_args": {"save_dir": str(tmp_path), "name": "claid"}}]
-    config["trainer"]["enable_progress_bar"] = False
-    net = config["model"]["init_args"]["net"]["init_args"]
-    net.update(min_size=96, max_size=160)
-    config["data"] = {"class_path": "instsearch.datamodules.benchmark.BenchmarkDataModule",
-                      "init_args": {"benchmark": str(small_benchmark), "batch_size": 4}}
-    path = tmp_path / "claid.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["test", "--config", str(path)]) == 0
-    out = capsys.readouterr().out
-    metrics = json.loads(Path(next(line.split(": ", 1)[1] for line in out.splitlines()
-                                   if line.startswith("metrics: "))).read_text())
-    run = json.loads(Path(next(line.split(": ", 1)[1] for line in out.splitlines()
-                               if line.startswith("run: "))).read_text())
+    metrics, run = run_shipped_config("claid_synthetic", tmp_path, small_benchmark, capsys,
+                                      dict(min_size=96, max_size=160))
     assert metrics["num_queries"] == 4
     assert metrics["regions_per_image"] >= 1.0  # every image keeps at least its whole frame
     assert set(run["rankings"]) == {q["id"] for q in json.loads(small_benchmark.read_text())["queries"]}

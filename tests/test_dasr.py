@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from config_runs import CONFIGS, run_shipped_config
 
 from instsearch.networks.dasr import (DASR, above_mean_positions, ellipse_boxes, local_maxima, peak_response_maps,
                                       pixel_moments, threshold_maps)
@@ -392,24 +393,9 @@ def test_instsearch_test_runs_the_dasr_config_without_a_checkpoint(tmp_path, sma
     """The shipped synthetic config, made small, through `instsearch test` with whitening."""
     import yaml
 
-    from instsearch.cli import main
-
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "dasr_synthetic.yaml").read_text())
-    config["trainer"]["logger"] = [{"class_path": "pytorch_lightning.loggers.CSVLogger",
-                                    "init_args": {"save_dir": str(tmp_path), "name": "dasr"}}]
-    config["trainer"]["enable_progress_bar"] = False
-    config["model"]["init_args"]["net"]["init_args"].update(long_side=96)
-    assert config["model"]["init_args"]["retrieval"]["whitening"] is True
-    config["data"] = {"class_path": "instsearch.datamodules.benchmark.BenchmarkDataModule",
-                      "init_args": {"benchmark": str(small_benchmark), "batch_size": 4}}
-    path = tmp_path / "dasr.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["test", "--config", str(path)]) == 0
-    out = capsys.readouterr().out
-    metrics = json.loads(Path(next(line.split(": ", 1)[1] for line in out.splitlines()
-                                   if line.startswith("metrics: "))).read_text())
-    run = json.loads(Path(next(line.split(": ", 1)[1] for line in out.splitlines()
-                               if line.startswith("run: "))).read_text())
+    shipped = yaml.safe_load((CONFIGS / "dasr_synthetic.yaml").read_text())
+    assert shipped["model"]["init_args"]["retrieval"]["whitening"] is True
+    metrics, run = run_shipped_config("dasr_synthetic", tmp_path, small_benchmark, capsys, dict(long_side=96))
     assert metrics["num_queries"] == 4
     assert metrics["regions_per_image"] >= 1.0
     assert set(run["rankings"]) == {q["id"] for q in json.loads(small_benchmark.read_text())["queries"]}
