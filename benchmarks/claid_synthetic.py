@@ -48,10 +48,13 @@ VARIANTS = {
 
 
 def scores(model, bench: Benchmark) -> dict[str, float]:
+    """One extraction, scored under both AP normalisations (the evaluator keeps what it processed)."""
     out = {}
+    evaluator = RetrievalEvaluator(bench, RetrievalConfig(grid_queries=0))
+    evaluate(model, [benchmark_dataloader(bench, batch_size=4)], evaluator, progress=False)
     for norm in ("min", "relevant"):
-        evaluator = RetrievalEvaluator(bench, RetrievalConfig(normalization=norm, grid_queries=0))
-        metrics = evaluate(model, [benchmark_dataloader(bench, batch_size=4)], evaluator, progress=False).metrics
+        evaluator.config = RetrievalConfig(normalization=norm, grid_queries=0)
+        metrics = evaluator.compute(gather=False).metrics
         out[f"mAP@all ({norm})"] = metrics["mAP@all"]
         out[f"mAP@10 ({norm})"] = metrics["mAP@10"]
         out["mIoU"] = metrics["mIoU"]
