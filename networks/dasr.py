@@ -668,7 +668,7 @@ def figure_main(argv: Optional[list[str]] = None) -> int:
     ellipses / boxes of one image (the DASR paper's Fig. 3)."""
     import argparse
 
-    from instsearch.datamodules.image_io import load_rgb
+    from instsearch.datamodules.image_io import BadImageError, load_rgb
     from instsearch.datamodules.transforms import to_float_tensor
 
     p = argparse.ArgumentParser(prog="instsearch dasr-figure", description=figure_main.__doc__)
@@ -680,8 +680,12 @@ def figure_main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--long-side", type=int, default=512)
     p.add_argument("--max-maps", type=int, default=7)
     a = p.parse_args(argv)
+    try:
+        image = load_rgb(a.image)
+    except BadImageError as err:
+        p.error(str(err))  # the file and what is wrong with it, no traceback
     net = DASR(a.backbone, weights=a.weights, star=a.star, long_side=a.long_side).eval()
-    fig = net.figure(to_float_tensor(load_rgb(a.image)), max_maps=a.max_maps)
+    fig = net.figure(to_float_tensor(image), max_maps=a.max_maps)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     fig.save(a.out)
     print(f"wrote {a.out}")

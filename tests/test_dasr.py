@@ -336,6 +336,19 @@ def test_figure_has_one_panel_per_shown_map():
         assert figure.size == (panels * (64 + 4) + 4, round(det.size[0] * 64 / det.size[1]) + 14 + 4)
 
 
+def test_figure_command_names_an_unreadable_image_without_a_traceback(tmp_path, capsys):
+    from instsearch.networks.dasr import figure_main
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not an image")
+    with pytest.raises(SystemExit) as exit_info:
+        figure_main([str(broken), "--out", str(tmp_path / "fig.png"), "--backbone", "small"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{broken}: not a readable image" in err and "Traceback" not in err
+    assert not (tmp_path / "fig.png").exists()
+
+
 def test_network_refuses_train_mode_and_classification():
     net = small_dasr()
     with pytest.raises(TypeError, match="class-agnostic"):
