@@ -100,11 +100,19 @@ class RetrievalEvaluator:
     """Accumulates :class:`SearchBatch` es, then searches and scores them on rank 0."""
 
     def __init__(self, benchmark: Benchmark, config: Optional[RetrievalConfig] = None, method: str = "regions",
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", quantizer=None):
         self.benchmark = benchmark
         self.config = config or RetrievalConfig()
         self.method = method
         self.device = device
+        #: a product quantiser from the model (UDQ's trained ``OPQCodebook``): when set, the database
+        #: is encoded with it and searched by asymmetric distance instead of ``index_factory``
+        self.quantizer = quantizer
+        #: the index of the last :meth:`compute` (rank 0), e.g. to write the encoded database
+        self.index: Optional[RegionIndex] = None
+        if quantizer is not None and (self.config.whitening or self.config.prune_by_label):
+            raise ValueError("a model's quantizer searches its own feature space: whitening and category pruning "
+                             "do not apply (set retrieval.whitening=false, retrieval.prune_by_label=false)")
         self.reset()
 
     def reset(self) -> None:
@@ -159,7 +167,11 @@ class RetrievalEvaluator:
             log.warning("whitening skipped: the database has %d region(s), too few to fit it", len(store))
         if whitening is not None:
             store.features = whitening.transform(store.features)
-        index = RegionIndex(store, index_factory=cfg.index_factory, device=self.device)
+        if self.quantizer is not None:
+            index = RegionIndex(store, l2_index=self.quantizer.to_faiss_index())
+        else:
+            index = RegionIndex(store, index_factory=cfg.index_factory, device=self.device)
+        self.index = index
         query_ids = [q.id for q in bench.queries if q.id in self.queries]
         if query_ids:
             features = torch.stack([self.queries[q].feature for q in query_ids]).numpy()

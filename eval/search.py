@@ -25,6 +25,7 @@ regions whose predicted label equals the query's; one sub-index per label is bui
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import faiss
@@ -75,7 +76,7 @@ class RegionStore:
         )
 
     def __len__(self) -> int:
-        return int(self.features.shape[0])
+        return int(self.image_index.shape[0])
 
     @property
     def dim(self) -> int:
@@ -154,16 +155,17 @@ class InverseDistanceIndex:
     database -- and the database is added to it here.
     """
 
-    def __init__(self, index, features: np.ndarray, eps: float = 1e-12):
+    def __init__(self, index, features: Optional[np.ndarray], eps: float = 1e-12):
         if index.metric_type != faiss.METRIC_L2:
             raise ValueError("InverseDistanceIndex wraps an L2 faiss index (e.g. OPQCodebook.to_faiss_index())")
         if not index.is_trained:
             raise ValueError("InverseDistanceIndex needs a trained index: its codebooks come from the model")
-        if index.ntotal:
-            raise ValueError(f"InverseDistanceIndex needs an empty index, this one holds {index.ntotal} vectors")
+        if features is not None and index.ntotal:
+            raise ValueError(f"InverseDistanceIndex adds the database to an empty index; this one holds "
+                             f"{index.ntotal} vectors (pass features=None to search a filled, e.g. reloaded, index)")
         self.index = index
         self.eps = float(eps)
-        if len(features):
+        if features is not None and len(features):
             index.add(np.ascontiguousarray(features, dtype=np.float32))
 
     @property
@@ -192,9 +194,62 @@ class RegionIndex:
         self.index_factory = index_factory
         self.nprobe = nprobe
         self.device = device
+        self.dim = store.dim
         self.index = (InverseDistanceIndex(l2_index, store.features) if l2_index is not None
                       else self._build(store.features))
         self._label_indexes: dict[int, tuple[ExactInnerProductIndex, np.ndarray]] = {}
+
+    # -- writing and reloading -------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write the searchable database to ``directory``: ``index.faiss`` (``faiss.write_index``;
+        an exact torch index is written as the equivalent ``IndexFlatIP``) and ``regions.npz`` (image
+        ids, owning image, box, score and label of every region). :meth:`load` searches it again
+        without the network or the region features -- for UDQ the codes are all that is kept."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.index, InverseDistanceIndex):
+            kind, index = "inverse_l2", self.index.index
+        elif isinstance(self.index, ExactInnerProductIndex):
+            kind, index = "inner_product", faiss.IndexFlatIP(self.dim)
+            if self.index.ntotal:
+                index.add(self.index.features.cpu().numpy())
+        else:
+            kind, index = "inner_product", self.index
+        faiss.write_index(index, str(directory / "index.faiss"))
+        s = self.store
+        extra = {} if s.labels is None else {"labels": s.labels}
+        np.savez(directory / "regions.npz", format=np.array("instsearch-region-index/1"), kind=np.array(kind),
+                 dim=np.array(self.dim), image_ids=np.array(s.image_ids, dtype=str), image_index=s.image_index,
+                 boxes=s.boxes, scores=s.scores, **extra)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "RegionIndex":
+        """A :class:`RegionIndex` from what :meth:`save` wrote (searchable; no category pruning,
+        whose sub-indexes need the features)."""
+        directory = Path(directory)
+        files = directory / "index.faiss", directory / "regions.npz"
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"not a saved region index: missing {', '.join(missing)} (expected index.faiss "
+                                    f"and regions.npz as written by RegionIndex.save)")
+        with np.load(files[1], allow_pickle=False) as z:
+            if str(z["format"]) != "instsearch-region-index/1":
+                raise ValueError(f"{files[1]}: format {str(z['format'])!r}, expected 'instsearch-region-index/1'")
+            kind, dim = str(z["kind"]), int(z["dim"])
+            store = RegionStore(image_ids=[str(i) for i in z["image_ids"]],
+                                features=np.zeros((len(z["image_index"]), 0), np.float32),
+                                image_index=z["image_index"].astype(np.int64), boxes=z["boxes"].astype(np.float32),
+                                scores=z["scores"].astype(np.float32),
+                                labels=z["labels"].astype(np.int64) if "labels" in z else None)
+        faiss_index = faiss.read_index(str(files[0]))
+        if faiss_index.ntotal != len(store):
+            raise ValueError(f"{files[0]} holds {faiss_index.ntotal} vectors but {files[1]} lists {len(store)} regions")
+        out = cls.__new__(cls)
+        out.store, out.index_factory, out.nprobe, out.device, out.dim = store, "saved", 16, "cpu", dim
+        out.index = InverseDistanceIndex(faiss_index, None) if kind == "inverse_l2" else faiss_index
+        out._label_indexes = {}
+        return out
 
     def _build(self, features: np.ndarray):
         if self.index_factory == "Flat":
@@ -228,8 +283,8 @@ class RegionIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2:
             raise ValueError(f"queries must be (Q, D), got shape {queries.shape}")
-        if len(self.store) and queries.shape[1] != self.store.dim:
-            raise ValueError(f"query features are {queries.shape[1]}-D, database regions {self.store.dim}-D")
+        if len(self.store) and queries.shape[1] != self.dim:
+            raise ValueError(f"query features are {queries.shape[1]}-D, database regions {self.dim}-D")
         if prune_by_label:
             if self.store.labels is None or query_labels is None:
                 raise ValueError("category pruning needs labels on the database regions and the queries")

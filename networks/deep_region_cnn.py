@@ -49,18 +49,16 @@ from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import resize_boxes
-from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image
+from torchvision.ops import clip_boxes_to_image
 
 from instsearch.networks.backbones import IMAGENET_MEAN, IMAGENET_STD, StagedBackbone, build_backbone
 from instsearch.networks.crop_features import CropFC7
+from instsearch.networks.faster_rcnn import build_faster_rcnn
 from instsearch.networks.region_features import RoIFeaturePooler, fuse_top_regions, l2_concat
 from instsearch.networks.region_search import require_eval_mode
-from instsearch.networks.transform import DetectionTransform, check_box_lists, check_boxes, check_images, crop_boxes
+from instsearch.networks.transform import check_box_lists, check_boxes, check_images, crop_boxes
 from instsearch.networks.weights import load_weights
 from instsearch.structures import Regions
 
@@ -154,8 +152,6 @@ class DeepRegionCNN(nn.Module):
         image_std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if crop_batch_size < 1:
@@ -164,41 +160,15 @@ class DeepRegionCNN(nn.Module):
             if value not in allowed:
                 raise ValueError(f"{option} must be one of {allowed}, got {value!r}")
         staged: StagedBackbone = build_backbone(backbone, weights=weights, frozen_stages=frozen_stages)
-        if staged.defaults is None:
-            raise ValueError(f"backbone {backbone!r} has no detector maps and box head; the deep region CNN needs a "
-                             f"detection backbone such as 'vgg16', 'resnet50_fpn' or 'small'")
-        d = staged.defaults
-        anchor_sizes = tuple(tuple(int(s) for s in level) for level in (anchor_sizes or d.anchor_sizes))
-        aspect_ratios = tuple(float(r) for r in (aspect_ratios or d.aspect_ratios))
-        if len(anchor_sizes) != len(d.anchor_sizes):
-            raise ValueError(f"backbone {backbone!r} feeds the RPN {len(d.anchor_sizes)} feature maps, so "
-                             f"anchor_sizes needs {len(d.anchor_sizes)} tuples (one per map), got {len(anchor_sizes)}")
-        if len({len(level) for level in anchor_sizes}) != 1:
-            raise ValueError(f"every RPN level needs the same number of anchor sizes (one shared RPN head), "
-                             f"got {anchor_sizes}")
-        anchors = AnchorGenerator(anchor_sizes, (aspect_ratios,) * len(anchor_sizes))
-        min_size = d.min_size if min_size is None else min_size
-        max_size = d.max_size if max_size is None else max_size
-        representation = staged.representation_size
-        self.detector = FasterRCNN(
-            staged,
-            num_classes=None,
-            min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std),
-            rpn_anchor_generator=anchors,
-            rpn_pre_nms_top_n_train=_or_default(rpn_pre_nms_top_n_train, d.rpn_pre_nms_top_n_train),
-            rpn_post_nms_top_n_train=_or_default(rpn_post_nms_top_n_train, d.rpn_post_nms_top_n_train),
-            rpn_pre_nms_top_n_test=_or_default(rpn_pre_nms_top_n_test, d.rpn_pre_nms_top_n_test),
-            rpn_post_nms_top_n_test=_or_default(rpn_post_nms_top_n_test, d.rpn_post_nms_top_n_test),
+        self.detector = build_faster_rcnn(
+            staged, backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
+            max_upscale=max_upscale, anchor_sizes=anchor_sizes, aspect_ratios=aspect_ratios,
             rpn_fg_iou_thresh=rpn_fg_iou_thresh, rpn_bg_iou_thresh=rpn_bg_iou_thresh,
-            box_roi_pool=MultiScaleRoIAlign(staged.detection_maps, output_size=7, sampling_ratio=2),
-            box_head=staged.make_box_head(7),
-            box_predictor=FastRCNNPredictor(representation, num_classes),
-            box_score_thresh=box_score_thresh, box_nms_thresh=box_nms_thresh,
-            box_detections_per_img=box_detections_per_img,
-            box_batch_size_per_image=_or_default(box_batch_size_per_image, d.box_batch_size_per_image),
-        )
-        self.detector.transform = DetectionTransform(min_size, max_size, image_mean, image_std,
-                                                     max_upscale=max_upscale)
+            rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+            rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+            box_batch_size_per_image=box_batch_size_per_image, box_score_thresh=box_score_thresh,
+            box_nms_thresh=box_nms_thresh, box_detections_per_img=box_detections_per_img,
+            image_mean=image_mean, image_std=image_std)
         if detector_weights is not None:
             load_weights(self.detector, detector_weights, name=f"deep_region_cnn[{backbone}]",
                          key_map=lambda k: k[len("detector."):] if k.startswith("detector.") else k)
@@ -414,7 +384,3 @@ def _drop_global_pool_key(module: nn.Module, state_dict: dict, prefix: str, *arg
     :class:`~instsearch.networks.global_model.GlobalDescriptorModel`, so the key is dropped and those
     checkpoints still load strictly."""
     state_dict.pop(prefix + "global_pool.p", None)
-
-
-def _or_default(value: Optional[int], default: int) -> int:
-    return default if value is None else int(value)
