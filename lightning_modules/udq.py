@@ -218,6 +218,8 @@ class UDQModule(RegionSearchModule):
         """``rpn``: only the RPN trains. ``udq``: the RPN and the unused class head stay fixed (the
         proposals must not move under their labels); box head, FC_S, the unfrozen backbone stages
         and the subspace classifiers train."""
+        if self.phase == "rpn":  # the whole backbone fixed, batch-norm statistics included
+            self.net.backbone.freeze(len(self.net.backbone.stage_modules()))
         rpn = set(map(id, self.net.rpn.parameters()))
         fixed = set(map(id, self.net.detector.roi_heads.box_predictor.parameters()))
         for p in self.parameters():

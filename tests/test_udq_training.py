@@ -220,3 +220,18 @@ def test_missing_benchmark_is_named(tmp_path):
     dm = DatabaseImagesDataModule(str(tmp_path / "absent.json"))
     with pytest.raises(FileNotFoundError, match="absent.json.*instsearch-benchmark/1"):
         dm.prepare_data()
+
+
+def test_rpn_phase_fit_changes_only_the_rpn(synthetic_root):
+    from instsearch.datamodules.synthetic import SyntheticDataModule
+
+    module = make_module(phase="rpn")
+    module.optim.lr, module.optim.warmup_steps = 0.01, 0
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, SyntheticDataModule(synthetic_root, batch_size=2))
+    changed = {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("net.detector.rpn.") for k in changed)
+    assert "train/loss_objectness" in trainer.callback_metrics
