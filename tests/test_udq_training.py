@@ -235,3 +235,33 @@ def test_rpn_phase_fit_changes_only_the_rpn(synthetic_root):
     changed = {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("net.detector.rpn.") for k in changed)
     assert "train/loss_objectness" in trainer.callback_metrics
+
+
+def test_label_dtype_holds_9_bit_codes():
+    from instsearch.lightning_modules.udq import label_dtype
+
+    codebook = OPQCodebook.fit(np.random.default_rng(0).normal(size=(1200, 8)).astype(np.float32), 2, 9, seed=0)
+    codes = codebook.encode(np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32))
+    assert label_dtype(8) == torch.uint8 and label_dtype(9) == torch.int16
+    assert codes.max() > 255 and torch.equal(codes.to(label_dtype(9)).long(), codes)
+
+
+def test_two_process_round_passes_cover_every_image(small_benchmark, tmp_path):
+    """DDP (2 CPU processes, gloo): each rank extracts its shard, rank 0 fits, every rank gets the
+    codebooks; the checkpoint rank 0 writes holds the whole bank in database order."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from instsearch.formats import Benchmark
+
+    module = make_module(evaluate_baselines=False)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")])
+    trainer.fit(module, DatabaseImagesDataModule(str(small_benchmark), batch_size=4))
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)["udq"]
+    bank = ProposalBank.from_state(state["bank"])
+    assert bank.image_ids == Benchmark.load(small_benchmark).database
+    assert state["fitted_round"] == 1 and bank.labels.shape == (len(bank), 4) and len(bank) > 24
+    codebook = OPQCodebook.from_state(state["codebook"])
+    assert codebook.num_subspaces == 4 and codebook.num_codewords == 16
