@@ -66,6 +66,7 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
         "--trainer.callbacks", "[]",
         "--retrieval.progress", "false",
         *overrides,
+        *(f"--{option}" for option in args.set),
     ], run=False)
     evaluation = next(c for c in cli.trainer.callbacks if isinstance(c, RetrievalEvaluation))
     recorder = RoundRecorder(evaluation)
@@ -92,6 +93,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/udq_synthetic_benchmark")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"of {list(VARIANTS)}")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE",
+                        help="extra CLI options for every variant, e.g. --set model.init_args.net.init_args.frozen_stages=5")
     args = parser.parse_args()
 
     results = [run_variant(name, VARIANTS[name], args) for name in args.variants]

@@ -8,8 +8,8 @@ index and answers a batch of queries with a ranking of *images*:
    features), best first;
 2. the first time an image appears in that list is its best region, so image scores and boxes
    are read off with one ``np.unique`` over ``(query, image)`` keys - no loop over regions;
-3. if fewer than the wanted number of distinct images came back, ``k`` grows (×4) for those
-   queries only. With ``k`` = all regions the ranking is exact and complete.
+3. if fewer than the wanted number of distinct images came back, ``k`` grows for those queries
+   only, by the images-per-region rate just observed (at least ×2). With ``k`` = all regions the ranking is exact and complete.
 
 The ranking of the images that appear is exact whatever ``k``: if any region of an image is in
 the top ``k``, its best region is too (it scores at least as high).
@@ -24,7 +24,7 @@ regions whose predicted label equals the query's; one sub-index per label is bui
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -197,6 +197,9 @@ class RegionIndex:
         self.dim = store.dim
         self.index = (InverseDistanceIndex(l2_index, store.features) if l2_index is not None
                       else self._build(store.features))
+        if l2_index is not None:
+            # the codes are all the search needs: do not keep 4·D bytes per region alive
+            self.store = replace(store, features=np.zeros((len(store), 0), np.float32))
         self._label_indexes: dict[int, tuple[ExactInnerProductIndex, np.ndarray]] = {}
 
     # -- writing and reloading -------------------------------------------------------------------
@@ -288,6 +291,9 @@ class RegionIndex:
         if prune_by_label:
             if self.store.labels is None or query_labels is None:
                 raise ValueError("category pruning needs labels on the database regions and the queries")
+            if len(self.store) and self.store.features.shape[1] == 0:
+                raise ValueError("category pruning searches the region features, which a quantised (l2_index) or "
+                                 "reloaded index does not keep")
             query_labels = np.asarray(query_labels, dtype=np.int64)
             results: list[ImageRanking | None] = [None] * len(queries)
             for label in np.unique(query_labels):  # loop over categories, not regions
@@ -316,7 +322,7 @@ class RegionIndex:
             while len(pending):
                 distances, ids = index.search(batch[pending], k)
                 rankings = best_region_per_image(distances, ids, image_index, num_images)
-                retry = []
+                retry, fewest = [], wanted
                 for row, ranking in zip(pending, rankings):
                     if len(ranking.images) >= wanted or k >= total:
                         if members is not None:
@@ -327,8 +333,11 @@ class RegionIndex:
                         found[int(row)] = ranking
                     else:
                         retry.append(row)
+                        fewest = min(fewest, len(ranking.images))
                 pending = np.asarray(retry, dtype=np.int64)
-                k = min(total, k * 4)
+                # Grow k by the images-per-region rate just seen (proposals of one image crowd
+                # together), with a margin, so that one retry usually suffices; at least x2.
+                k = min(total, max(2 * k, int(np.ceil(1.5 * k * wanted / max(fewest, 1)))))
             out.extend(found[i] for i in range(len(batch)))
         return out
 

@@ -59,11 +59,13 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator
+from instsearch.eval.extract import SearchBatch
 from instsearch.lightning_modules.base import OptimizerConfig, RegionSearchModule
 from instsearch.losses.udq import UDQLoss
 from instsearch.networks.product_quantizer import OPQCodebook, faiss_threads
 from instsearch.networks.udq import UDQNet, pca_projection
 from instsearch.networks.udq_refine import refine_bfr, refine_cbr, refine_pbr
+from instsearch.structures import Regions
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +79,14 @@ class ProposalBank:
     """Every training proposal, fixed per image, with its pseudo-labels.
 
     ``boxes`` are in original-image pixels, concatenated image after image (``offsets[i]`` to
-    ``offsets[i + 1]`` are image ``image_ids[i]``'s); ``labels`` ``(G, M)`` are the current round's
-    codes (``uint8`` for ``K ≤ 256``, ``int16`` above), ``None`` before the first round.
+    ``offsets[i + 1]`` are image ``image_ids[i]``'s), ``scores`` the RPN's objectness; ``labels``
+    ``(G, M)`` are the current round's codes (``uint8`` for ``K ≤ 256``, ``int16`` above), ``None``
+    before the first round.
     """
 
     image_ids: list[str]
     boxes: Tensor  # (G, 4) float32
+    scores: Tensor  # (G,) float32
     offsets: Tensor  # (N + 1,) int64
     labels: Optional[Tensor] = None  # (G, M)
 
@@ -91,6 +95,9 @@ class ProposalBank:
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._rows
 
     def span(self, image_id: str) -> tuple[int, int]:
         i = self._rows.get(image_id)
@@ -102,24 +109,29 @@ class ProposalBank:
         a, b = self.span(image_id)
         return self.boxes[a:b]
 
+    def scores_of(self, image_id: str) -> Tensor:
+        a, b = self.span(image_id)
+        return self.scores[a:b]
+
     def labels_of(self, image_id: str) -> Tensor:
         a, b = self.span(image_id)
         return self.labels[a:b]
 
     @classmethod
-    def from_images(cls, image_ids: list[str], boxes: list[Tensor]) -> "ProposalBank":
+    def from_images(cls, image_ids: list[str], boxes: list[Tensor], scores: list[Tensor]) -> "ProposalBank":
         counts = torch.tensor([len(b) for b in boxes], dtype=torch.int64)
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
         cat = torch.cat(boxes).float() if boxes else torch.zeros(0, 4)
-        return cls(list(image_ids), cat.reshape(-1, 4).contiguous(), offsets)
+        cat_scores = torch.cat(scores).float() if scores else torch.zeros(0)
+        return cls(list(image_ids), cat.reshape(-1, 4).contiguous(), cat_scores.contiguous(), offsets)
 
     def to_state(self) -> dict:
-        return {"image_ids": list(self.image_ids), "boxes": self.boxes.clone(), "offsets": self.offsets.clone(),
-                "labels": None if self.labels is None else self.labels.clone()}
+        return {"image_ids": list(self.image_ids), "boxes": self.boxes.clone(), "scores": self.scores.clone(),
+                "offsets": self.offsets.clone(), "labels": None if self.labels is None else self.labels.clone()}
 
     @classmethod
     def from_state(cls, state: dict) -> "ProposalBank":
-        return cls(list(state["image_ids"]), state["boxes"], state["offsets"], state["labels"])
+        return cls(list(state["image_ids"]), state["boxes"], state["scores"], state["offsets"], state["labels"])
 
 
 def label_dtype(nbits: int) -> torch.dtype:
@@ -171,6 +183,8 @@ class UDQModule(RegionSearchModule):
         pca_samples: off-the-shelf features the PCA initialisation is fitted on at most (a seeded
             draw of images; all proposals of a drawn image are used).
         search: ``"adc"`` (compact codes, the paper's search) or ``"exact"`` (real-valued ``f_t``).
+        database_proposals: ``"stored"`` (a database image is searched by the proposals it was
+            trained with, see :meth:`search_step`) or ``"detect"`` (proposals detected again).
         evaluate_baselines: score Off-the-shelf and Off-the-shelf-OPQ in round 0.
         faiss_threads: OpenMP threads of OPQ / k-means (fixed for repeatable fits; ``None`` = faiss's).
         seed: seeds the PCA draw, OPQ and k-means (round ``r`` uses ``seed + r``).
@@ -183,12 +197,14 @@ class UDQModule(RegionSearchModule):
                  lambda_dis: float = 0.01, rounds: int = 2, epochs_per_round: int = 1,
                  refinement: Refinement = "none", refine_neighbours: Optional[int] = None,
                  refine_cells: Optional[int] = None, opq_iterations: int = 50, pca_samples: int = 100_000,
-                 search: Literal["adc", "exact"] = "adc", evaluate_baselines: bool = True,
+                 search: Literal["adc", "exact"] = "adc", database_proposals: Literal["stored", "detect"] = "stored",
+                 evaluate_baselines: bool = True,
                  faiss_threads: Optional[int] = 1, seed: int = 0, progress: bool = True,
                  optim: Optional[OptimizerConfig] = None, retrieval: Optional[RetrievalConfig] = None):
         super().__init__(optim=optim or OptimizerConfig(lr=0.001, warmup_steps=0), retrieval=retrieval)
         self.save_hyperparameters(ignore=["net"])
         for name, value, allowed in (("phase", phase, ("udq", "rpn")), ("search", search, ("adc", "exact")),
+                                     ("database_proposals", database_proposals, ("stored", "detect")),
                                      ("refinement", refinement, ("none", "bfr", "pbr", "cbr"))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -200,7 +216,7 @@ class UDQModule(RegionSearchModule):
             raise ValueError(f"need rounds >= 0 and epochs_per_round >= 1, got {rounds}, {epochs_per_round}")
         self.net = net
         self.udq_loss = UDQLoss(net.feature_dim, num_subspaces, 2 ** nbits, lambda_dis=lambda_dis)
-        self.phase, self.search = phase, search
+        self.phase, self.search, self.database_proposals = phase, search, database_proposals
         self.num_subspaces, self.nbits = int(num_subspaces), int(nbits)
         self.rounds, self.epochs_per_round = int(rounds), int(epochs_per_round)
         self.refinement, self.refine_neighbours, self.refine_cells = refinement, refine_neighbours, refine_cells
@@ -339,18 +355,19 @@ class UDQModule(RegionSearchModule):
         order = np.random.default_rng(self.seed).permutation(len(bench.database))
         take = max(1, int(np.ceil(self.pca_samples / self.net.proposals_per_image)))
         for_pca = {bench.database[i] for i in order[:take]}
-        ids, boxes, samples = [], [], []
+        ids, proposals, samples = [], [], []
         for pairs in self._round_batches(dm, rank, world, "UDQ proposals"):
             out = self.net.proposals_with_representations([im for im, _ in pairs])
-            for (b, _, reps), (im, meta) in zip(out, pairs):
+            for (b, s, reps), (im, meta) in zip(out, pairs):
                 ids.append(meta.image_id)
-                boxes.append(_scale_boxes(b, tuple(im.shape[-2:]), meta.orig_size).cpu())
+                proposals.append((_scale_boxes(b, tuple(im.shape[-2:]), meta.orig_size).cpu(), s.float().cpu()))
                 if meta.image_id in for_pca:
                     samples.append(reps.cpu())
-        parts = _all_gather((ids, boxes, torch.cat(samples) if samples else torch.zeros(0, self.net.representation_dim)))
-        merged = {i: b for part_ids, part_boxes, _ in parts for i, b in zip(part_ids, part_boxes)}
+        parts = _all_gather((ids, proposals,
+                             torch.cat(samples) if samples else torch.zeros(0, self.net.representation_dim)))
+        merged = {i: p for part_ids, part_proposals, _ in parts for i, p in zip(part_ids, part_proposals)}
         ordered = [i for i in bench.database if i in merged]
-        self.bank = ProposalBank.from_images(ordered, [merged[i] for i in ordered])
+        self.bank = ProposalBank.from_images(ordered, [merged[i][0] for i in ordered], [merged[i][1] for i in ordered])
         if self.trainer.is_global_zero:
             projection = pca_projection(torch.cat([p[2] for p in parts]), self.net.feature_dim)
         else:
@@ -426,6 +443,33 @@ class UDQModule(RegionSearchModule):
         return out.total
 
     # ------------------------------------------------------------------ search
+    def search_step(self, batch: tuple[list, list]) -> SearchBatch:
+        """As every method's, except that with ``database_proposals="stored"`` a database image
+        with stored proposals is searched by those very proposals (the compact codes ``H`` of
+        Algorithm 1 are codes of the training proposals), described by the current network. The
+        RPN's input moves while the backbone trains, so proposals detected again would drift away
+        from the ones the codebooks were fitted on. Other images (distractors, another benchmark,
+        queries) go through the network as usual."""
+        images, metas = batch
+        stored = ([k for k, (im, m) in enumerate(zip(images, metas))
+                   if im is not None and m.query_id is None and m.image_id in self.bank
+                   and len(self.bank.boxes_of(m.image_id))]
+                  if self.database_proposals == "stored" and self.bank is not None else [])
+        if not stored:
+            return super().search_step(batch)
+        chosen = set(stored)
+        rest = [k for k in range(len(images)) if k not in chosen]
+        out = super().search_step(([images[k] for k in rest], [metas[k] for k in rest])) if rest else SearchBatch()
+        pairs = [(images[k].to(self.device), metas[k]) for k in stored]
+        boxes = [_scale_boxes(self.bank.boxes_of(m.image_id), m.orig_size, tuple(im.shape[-2:])).to(im)
+                 for im, m in pairs]
+        with torch.no_grad():
+            features = self.net.box_features([im for im, _ in pairs], boxes).float().cpu()
+        for (_, m), f in zip(pairs, features.split([len(b) for b in boxes])):
+            out.database.append((m, Regions(boxes=self.bank.boxes_of(m.image_id), scores=self.bank.scores_of(m.image_id),
+                                            features=f, image_size=tuple(m.orig_size))))
+        return out
+
     def make_evaluator(self, benchmark, quantized: Optional[bool] = None) -> RetrievalEvaluator:
         """ADC over the current codebooks when ``search="adc"`` (or ``quantized``), else exact."""
         quantized = self.search == "adc" if quantized is None else quantized

@@ -84,9 +84,11 @@ def test_feature_dim_must_split_into_subspaces():
 
 
 def test_proposal_bank_spans_and_state_round_trip():
-    bank = ProposalBank.from_images(["a", "b", "c"], [torch.ones(2, 4), torch.zeros(0, 4), 2 * torch.ones(3, 4)])
+    bank = ProposalBank.from_images(["a", "b", "c"], [torch.ones(2, 4), torch.zeros(0, 4), 2 * torch.ones(3, 4)],
+                                    [torch.ones(2), torch.zeros(0), torch.arange(3.0)])
     bank.labels = torch.arange(10, dtype=torch.uint8).reshape(5, 2)
-    assert bank.span("c") == (2, 5) and len(bank.boxes_of("b")) == 0
+    assert bank.span("c") == (2, 5) and len(bank.boxes_of("b")) == 0 and bank.scores_of("c").tolist() == [0, 1, 2]
+    assert "c" in bank and "z" not in bank
     assert bank.labels_of("c").tolist() == [[4, 5], [6, 7], [8, 9]]
     again = ProposalBank.from_state(bank.to_state())
     assert torch.equal(again.boxes_of("c"), bank.boxes_of("c")) and torch.equal(again.labels, bank.labels)
@@ -136,6 +138,15 @@ def test_baselines_and_checkpoint_restores_codebooks_and_rankings(small_benchmar
     trainer = fit(module, small_benchmark, tmp_path=tmp_path, callbacks=[RetrievalEvaluation(progress=False)])
     assert set(module.baseline_results) == {"off_the_shelf", "off_the_shelf_opq"}
     assert module.baseline_results["off_the_shelf"]["mAP@all"] != module.baseline_results["off_the_shelf_opq"]["mAP@all"]
+    # database images are searched by the proposals they were trained with (their codes' proposals)
+    loader = DatabaseImagesDataModule(str(small_benchmark)).benchmark_dataloaders()[0]
+    images, metas = next(iter(loader))
+    module.eval()
+    searched = module.search_step((images, metas))
+    assert len(searched.database) == len(images)
+    for meta, regions in searched.database:
+        assert torch.equal(regions.boxes, module.bank.boxes_of(meta.image_id))
+        assert torch.equal(regions.scores, module.bank.scores_of(meta.image_id))
     path = tmp_path / "udq.ckpt"
     trainer.save_checkpoint(path)
 
