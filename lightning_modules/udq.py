@@ -189,6 +189,9 @@ class UDQModule(RegionSearchModule):
         faiss_threads: OpenMP threads of OPQ / k-means (fixed for repeatable fits; ``None`` = faiss's).
         seed: seeds the PCA draw, OPQ and k-means (round ``r`` uses ``seed + r``).
         progress: progress bars on the round passes.
+        save_index: a folder where ``instsearch test`` writes the searched database (faiss index of
+            the codes + every proposal's image, box and score; :meth:`RegionIndex.save`), which
+            :meth:`~instsearch.eval.search.RegionIndex.load` searches again without the network.
     """
 
     box_iou_types = ()  # class-agnostic proposals: no detection AP
@@ -200,9 +203,12 @@ class UDQModule(RegionSearchModule):
                  search: Literal["adc", "exact"] = "adc", database_proposals: Literal["stored", "detect"] = "stored",
                  evaluate_baselines: bool = True,
                  faiss_threads: Optional[int] = 1, seed: int = 0, progress: bool = True,
+                 save_index: Optional[str] = None,
                  optim: Optional[OptimizerConfig] = None, retrieval: Optional[RetrievalConfig] = None):
         super().__init__(optim=optim or OptimizerConfig(lr=0.001, warmup_steps=0), retrieval=retrieval)
-        self.save_hyperparameters(ignore=["net"])
+        # where to write files and whether to draw progress bars belong to a run, not to the model: a
+        # checkpoint's hyper-parameters would override them at `instsearch test --ckpt_path`
+        self.save_hyperparameters(ignore=["net", "save_index", "progress"])
         for name, value, allowed in (("phase", phase, ("udq", "rpn")), ("search", search, ("adc", "exact")),
                                      ("database_proposals", database_proposals, ("stored", "detect")),
                                      ("refinement", refinement, ("none", "bfr", "pbr", "cbr"))):
@@ -222,7 +228,7 @@ class UDQModule(RegionSearchModule):
         self.refinement, self.refine_neighbours, self.refine_cells = refinement, refine_neighbours, refine_cells
         self.opq_iterations, self.pca_samples = int(opq_iterations), int(pca_samples)
         self.evaluate_baselines, self.faiss_threads = bool(evaluate_baselines), faiss_threads
-        self.seed, self.progress = int(seed), bool(progress)
+        self.seed, self.progress, self.save_index = int(seed), bool(progress), save_index
         self.codebook: Optional[OPQCodebook] = None
         self.bank: Optional[ProposalBank] = None
         self.fitted_round = -1
@@ -287,8 +293,14 @@ class UDQModule(RegionSearchModule):
         finally:
             self.net.train(was_training)
         stats: dict[str, float] = {"round": float(r), "proposals": float(len(self.bank))}
+        baseline_codebook = None
         if self.trainer.is_global_zero:
             fitted = self._fit_round(r, features.numpy(), stats)
+            if r == 0 and self.evaluate_baselines and self.refinement != "none":
+                # Off-the-shelf-OPQ is OPQ on the off-the-shelf features themselves, not on refined ones
+                with faiss_threads(self.faiss_threads):
+                    baseline_codebook = OPQCodebook.fit(features.numpy(), self.num_subspaces, self.nbits,
+                                                        seed=self.seed, opq_iterations=self.opq_iterations)
         else:
             fitted = None
         state, labels, stats = _broadcast((fitted[0].to_state(), fitted[1], stats) if fitted else None)
@@ -306,7 +318,7 @@ class UDQModule(RegionSearchModule):
             logger.log_metrics({f"udq/{k}": v for k, v in stats.items()}, step=self.global_step)
         rank_zero_info("UDQ round " + str(r) + ": " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
         if r == 0 and self.evaluate_baselines:
-            self._evaluate_baselines()
+            self._evaluate_baselines(baseline_codebook or self.codebook)
 
     def _fit_round(self, r: int, features: np.ndarray, stats: dict) -> tuple[OPQCodebook, Tensor]:
         """Refinement, OPQ and the labels, on rank 0."""
@@ -395,7 +407,7 @@ class UDQModule(RegionSearchModule):
                                f"(e.g. {missing[:3]}); the proposals were stored from a different image set")
         return torch.cat([merged[i] for i in self.bank.image_ids]) if merged else torch.zeros(0, self.net.feature_dim)
 
-    def _evaluate_baselines(self) -> None:
+    def _evaluate_baselines(self, codebook: OPQCodebook) -> None:
         """Off-the-shelf and Off-the-shelf-OPQ on the benchmark, from one extraction."""
         from instsearch.eval.callback import benchmark_of
         from instsearch.eval.evaluator import evaluate
@@ -410,7 +422,7 @@ class UDQModule(RegionSearchModule):
                          desc="UDQ baselines")
         if exact is None:  # not rank 0
             return
-        evaluator.quantizer = self.codebook
+        evaluator.quantizer = codebook
         quantized = evaluator.compute(gather=False)
         for name, result in (("off_the_shelf", exact), ("off_the_shelf_opq", quantized)):
             self.baseline_results[name] = result.metrics
@@ -478,6 +490,12 @@ class UDQModule(RegionSearchModule):
                                "(its checkpoint holds them) or set model.search=exact")
         return RetrievalEvaluator(benchmark, self.retrieval, method=type(self).__name__, device=self.device,
                                   quantizer=self.codebook if quantized else None)
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        if self.save_index and self.trainer.is_global_zero and self._evaluator.index is not None:
+            written = self._evaluator.index.save(self.save_index)
+            print(f"index: {written}")
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

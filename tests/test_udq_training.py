@@ -276,3 +276,46 @@ def test_two_process_round_passes_cover_every_image(small_benchmark, tmp_path):
     assert state["fitted_round"] == 1 and bank.labels.shape == (len(bank), 4) and len(bank) > 24
     codebook = OPQCodebook.from_state(state["codebook"])
     assert codebook.num_subspaces == 4 and codebook.num_codewords == 16
+
+
+def test_shipped_config_fits_tests_and_writes_a_reloadable_index(small_benchmark, tmp_path, capsys):
+    """configs/udq_synthetic.yaml, made small: `instsearch fit`, then `instsearch test` of its
+    checkpoint writes run.json and the encoded database, which searches again without the network
+    to the same ranking."""
+    import yaml
+
+    from instsearch.cli import main
+    from instsearch.datamodules.benchmark import benchmark_dataloader
+    from instsearch.eval.extract import extract_batch
+    from instsearch.formats import Benchmark, Run
+    from config_runs import CONFIGS
+
+    config = yaml.safe_load((CONFIGS / "udq_synthetic.yaml").read_text())
+    config["trainer"].update(max_epochs=2, enable_progress_bar=False, logger=[
+        {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "udq"}}])
+    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "ckpt")
+    model = config["model"]["init_args"]
+    model["net"]["init_args"].update(proposals_per_image=30, feature_dim=32)
+    model.update(num_subspaces=4, nbits=4, rounds=1, progress=False, evaluate_baselines=False)
+    config["data"]["init_args"].update(benchmark=str(small_benchmark), synthetic_preset=None)
+    config["retrieval"] = {"every_n_epochs": 1, "progress": False}
+    path = tmp_path / "udq.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(path)]) == 0
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    assert main(["test", "--config", str(path), "--ckpt_path", str(ckpt),
+                 "--model.init_args.save_index", str(tmp_path / "index")]) == 0
+    out = capsys.readouterr().out
+    run = Run.load(next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("run: ")))
+
+    index = RegionIndex.load(tmp_path / "index")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["udq"]
+    assert index.store.image_ids == Benchmark.load(small_benchmark).database
+    assert len(index.store) == len(state["bank"]["boxes"])  # every stored proposal, as codes
+    module = UDQModule.load_from_checkpoint(ckpt, net=UDQNet(**{**NET, "proposals_per_image": 30}),
+                                            map_location="cpu").eval()
+    queries = extract_batch(module.net, *next(iter(benchmark_dataloader(small_benchmark, "queries", 8)))).queries
+    rankings = index.search(torch.stack([q.feature for q in queries]))
+    for q, ranking in zip(queries, rankings):
+        assert [index.store.image_ids[i] for i in ranking.images[:5]] == \
+            [h.image for h in run.rankings[q.meta.query_id][:5]]
