@@ -62,6 +62,10 @@ def test_udq_net_proposals_features_and_rpn_losses():
     # a proposal described as a query box gets the feature it has in the database
     box = regions[1].boxes[:1]
     np.testing.assert_allclose(net.describe_boxes([images[1]], [box])[0], regions[1].features[:1], atol=1e-4)
+    torch.testing.assert_close(regions[0].features.norm(dim=1), torch.ones(len(regions[0])))  # l2_normalize default
+    raw = UDQNet(**NET, l2_normalize=False).eval()
+    raw.load_state_dict(net.state_dict())
+    assert not torch.allclose(raw.detect_regions(images[:1])[0].features.norm(dim=1), torch.ones(len(regions[0])))
     net.train()
     losses = net(images, [{"boxes": torch.tensor([[10.0, 10, 90, 90]]), "labels": torch.tensor([1])}] * 2)
     assert set(losses) == {"loss_objectness", "loss_rpn_box_reg"}
