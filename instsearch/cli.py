@@ -32,14 +32,34 @@ class InstsearchCLI(LightningCLI):
         parser.add_lightning_class_args(RetrievalEvaluation, "retrieval")
 
     def _parse_ckpt_path(self) -> None:
+        """Merge the checkpoint's hyper-parameters into the config, as LightningCLI does -- except
+        the ``--model.*`` options given on the command line, which win: ``instsearch test
+        --ckpt_path X.ckpt --model.init_args.retrieval.normalization min`` scores with ``min``
+        (Lightning itself lets the checkpoint override them)."""
         # LightningCLI reads the checkpoint's hyper-parameters before any Trainer exists: a file cut
         # short fails here first, so say here which file it is (instsearch.checkpointing).
         from instsearch.checkpointing import UNREADABLE, unreadable_checkpoint
 
+        subcommand = self.config.get("subcommand") if hasattr(self.config, "get") else None
+        given = self.config.clone() if subcommand else None
         try:
             super()._parse_ckpt_path()
         except UNREADABLE as err:
             raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), err) from err
+        if given is None:
+            return
+        for key in command_line_keys(sys.argv[1:], "model"):
+            for candidate in (f"{subcommand}.{key}", f"{subcommand}.model.init_args.{key[len('model.'):]}"):
+                if candidate in given:
+                    self.config[candidate] = given[candidate]
+                    break
+
+
+def command_line_keys(argv: list[str], group: str) -> list[str]:
+    """The dotted option names under ``group`` given in ``argv`` (``--model.a.b=v`` or
+    ``--model.a.b v`` -> ``model.a.b``)."""
+    prefix = f"--{group}."
+    return [token[2:].split("=", 1)[0] for token in argv if token.startswith(prefix)]
 
 
 @contextlib.contextmanager

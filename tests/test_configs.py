@@ -75,3 +75,11 @@ def test_every_deep_region_cnn_config_states_what_it_searches():
     assert searched.pop("deep_region_cnn_synthetic") == ("none", "roi", 10)  # the demo's per-region search
     assert searched and set(searched.values()) == {("concat", "crop_fc7", 2)}  # the paper's: top-2 crop FC7 concatenated
     assert "--model.net.fusion=none" in build_args(Path("out"), Path("data"), "cpu", 1, 0, 7, 0)
+
+
+def test_command_line_model_keys_are_found_in_both_spellings():
+    from instsearch.cli import command_line_keys
+
+    argv = ["test", "--config", "c.yaml", "--model.init_args.search=exact", "--model.retrieval.normalization", "min",
+            "--data.benchmark", "b.json", "--ckpt_path", "x.ckpt"]
+    assert command_line_keys(argv, "model") == ["model.init_args.search", "model.retrieval.normalization"]

@@ -312,6 +312,12 @@ def test_shipped_config_fits_tests_and_writes_a_reloadable_index(small_benchmark
     out = capsys.readouterr().out
     run = Run.load(next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("run: ")))
 
+    # a --model option on the command line wins over the checkpoint's hyper-parameters
+    assert main(["test", "--config", str(path), "--ckpt_path", str(ckpt), "--model.init_args.search", "exact"]) == 0
+    exact = Run.load(next(line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()
+                          if line.startswith("run: ")))
+    assert exact.rankings != run.rankings  # real-valued f_t, not codes
+
     index = RegionIndex.load(tmp_path / "index")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["udq"]
     assert index.store.image_ids == Benchmark.load(small_benchmark).database
