@@ -92,6 +92,10 @@ class ImageRanking:
     regions: np.ndarray  # (n,) int64, the best region of each image (its box is the localisation)
 
 
+#: up to this many (query, image) pairs, duplicates are found with a dense scatter (8 bytes each)
+DENSE_KEYS = 1 << 24
+
+
 def best_region_per_image(distances: np.ndarray, region_ids: np.ndarray, image_index: np.ndarray,
                           num_images: int) -> list[ImageRanking]:
     """Reduce per-query region hits (sorted best first, -1 = padding) to per-query image rankings."""
@@ -102,11 +106,19 @@ def best_region_per_image(distances: np.ndarray, region_ids: np.ndarray, image_i
     scores = distances[valid]
     images = image_index[regions]
     # Row-major flattening keeps each query's hits best first, so the first occurrence of a
-    # (query, image) key is that image's best region.
-    _, first = np.unique(q * num_images + images, return_index=True)
+    # (query, image) key is that image's best region, and keeping first occurrences in their
+    # flattened order leaves every query's images best first: no sort by score is needed.
+    keys = q * num_images + images
+    positions = np.arange(len(keys))
+    if nq * num_images <= DENSE_KEYS:
+        # one scatter: writing positions in reverse, the last write to a key is its first hit
+        first_of = np.empty(nq * num_images, dtype=np.int64)
+        first_of[keys[::-1]] = positions[::-1]
+        first = positions[first_of[keys] == positions]
+    else:
+        _, first = np.unique(keys, return_index=True)
+        first.sort()
     q, images, regions, scores = q[first], images[first], regions[first], scores[first]
-    order = np.lexsort((-scores, q))  # by query, then score descending
-    q, images, regions, scores = q[order], images[order], regions[order], scores[order]
     bounds = np.searchsorted(q, np.arange(nq + 1))
     return [ImageRanking(images[a:b], scores[a:b].astype(np.float32), regions[a:b])
             for a, b in zip(bounds[:-1], bounds[1:])]

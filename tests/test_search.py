@@ -178,3 +178,23 @@ def test_l2_index_refuses_an_inner_product_or_filled_index():
     filled.add(np.ones((2, 8), np.float32))
     with pytest.raises(ValueError, match="empty"):
         RegionIndex(store, l2_index=filled)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_best_region_per_image_equals_a_per_hit_loop(dense, monkeypatch):
+    import instsearch.eval.search as search
+
+    monkeypatch.setattr(search, "DENSE_KEYS", 1 << 24 if dense else 0)  # the scatter path or np.unique's
+    rng = np.random.default_rng(3)
+    image_index = rng.integers(0, 30, 500)
+    ids = np.stack([rng.choice(500, 60, replace=False) for _ in range(7)])
+    ids[2, 50:] = -1  # padding
+    scores = -np.sort(-rng.random((7, 60)), axis=1).astype(np.float32)
+    for q, ranking in enumerate(search.best_region_per_image(scores, ids, image_index, num_images=30)):
+        seen, expected = set(), []
+        for r, s in zip(ids[q], scores[q]):  # hits best first: an image's first hit is its best
+            if r >= 0 and image_index[r] not in seen:
+                seen.add(image_index[r])
+                expected.append((image_index[r], r, s))
+        assert [(int(i), int(r)) for i, r in zip(ranking.images, ranking.regions)] == [(i, r) for i, r, _ in expected]
+        np.testing.assert_array_equal(ranking.scores, np.array([s for *_, s in expected], np.float32))
