@@ -103,9 +103,10 @@ def main() -> None:
         return "  n/a " if not metrics else f"{metrics[key]:.4f}"
 
     print(f"\nUDQ, synthetic benchmark ({args.benchmark}); mAP@all (mIoU)")
-    header = ["variant", "bits", "Off-the-shelf", "Off-the-shelf-OPQ", "round 0", "round 1", "round 2",
-              "final exact", "train s"]
-    print(" | ".join(header))
+    epochs = max(len(r["rounds"]) for r in results)
+    header = ["variant", "bits", "Off-the-shelf", "Off-the-shelf-OPQ",
+              *(f"after epoch {e + 1}" for e in range(epochs)), "final exact", "train s"]
+    print(" | ".join(header) + "   (with one epoch per round, epoch e + 1 ends round e)")
     for r in results:
         b = r["baselines"]
         rounds = [cell(m) + f" ({cell(m, 'mIoU')})" for m in r["rounds"]]
