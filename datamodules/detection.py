@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import pytorch_lightning as pl
-from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
-from instsearch.checkpointing import training_position
+from instsearch.checkpointing import ResumesTrainingPosition
 from instsearch.datamodules.benchmark import ServesBenchmark
 from instsearch.datamodules.coco_instances import CocoInstances
 from instsearch.datamodules.detection_dataset import InstanceDataset, detection_collate
@@ -31,7 +30,7 @@ from instsearch.datamodules.transforms import Compose, RandomHorizontalFlip, Ran
 __all__ = ["DetectionDataModule", "require_path"]
 
 
-class DetectionDataModule(ServesBenchmark, pl.LightningDataModule):
+class DetectionDataModule(ServesBenchmark, ResumesTrainingPosition, pl.LightningDataModule):
     """COCO-format training (and optional validation) data for detectors and instance segmenters.
 
     * training: multi-scale shortest-edge resize (``train_short_sides``, long side ≤ ``max_size``)
@@ -148,16 +147,6 @@ class DetectionDataModule(ServesBenchmark, pl.LightningDataModule):
             batch_sampler = TrainingBatchSampler(sampler, self.batch_size, sample_seed=self.seed, start=start)
         return self._loader(ds, batch_sampler=batch_sampler)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: where training stands, so that a resumed run starts its loader there."""
-        if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
-            return {}
-        return {"training_position": list(training_position(self.trainer))}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        position = state_dict.get("training_position")
-        self._resume_at = None if position is None else (int(position[0]), int(position[1]))
-
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
             self.setup("validate")
@@ -171,7 +160,7 @@ class DetectionDataModule(ServesBenchmark, pl.LightningDataModule):
 
     def teardown(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit"):
-            self._resume_at = None  # a later fit of the same module starts from scratch unless resumed again
+            self.forget_resume_position()
         if self._report is None:
             return
         self._report.collect()

@@ -18,20 +18,19 @@ so a proposal stored in original pixels is the same box at every pass.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import pytorch_lightning as pl
-from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
-from instsearch.checkpointing import training_position
+from instsearch.checkpointing import ResumesTrainingPosition
 from instsearch.datamodules.benchmark import BenchmarkImages, ServesBenchmark, benchmark_dataloader, collate_images
 from instsearch.datamodules.samplers import TrainingBatchSampler, training_sampler
 
 __all__ = ["DatabaseImagesDataModule"]
 
 
-class DatabaseImagesDataModule(ServesBenchmark, pl.LightningDataModule):
+class DatabaseImagesDataModule(ServesBenchmark, ResumesTrainingPosition, pl.LightningDataModule):
     """The database images of ``benchmark`` as unlabelled training data.
 
     Args:
@@ -91,16 +90,6 @@ class DatabaseImagesDataModule(ServesBenchmark, pl.LightningDataModule):
         return benchmark_dataloader(bench, "database", self.batch_size, self.num_workers, self.benchmark_max_side,
                                     indices=indices)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: where training stands, so that a resumed run starts its loader there."""
-        if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
-            return {}
-        return {"training_position": list(training_position(self.trainer))}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        position = state_dict.get("training_position")
-        self._resume_at = None if position is None else (int(position[0]), int(position[1]))
-
     def teardown(self, stage: Optional[str] = None) -> None:
         if stage == "fit":
-            self._resume_at = None  # a later fit starts from scratch unless resumed again
+            self.forget_resume_position()

@@ -111,6 +111,30 @@ def training_position(trainer: pl.Trainer) -> tuple[int, int]:
     return epoch, int(done)
 
 
+class ResumesTrainingPosition:
+    """DataModule mixin: its checkpoint state is where training stands (:func:`training_position`),
+    and ``_resume_at`` tells its training loader where a resumed run starts, ``(epoch, batches
+    done)`` (give it to :class:`~instsearch.datamodules.samplers.TrainingBatchSampler` as
+    ``start``). Call :meth:`forget_resume_position` at the end of a fit."""
+
+    trainer: Optional[pl.Trainer]
+    _resume_at: Optional[tuple[int, int]] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: where training stands, so that a resumed run starts its loader there."""
+        if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        return {"training_position": list(training_position(self.trainer))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("training_position")
+        self._resume_at = None if position is None else (int(position[0]), int(position[1]))
+
+    def forget_resume_position(self) -> None:
+        """A later fit of the same DataModule starts from scratch unless resumed again."""
+        self._resume_at = None
+
+
 class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt`` after every training epoch, every ``every_n_train_steps`` steps if set, and on
     SIGTERM: a finished epoch is never lost to a kill.
