@@ -329,3 +329,12 @@ def test_shipped_config_fits_tests_and_writes_a_reloadable_index(small_benchmark
     for q, ranking in zip(queries, rankings):
         assert [index.store.image_ids[i] for i in ranking.images[:5]] == \
             [h.image for h in run.rankings[q.meta.query_id][:5]]
+
+
+def test_bf16_mixed_precision_trains(small_benchmark):
+    module = make_module(evaluate_baselines=False, rounds=0)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_epochs=1, precision="bf16-mixed", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, limit_train_batches=2)
+    trainer.fit(module, DatabaseImagesDataModule(str(small_benchmark), batch_size=4))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"]) and module.codebook is not None
