@@ -15,8 +15,8 @@ name                           stages (stride)                 detector maps    
 ``vgg16``                      conv1_2 (1), conv2_2 (2),       ``"0"`` = conv5_3          fc6/fc7 of VGG-16
                                conv3_3 (4), conv4_3 (8),       (512 ch, stride 16), as    (4096-D FC7, from
                                conv5_3 (16)                    in Faster R-CNN            the ImageNet file)
-``resnet50_fpn``               stem (2), layer1 (4), layer2    FPN ``"0"``..``"3"`` +     2-layer MLP, 1024
-                               (8), layer3 (16), layer4 (32)   ``"pool"`` (256 ch)
+``resnet50_fpn``,              stem (2), layer1 (4), layer2    FPN ``"0"``..``"3"`` +     2-layer MLP, 1024
+``resnet101_fpn``              (8), layer3 (16), layer4 (32)   ``"pool"`` (256 ch)
 ``small``                      ResNet-18 layout, half widths   FPN on conv3..conv5 +      2-layer MLP, 256
                                32/32/64/128/256 ch (2..32)     ``"pool"`` (64 ch)
 ``resnet26`` / ``50`` /        conv1 .. conv5 (2 .. 32; conv5  --                         --
@@ -32,7 +32,7 @@ through one stage) and to the RoI poolers and global descriptors.
 
 The ResNet family takes ``norm`` (``"auto"``, ``"frozen_bn"``, ``"bn"``), ``dilate_conv5``,
 ``deformable``, ``num_deformable`` and ``offset_groups`` (:func:`~instsearch.networks.resnet.resnet_body`);
-``resnet50_fpn`` takes ``norm`` and ``fpn_channels``, ``small`` ``fpn_channels``; ViTs pass extra
+``resnet50_fpn`` / ``resnet101_fpn`` take ``norm`` and ``fpn_channels``, ``small`` ``fpn_channels``; ViTs pass extra
 options to ``timm.create_model``.
 """
 from __future__ import annotations
@@ -102,6 +102,7 @@ def build_backbone(name: str, weights: Union[str, Path, None] = None, frozen_sta
 
 register_backbone("vgg16", VGG16Backbone)
 register_backbone("resnet50_fpn", ResNetFPNBackbone)
+register_backbone("resnet101_fpn", partial(ResNetFPNBackbone, arch="resnet101"))
 register_backbone("small", SmallResNet)
 for _arch in ARCHS:
     register_backbone(_arch, partial(ResNetBackbone.from_arch, _arch))

@@ -272,8 +272,9 @@ class ResNetBackbone(StagedBackbone):
 
 
 class ResNetFPNBackbone(FPNMixin, ResNetBackbone):
-    """ResNet-50 with an FPN, laid out like torchvision's ``resnet_fpn_backbone`` (``body`` /
-    ``fpn``), so both an ImageNet ``resnet50-*.pth`` (into ``body``) and a torchvision COCO
+    """ResNet-50 (or ``arch="resnet101"``, UDQ's other backbone) with an FPN, laid out like
+    torchvision's ``resnet_fpn_backbone`` (``body`` / ``fpn``), so both an ImageNet
+    ``resnet50-*.pth`` / ``resnet101-*.pth`` (into ``body``) and a torchvision COCO
     ``fasterrcnn_resnet50_fpn`` checkpoint (into the detector) load by name.
 
     ``norm="frozen_bn"`` (torchvision's choice with pretrained weights: detection batches are too
@@ -283,8 +284,8 @@ class ResNetFPNBackbone(FPNMixin, ResNetBackbone):
     fpn_stages = ("conv2", "conv3", "conv4", "conv5")
 
     def __init__(self, weights: Union[str, Path, None] = None, norm: Optional[NormName] = None,
-                 fpn_channels: int = 256) -> None:
-        super().__init__(resnet_body("resnet50", weights, norm=norm, weights_name="resnet50_fpn"))
+                 fpn_channels: int = 256, arch: str = "resnet50") -> None:
+        super().__init__(resnet_body(arch, weights, norm=norm, weights_name=f"{arch}_fpn"))
         self.fpn = FeaturePyramidNetwork([self.feature_info.channels(s) for s in self.fpn_stages], fpn_channels,
                                          extra_blocks=LastLevelMaxPool())
         self.out_channels = fpn_channels

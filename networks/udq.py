@@ -76,8 +76,9 @@ class UDQNet(nn.Module):
     :class:`instsearch.structures.RegionSearchModel`.
 
     Args:
-        backbone: a detection backbone of :mod:`instsearch.networks.backbones` (``"vgg16"``, the
-            paper's; ``"resnet50_fpn"``; ``"small"`` for CPU runs).
+        backbone: a detection backbone of :mod:`instsearch.networks.backbones`: ``"vgg16"`` or
+            ``"resnet101_fpn"`` (the paper's two, ResNet-101 here with torchvision's FPN layout),
+            ``"resnet50_fpn"``, ``"small"`` for CPU runs.
         weights: backbone weights file (ImageNet); ``None`` = random init, said once.
         detector_weights: a detector checkpoint loaded after ``weights`` -- a trained
             :class:`~instsearch.networks.deep_region_cnn.DeepRegionCNN`, an RPN pre-trained by

@@ -15,7 +15,7 @@ from instsearch.networks.resnet import ARCHS
 from instsearch.networks.vit import VIT_MODELS, ViTBackbone
 from instsearch.networks.weights import reset_random_init_warnings
 
-CNNS = ["vgg16", "resnet50_fpn", "small", "resnet26", "resnet50", "resnet101", "resnext20_8x4d_narrow", "resnext26_32x4d", "resnext50_32x4d",
+CNNS = ["vgg16", "resnet50_fpn", "resnet101_fpn", "small", "resnet26", "resnet50", "resnet101", "resnext20_8x4d_narrow", "resnext26_32x4d", "resnext50_32x4d",
         "resnext101_32x4d"]
 
 
@@ -46,6 +46,13 @@ def test_feature_info_matches_the_maps_of_a_forward_pass(name, options):
         assert stages[info.name].shape == (1, info.channels, x.shape[2] // info.stride, x.shape[3] // info.stride)
     if options:
         assert backbone.feature_info.stride("conv5") == 16
+
+
+def test_resnet101_fpn_is_a_101_layer_body_under_the_fpn():
+    with torch.device("meta"):
+        backbone = build_backbone("resnet101_fpn")
+    assert [len(getattr(backbone.body, f"layer{i}")) for i in range(1, 5)] == [3, 4, 23, 3]
+    assert backbone.detection_maps == ["0", "1", "2", "3"] and backbone.out_channels == 256
 
 
 def test_feature_info_lookup():
