@@ -8,8 +8,8 @@ variant options applied on top) and the table reports mAP@all and mIoU of
 * UDQ after rounds 0, 1, 2: ADC search with the round's codebooks (the per-epoch evaluation);
 * UDQ exact: the final ``f_t`` searched real-valued.
 
-Variants: plain UDQ (M 8 x K 256 = 64 bits), UDQ-BFR / PBR / CBR (Section 3.4) and the fast-scan
-code size M 16 x K 16 (also 64 bits). The paper's backbone and RPN have no local weights here: a
+Variants: plain UDQ (M 8 x K 256 = 64 bits), UDQ-BFR / PBR / CBR (Section 3.4), the fast-scan
+code size M 16 x K 16 (also 64 bits) and OPQ refitted on the final features (``final_refit``). The paper's backbone and RPN have no local weights here: a
 trained instsearch detector stands in (the demo's, ``make demo``), as in ``configs/udq_synthetic.yaml``.
 
     python benchmarks/udq_synthetic.py --detector-weights demo_out/checkpoints/last.ckpt \
@@ -37,6 +37,7 @@ VARIANTS = {
     "UDQ-PBR": ["--model.init_args.refinement", "pbr"],
     "UDQ-CBR": ["--model.init_args.refinement", "cbr"],
     "UDQ (M16 K16, fast-scan size)": ["--model.init_args.num_subspaces", "16", "--model.init_args.nbits", "4"],
+    "UDQ-final-refit": ["--model.init_args.final_refit", "true"],
 }
 
 

@@ -29,8 +29,10 @@ images of a benchmark, without labels
 Search (``search="adc"``, default): the database's proposals are encoded with the current round's
 codebooks and searched by asymmetric distance, Sim = max over an image's proposals of
 ``1/‖f_q − φ(f_p)‖`` (Eqs. 1, 2, 5); ``"exact"`` searches the real-valued ``f_t`` by the same rule
-(what the paper calls the real-valued representation). Algorithm 1's "final codebooks" are read as
-the last round's: the features were trained towards exactly those codewords (``L_dis``).
+(what the paper calls the real-valued representation). Algorithm 1's "final codebooks" (its line 8)
+are by default the last round's: the features were trained towards exactly those codewords
+(``L_dis``). With ``final_refit`` OPQ is fitted once more on the final features at the end of the
+last epoch (before that epoch's evaluation and checkpoint), and their codes become ``H``.
 
 With ``evaluate_baselines`` round 0 also scores the paper's two baselines (its Fig. 3) on the
 DataModule's benchmark, right after initialisation and before any training: ``Off-the-shelf``
@@ -189,6 +191,8 @@ class UDQModule(RegionSearchModule):
         faiss_threads: OpenMP threads of OPQ / k-means (fixed for repeatable fits; ``None`` = faiss's).
         seed: seeds the PCA draw, OPQ and k-means (round ``r`` uses ``seed + r``).
         progress: progress bars on the round passes.
+        final_refit: refit OPQ on the final features after the last epoch (Algorithm 1, line 8);
+            ``False``: the last round's codebooks are the final ones.
         save_index: a folder where ``instsearch test`` writes the searched database (faiss index of
             the codes + every proposal's image, box and score; :meth:`RegionIndex.save`), which
             :meth:`~instsearch.eval.search.RegionIndex.load` searches again without the network.
@@ -203,7 +207,7 @@ class UDQModule(RegionSearchModule):
                  search: Literal["adc", "exact"] = "adc", database_proposals: Literal["stored", "detect"] = "stored",
                  evaluate_baselines: bool = True,
                  faiss_threads: Optional[int] = 1, seed: int = 0, progress: bool = True,
-                 save_index: Optional[str] = None,
+                 save_index: Optional[str] = None, final_refit: bool = False,
                  optim: Optional[OptimizerConfig] = None, retrieval: Optional[RetrievalConfig] = None):
         super().__init__(optim=optim or OptimizerConfig(lr=0.001, warmup_steps=0), retrieval=retrieval)
         # where to write files and whether to draw progress bars belong to a run, not to the model: a
@@ -229,6 +233,7 @@ class UDQModule(RegionSearchModule):
         self.opq_iterations, self.pca_samples = int(opq_iterations), int(pca_samples)
         self.evaluate_baselines, self.faiss_threads = bool(evaluate_baselines), faiss_threads
         self.seed, self.progress, self.save_index = int(seed), bool(progress), save_index
+        self.final_refit = bool(final_refit)
         self.codebook: Optional[OPQCodebook] = None
         self.bank: Optional[ProposalBank] = None
         self.fitted_round = -1
@@ -278,6 +283,41 @@ class UDQModule(RegionSearchModule):
         r = self.round_of_epoch(self.current_epoch)
         if r > self.fitted_round:
             self.start_round(r)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """With ``final_refit``, the last batch of the last epoch ends with Algorithm 1's line 8 --
+        here rather than at epoch end, which callbacks (evaluation, checkpoints) see first."""
+        if (self.phase == "udq" and self.final_refit and self.current_epoch == self.total_epochs - 1
+                and batch_idx == self.trainer.num_training_batches - 1):
+            self.refit_final()
+
+    def refit_final(self) -> None:
+        """OPQ fitted on the final features (no refinement: line 8 minimises ``L_pq`` on
+        ``F_max``); their codes replace the labels as the final compact codes ``H``."""
+        dm = self.trainer.datamodule
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            features = self._extract_features(dm, self.trainer.global_rank, self.trainer.world_size)
+        finally:
+            self.net.train(was_training)
+        fitted = None
+        stats: dict[str, float] = {"round": float(self.rounds + 1), "final_refit": 1.0}
+        if self.trainer.is_global_zero:
+            with faiss_threads(self.faiss_threads):
+                codebook = OPQCodebook.fit(features.numpy(), self.num_subspaces, self.nbits,
+                                           seed=self.seed + self.rounds + 1, opq_iterations=self.opq_iterations)
+                labels = codebook.encode(features.numpy()).to(label_dtype(self.nbits))
+            stats["quantization_error"] = codebook.quantization_error(features.numpy())
+            stats["previous_quantization_error"] = self.codebook.quantization_error(features.numpy())
+            fitted = (codebook.to_state(), labels, stats)
+        state, labels, stats = _broadcast(fitted)
+        self.codebook = OPQCodebook.from_state(state)
+        self.bank.labels = labels
+        self.round_stats.append(stats)
+        for logger in self.loggers:
+            logger.log_metrics({f"udq/{k}": v for k, v in stats.items()}, step=self.global_step)
+        rank_zero_info("UDQ final codebooks: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
 
     # ------------------------------------------------------------------ a round boundary
     def start_round(self, r: int) -> None:

@@ -338,3 +338,14 @@ def test_bf16_mixed_precision_trains(small_benchmark):
                          enable_model_summary=False, enable_checkpointing=False, limit_train_batches=2)
     trainer.fit(module, DatabaseImagesDataModule(str(small_benchmark), batch_size=4))
     assert torch.isfinite(trainer.callback_metrics["train/loss"]) and module.codebook is not None
+
+
+def test_final_refit_fits_opq_on_the_final_features(small_benchmark):
+    module = make_module(evaluate_baselines=False, final_refit=True)
+    fit(module, small_benchmark)
+    final = module.round_stats[-1]
+    assert [s["round"] for s in module.round_stats] == [0.0, 1.0, 2.0] and final["final_refit"] == 1.0
+    assert final["quantization_error"] < final["previous_quantization_error"]
+    module.net.eval()
+    features = module._extract_features(module.trainer.datamodule, 0, 1)
+    assert torch.equal(module.bank.labels.long(), module.codebook.encode(features))  # H = codes of F_max
