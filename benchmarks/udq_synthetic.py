@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/udq_synthetic_benchmark")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"of {list(VARIANTS)}")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--figure", default="udq_rounds.png",
+                        help="mAP@all after each epoch against the baselines (the paper's Fig. 3), a PNG")
     parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE",
                         help="extra CLI options for every variant, e.g. --set model.init_args.net.init_args.frozen_stages=5")
     args = parser.parse_args()
@@ -118,6 +120,18 @@ def main() -> None:
     for r in results:
         print(r["name"], "round statistics:", "; ".join(", ".join(f"{k}={v:.4g}" for k, v in s.items())
                                                        for s in r["stats"]))
+    from instsearch.eval.visualize import metric_curves_figure
+
+    first = results[0]["baselines"]
+    references = {name: first[key]["mAP@all"] for name, key in (("Off-the-shelf", "off_the_shelf"),
+                                                               ("Off-the-shelf-OPQ", "off_the_shelf_opq"))
+                  if key in first}
+    curves = {r["name"]: [m["mAP@all"] for m in r["rounds"] if m] for r in results}
+    figure = Path(args.out) / args.figure
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    metric_curves_figure(curves, references, x_label="epoch (one epoch per round: epoch e ends round e)"
+                         ).save(figure)
+    print(f"figure: {figure}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))
 

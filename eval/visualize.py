@@ -4,6 +4,8 @@
   framed green when it is a positive of the query, red when not, grey when junk.
 * Region hierarchies (:func:`region_hierarchy_figure`): one panel per depth of a region
   decomposition, each region tinted in its own colour with its box, as CLAID's Fig. 3 shows them.
+* Metric curves (:func:`metric_curves_figure`): a metric per round or epoch against reference
+  lines, as UDQ's Fig. 3 compares its rounds with the off-the-shelf baselines.
 """
 from __future__ import annotations
 
@@ -199,3 +201,66 @@ def salient_region_figure(image: Image.Image, xbar: torch.Tensor, maps: torch.Te
         figure.paste(p, (x, header))
         draw.text((x, 1), title, fill=(0, 0, 0))
     return figure
+
+
+#: line colours of :func:`metric_curves_figure`, in series order
+SERIES_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                  (227, 119, 194), (127, 127, 127)]
+
+
+def metric_curves_figure(series: dict[str, Sequence[float]], references: Optional[dict[str, float]] = None,
+                         x_label: str = "round", y_label: str = "mAP@all", size: tuple[int, int] = (640, 400)
+                         ) -> Image.Image:
+    """A line chart: one polyline per ``series`` (value at x = 0, 1, ...) and one dashed
+    horizontal line per ``references`` value, with a legend -- e.g. UDQ's mAP after each round
+    against Off-the-shelf and Off-the-shelf-OPQ (the UDQ paper's Fig. 3)."""
+    references = references or {}
+    width, height = size
+    left, right, top, bottom = 56, 180, 20, 40
+    values = [v for s in series.values() for v in s] + list(references.values())
+    if not values:
+        raise ValueError("metric_curves_figure needs at least one value")
+    lo, hi = min(values), max(values)
+    pad = max(hi - lo, 1e-3) * 0.1
+    lo, hi = lo - pad, hi + pad
+    steps = max((len(s) for s in series.values()), default=1)
+
+    def xy(i: float, v: float) -> tuple[float, float]:
+        x = left + (width - left - right) * (i / max(steps - 1, 1))
+        return x, top + (height - top - bottom) * (hi - v) / (hi - lo)
+
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+    for k in range(5):  # y ticks
+        v = lo + (hi - lo) * k / 4
+        _, y = xy(0, v)
+        draw.line([left - 4, y, left, y], fill=(0, 0, 0))
+        draw.text((4, y - 6), f"{v:.3f}", fill=(0, 0, 0))
+    for i in range(steps):  # x ticks
+        x, _ = xy(i, lo)
+        draw.line([x, height - bottom, x, height - bottom + 4], fill=(0, 0, 0))
+        draw.text((x - 3, height - bottom + 6), str(i), fill=(0, 0, 0))
+    draw.text(((left + width - right) / 2 - 20, height - 16), x_label, fill=(0, 0, 0))
+    draw.text((4, 2), y_label, fill=(0, 0, 0))
+    legend = []
+    for n, (name, value) in enumerate(references.items()):
+        colour = GREY if n == 0 else (90, 90, 90)
+        _, y = xy(0, value)
+        for x0 in range(left, width - right, 12):  # dashed
+            draw.line([x0, y, min(x0 + 6, width - right), y], fill=colour, width=2)
+        legend.append((name, colour, True))
+    for n, (name, points) in enumerate(series.items()):
+        colour = SERIES_COLOURS[n % len(SERIES_COLOURS)]
+        coords = [xy(i, v) for i, v in enumerate(points)]
+        if len(coords) > 1:
+            draw.line(coords, fill=colour, width=2)
+        for x, y in coords:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        legend.append((name, colour, False))
+    for n, (name, colour, dashed) in enumerate(legend):
+        y = top + 8 + 16 * n
+        x = width - right + 10
+        draw.line([x, y, x + 18, y], fill=colour, width=2 if not dashed else 1)
+        draw.text((x + 24, y - 6), name[:24], fill=(0, 0, 0))
+    return img

@@ -27,3 +27,20 @@ def test_region_hierarchy_figure_panels_and_tints():
     assert pix[header + 2, x0 + 30].tolist() == [100, 100, 100]
     with pytest.raises(ValueError, match="like the image"):
         region_hierarchy_figure(image, masks[:, :10], levels)
+
+
+def test_metric_curves_figure_draws_each_series_where_its_values_are():
+    from instsearch.eval.visualize import GREY, SERIES_COLOURS, metric_curves_figure
+
+    img = metric_curves_figure({"UDQ": [0.20, 0.25, 0.30]}, {"OPQ": 0.25}, size=(400, 300))
+    assert img.size == (400, 300)
+    pixels = np.asarray(img)[:, : 400 - 180]  # the plot area (the legend is on the right)
+    ys, xs = np.nonzero((pixels == SERIES_COLOURS[0]).all(axis=2))
+    # the series rises left to right: its leftmost pixels sit lower (larger y) than its rightmost
+    assert ys[xs == xs.min()].mean() > ys[xs == xs.max()].mean()
+    # the reference line is horizontal at the middle value, which the series crosses
+    ref_rows = np.unique(np.nonzero((pixels == GREY).all(axis=2))[0])
+    middle = ys[np.abs(xs - (xs.min() + xs.max()) / 2) <= 1].mean()
+    assert np.abs(ref_rows - middle).min() <= 2
+    with pytest.raises(ValueError, match="at least one value"):
+        metric_curves_figure({})
