@@ -294,34 +294,45 @@ class UDQModule(RegionSearchModule):
     def refit_final(self) -> None:
         """OPQ fitted on the final features (no refinement: line 8 minimises ``L_pq`` on
         ``F_max``); their codes replace the labels as the final compact codes ``H``."""
-        dm = self.trainer.datamodule
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            features = self._extract_features(dm, self.trainer.global_rank, self.trainer.world_size)
-        finally:
-            self.net.train(was_training)
+        features = self._round_features().numpy()
         fitted = None
-        stats: dict[str, float] = {"round": float(self.rounds + 1), "final_refit": 1.0}
         if self.trainer.is_global_zero:
-            with faiss_threads(self.faiss_threads):
-                codebook = OPQCodebook.fit(features.numpy(), self.num_subspaces, self.nbits,
-                                           seed=self.seed + self.rounds + 1, opq_iterations=self.opq_iterations)
-                labels = codebook.encode(features.numpy()).to(label_dtype(self.nbits))
-            stats["quantization_error"] = codebook.quantization_error(features.numpy())
-            stats["previous_quantization_error"] = self.codebook.quantization_error(features.numpy())
-            fitted = (codebook.to_state(), labels, stats)
-        state, labels, stats = _broadcast(fitted)
-        self.codebook = OPQCodebook.from_state(state)
-        self.bank.labels = labels
-        self.round_stats.append(stats)
-        for logger in self.loggers:
-            logger.log_metrics({f"udq/{k}": v for k, v in stats.items()}, step=self.global_step)
-        rank_zero_info("UDQ final codebooks: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+            stats = {"round": float(self.rounds + 1), "final_refit": 1.0,
+                     "previous_quantization_error": self.codebook.quantization_error(features)}
+            fitted = self._fit_labels(features, self.seed + self.rounds + 1, stats)
+        self._adopt(fitted)
+        self._publish(self.round_stats[-1], "UDQ final codebooks")
 
     # ------------------------------------------------------------------ a round boundary
     def start_round(self, r: int) -> None:
         """Steps 1-4 of a round (module docstring): features, refinement, OPQ, labels."""
+        features = self._round_features().numpy()
+        fitted, baseline_codebook = None, None
+        if self.trainer.is_global_zero:
+            stats = {"round": float(r), "proposals": float(len(self.bank)),
+                     "feature_norm": float(np.linalg.norm(features, axis=1).mean())}
+            with faiss_threads(self.faiss_threads):
+                targets = self._refine(features, self.seed + r)
+            fitted = self._fit_labels(targets, self.seed + r, stats)
+            if r == 0 and self.evaluate_baselines and self.refinement != "none":
+                # Off-the-shelf-OPQ is OPQ on the off-the-shelf features themselves, not on refined ones
+                baseline_codebook = self._fit_opq(features, self.seed)
+        previous = self.bank.labels
+        self._adopt(fitted)
+        stats = self.round_stats[-1]
+        if previous is not None:
+            # codeword indices are arbitrary per fit, so this measures re-labelling, not progress
+            stats["labels_changed"] = float((previous != self.bank.labels).float().mean())
+        self.udq_loss.classifiers.reset_parameters()
+        self._reset_optimizer_state(self.udq_loss.parameters())
+        self.fitted_round = r
+        self._publish(stats, f"UDQ round {r}")
+        if r == 0 and self.evaluate_baselines:
+            self._evaluate_baselines(baseline_codebook or self.codebook)
+
+    def _round_features(self) -> Tensor:
+        """Every stored proposal's ``f_t`` (``(G, d)``, bank order), the network in eval mode; the
+        first time, the proposals are stored and FC_S initialised first."""
         dm = self.trainer.datamodule
         rank, world = self.trainer.global_rank, self.trainer.world_size
         was_training = self.net.training
@@ -329,48 +340,35 @@ class UDQModule(RegionSearchModule):
         try:
             if self.bank is None:
                 self._collect_proposals(dm, rank, world)
-            features = self._extract_features(dm, rank, world)
+            return self._extract_features(dm, rank, world)
         finally:
             self.net.train(was_training)
-        stats: dict[str, float] = {"round": float(r), "proposals": float(len(self.bank))}
-        baseline_codebook = None
-        if self.trainer.is_global_zero:
-            fitted = self._fit_round(r, features.numpy(), stats)
-            if r == 0 and self.evaluate_baselines and self.refinement != "none":
-                # Off-the-shelf-OPQ is OPQ on the off-the-shelf features themselves, not on refined ones
-                with faiss_threads(self.faiss_threads):
-                    baseline_codebook = OPQCodebook.fit(features.numpy(), self.num_subspaces, self.nbits,
-                                                        seed=self.seed, opq_iterations=self.opq_iterations)
-        else:
-            fitted = None
-        state, labels, stats = _broadcast((fitted[0].to_state(), fitted[1], stats) if fitted else None)
-        previous = self.bank.labels
+
+    def _fit_opq(self, features: np.ndarray, seed: int) -> OPQCodebook:
+        with faiss_threads(self.faiss_threads):
+            return OPQCodebook.fit(features, self.num_subspaces, self.nbits, seed=seed,
+                                   opq_iterations=self.opq_iterations)
+
+    def _fit_labels(self, targets: np.ndarray, seed: int, stats: dict[str, float]) -> tuple:
+        """OPQ on ``targets`` and their codes (rank 0), with the quantisation error in ``stats``:
+        what :meth:`_adopt` hands every rank."""
+        codebook = self._fit_opq(targets, seed)
+        codes = codebook.encode(targets)
+        stats["quantization_error"] = codebook.quantization_error(targets, codes)
+        return codebook.to_state(), codes.to(label_dtype(self.nbits)), stats
+
+    def _adopt(self, fitted: Optional[tuple]) -> None:
+        """Rank 0's ``(codebook state, labels, stats)`` become every rank's codebook, labels and
+        latest round statistics."""
+        state, labels, stats = _broadcast(fitted)
         self.codebook = OPQCodebook.from_state(state)
         self.bank.labels = labels
-        if previous is not None:
-            # codeword indices are arbitrary per fit, so this measures re-labelling, not progress
-            stats["labels_changed"] = float((previous != labels).float().mean())
-        self.udq_loss.classifiers.reset_parameters()
-        self._reset_optimizer_state(self.udq_loss.parameters())
-        self.fitted_round = r
         self.round_stats.append(stats)
+
+    def _publish(self, stats: dict[str, float], title: str) -> None:
         for logger in self.loggers:
             logger.log_metrics({f"udq/{k}": v for k, v in stats.items()}, step=self.global_step)
-        rank_zero_info("UDQ round " + str(r) + ": " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
-        if r == 0 and self.evaluate_baselines:
-            self._evaluate_baselines(baseline_codebook or self.codebook)
-
-    def _fit_round(self, r: int, features: np.ndarray, stats: dict) -> tuple[OPQCodebook, Tensor]:
-        """Refinement, OPQ and the labels, on rank 0."""
-        seed = self.seed + r
-        with faiss_threads(self.faiss_threads):
-            targets = self._refine(features, seed)
-            codebook = OPQCodebook.fit(targets, self.num_subspaces, self.nbits, seed=seed,
-                                       opq_iterations=self.opq_iterations)
-            labels = codebook.encode(targets).to(label_dtype(self.nbits))
-        stats["quantization_error"] = codebook.quantization_error(targets)
-        stats["feature_norm"] = float(np.linalg.norm(features, axis=1).mean())
-        return codebook, labels
+        rank_zero_info(f"{title}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
 
     def _refine(self, features: np.ndarray, seed: int) -> np.ndarray:
         if self.refinement == "none":
@@ -386,6 +384,7 @@ class UDQModule(RegionSearchModule):
         """The restarted classifiers must not inherit the previous round's momentum."""
         if self._trainer is None or not self.trainer.optimizers:
             return
+        params = list(params)
         for optimizer in self.trainer.optimizers:
             for p in params:
                 optimizer.state.pop(p, None)
@@ -424,22 +423,27 @@ class UDQModule(RegionSearchModule):
             projection = pca_projection(torch.cat([p[2] for p in parts]), self.net.feature_dim)
         else:
             projection = None
-        weight, bias = _broadcast(projection)
-        with torch.no_grad():
-            self.net.fc_s.weight.copy_(weight.to(self.net.fc_s.weight))
-            self.net.fc_s.bias.copy_(bias.to(self.net.fc_s.bias))
+        self.net.set_projection(*_broadcast(projection))
+
+    def _stored_boxes(self, pairs) -> list[Tensor]:
+        """Each image's stored proposals in the pixels of the served ``(image, meta)``."""
+        return [_scale_boxes(self.bank.boxes_of(m.image_id), m.orig_size, tuple(im.shape[-2:])).to(im)
+                for im, m in pairs]
+
+    @torch.no_grad()
+    def _stored_features(self, pairs) -> list[Tensor]:
+        """Each image's ``f_t`` of its stored proposals (float32, CPU), one network pass."""
+        boxes = self._stored_boxes(pairs)
+        features = self.net.box_features([im for im, _ in pairs], boxes).float().cpu()
+        return list(features.split([len(b) for b in boxes]))
 
     @torch.no_grad()
     def _extract_features(self, dm, rank: int, world: int) -> Tensor:
         """Every stored proposal's ``f_t`` ``(G, d)``, in bank order (float32, CPU)."""
         ids, feats = [], []
         for pairs in self._round_batches(dm, rank, world, "UDQ features"):
-            images = [im for im, _ in pairs]
-            boxes = [_scale_boxes(self.bank.boxes_of(m.image_id), m.orig_size, tuple(im.shape[-2:])).to(im)
-                     for im, m in pairs]
-            f = self.net.box_features(images, boxes).float().cpu()
             ids += [m.image_id for _, m in pairs]
-            feats += list(f.split([len(b) for b in boxes]))
+            feats += self._stored_features(pairs)
         merged = {i: f for part_ids, part_feats in _all_gather((ids, feats)) for i, f in zip(part_ids, part_feats)}
         missing = [i for i in self.bank.image_ids if i not in merged]
         if missing:
@@ -482,10 +486,8 @@ class UDQModule(RegionSearchModule):
         if not pairs:
             # an all-unreadable batch: a zero loss that still touches the graph (DDP needs every rank to step)
             return sum(p.sum() * 0.0 for p in self.udq_loss.parameters())
-        boxes = [_scale_boxes(self.bank.boxes_of(m.image_id), m.orig_size, tuple(im.shape[-2:])).to(im)
-                 for im, m in pairs]
         codes = torch.cat([self.bank.labels_of(m.image_id) for _, m in pairs]).to(self.device)
-        features = self.net.box_features([im for im, _ in pairs], boxes)
+        features = self.net.box_features([im for im, _ in pairs], self._stored_boxes(pairs))
         codebooks = self.codebook.codebooks.to(features)
         out = self.udq_loss(self.codebook.rotate(features), codes, codebooks)
         n = len(pairs)
@@ -513,11 +515,7 @@ class UDQModule(RegionSearchModule):
         rest = [k for k in range(len(images)) if k not in chosen]
         out = super().search_step(([images[k] for k in rest], [metas[k] for k in rest])) if rest else SearchBatch()
         pairs = [(images[k].to(self.device), metas[k]) for k in stored]
-        boxes = [_scale_boxes(self.bank.boxes_of(m.image_id), m.orig_size, tuple(im.shape[-2:])).to(im)
-                 for im, m in pairs]
-        with torch.no_grad():
-            features = self.net.box_features([im for im, _ in pairs], boxes).float().cpu()
-        for (_, m), f in zip(pairs, features.split([len(b) for b in boxes])):
+        for (_, m), f in zip(pairs, self._stored_features(pairs)):
             out.database.append((m, Regions(boxes=self.bank.boxes_of(m.image_id), scores=self.bank.scores_of(m.image_id),
                                             features=f, image_size=tuple(m.orig_size))))
         return out

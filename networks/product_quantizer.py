@@ -207,10 +207,13 @@ class OPQCodebook:
         m = self.num_subspaces
         return self.codebooks[torch.arange(m), codes_t].reshape(len(codes_t), self.dim)
 
-    def quantization_error(self, x: ArrayLike) -> float:
-        """``L_pq`` of Eq. 6 divided by ``N``: mean squared distance of ``R f`` to ``φ(f)``."""
+    def quantization_error(self, x: ArrayLike, codes: Optional[ArrayLike] = None) -> float:
+        """``L_pq`` of Eq. 6 divided by ``N``: mean squared distance of ``R f`` to ``φ(f)``.
+
+        ``codes``: ``x``'s codes when already computed (``encode(x)``), so they are not encoded again.
+        """
         xr = torch.from_numpy(self.rotate(_as_float32_numpy(x)))
-        return float((xr - self.decode(self.encode(x))).pow(2).sum(dim=1).mean())
+        return float((xr - self.decode(self.encode(x) if codes is None else codes)).pow(2).sum(dim=1).mean())
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_state(self) -> dict[str, Tensor]:

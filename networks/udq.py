@@ -254,12 +254,15 @@ class UDQNet(nn.Module):
         return [(self._to_image(b, net, img), s, r)
                 for b, s, r, net, img in zip(boxes, scores, reps, batch.image_sizes, images)]
 
-    @torch.no_grad()
     def fit_projection(self, representations: Tensor) -> None:
         """Initialise FC_S as the PCA-``d`` projection of off-the-shelf features ``(N, D)``."""
-        weight, bias = pca_projection(representations, self.feature_dim)
-        self.fc_s.weight.copy_(weight)
-        self.fc_s.bias.copy_(bias)
+        self.set_projection(*pca_projection(representations, self.feature_dim))
+
+    @torch.no_grad()
+    def set_projection(self, weight: Tensor, bias: Tensor) -> None:
+        """FC_S := ``weight (d, D)``, ``bias (d,)`` (a projection computed elsewhere, e.g. on one rank)."""
+        self.fc_s.weight.copy_(weight.to(self.fc_s.weight))
+        self.fc_s.bias.copy_(bias.to(self.fc_s.bias))
 
     # -- RegionSearchModel ----------------------------------------------------------------------
     @torch.no_grad()
