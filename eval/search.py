@@ -184,6 +184,11 @@ class InverseDistanceIndex:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
+    @property
+    def d(self) -> int:
+        """Feature dimension, as faiss indexes name it."""
+        return int(self.index.d)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         distances, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), int(k))
         # faiss returns squared L2, nearest first; the inverse distance keeps that order
@@ -197,18 +202,24 @@ class RegionIndex:
     over inner product ("IVF…", "PQ…", "OPQ…" trade accuracy for speed and memory and are trained
     on the stored features). ``l2_index`` instead: a trained, empty faiss index with the L2 metric
     whose quantiser comes from the model (UDQ's OPQ codebooks), searched by inverse distance
-    (:class:`InverseDistanceIndex`). Category-pruning sub-indexes are exact.
+    (:class:`InverseDistanceIndex`). ``index``: a searchable index that already holds the store's
+    regions in order (:meth:`load`); the store's features are then not needed. Category-pruning
+    sub-indexes are exact.
     """
 
     def __init__(self, store: RegionStore, index_factory: str = "Flat", nprobe: int = 16,
-                 device: torch.device | str = "cpu", l2_index=None):
+                 device: torch.device | str = "cpu", l2_index=None, index=None):
         self.store = store
         self.index_factory = index_factory
         self.nprobe = nprobe
         self.device = device
-        self.dim = store.dim
-        self.index = (InverseDistanceIndex(l2_index, store.features) if l2_index is not None
-                      else self._build(store.features))
+        if index is not None:
+            self.index = index
+        elif l2_index is not None:
+            self.index = InverseDistanceIndex(l2_index, store.features)
+        else:
+            self.index = self._build(store.features)
+        self.dim = store.dim if index is None else int(index.d)
         if l2_index is not None:
             # the codes are all the search needs: do not keep 4·D bytes per region alive
             self.store = replace(store, features=np.zeros((len(store), 0), np.float32))
@@ -258,13 +269,11 @@ class RegionIndex:
                                 scores=z["scores"].astype(np.float32),
                                 labels=z["labels"].astype(np.int64) if "labels" in z else None)
         faiss_index = faiss.read_index(str(files[0]))
-        if faiss_index.ntotal != len(store):
-            raise ValueError(f"{files[0]} holds {faiss_index.ntotal} vectors but {files[1]} lists {len(store)} regions")
-        out = cls.__new__(cls)
-        out.store, out.index_factory, out.nprobe, out.device, out.dim = store, "saved", 16, "cpu", dim
-        out.index = InverseDistanceIndex(faiss_index, None) if kind == "inverse_l2" else faiss_index
-        out._label_indexes = {}
-        return out
+        if faiss_index.ntotal != len(store) or faiss_index.d != dim:
+            raise ValueError(f"{files[0]} holds {faiss_index.ntotal} vectors of {faiss_index.d}-D but {files[1]} "
+                             f"lists {len(store)} regions of {dim}-D")
+        index = InverseDistanceIndex(faiss_index, None) if kind == "inverse_l2" else faiss_index
+        return cls(store, index_factory="saved", index=index)
 
     def _build(self, features: np.ndarray):
         if self.index_factory == "Flat":
