@@ -10,11 +10,11 @@ framework, the speed-up of category pruning, and of the vectorised reduction ove
 from __future__ import annotations
 
 import argparse
-import time
 
 import faiss
 import numpy as np
 import torch
+from timing import best_of
 
 from instsearch.eval.search import RegionIndex, RegionStore, best_region_per_image
 from instsearch.structures import Regions
@@ -65,24 +65,16 @@ def main() -> None:
     ql = rng.integers(1, a.labels + 1, a.queries)
     print(f"database: {a.images} images x {a.regions} regions = {len(store)} regions, {a.dim}-D; {a.queries} queries")
 
-    def timed(fn, repeat=3):
-        best = float("inf")
-        for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t)
-        return best
-
-    t_top = timed(lambda: index.search(q, top_images=a.top))
-    t_faiss = timed(lambda: faiss_index.search(q, top_images=a.top))
-    t_bare = timed(lambda: faiss_index.index.search(q, 4 * a.top))
+    t_top = best_of(lambda: index.search(q, top_images=a.top))
+    t_faiss = best_of(lambda: faiss_index.search(q, top_images=a.top))
+    t_bare = best_of(lambda: faiss_index.index.search(q, 4 * a.top))
     same = all(np.array_equal(x.images, y.images) for x, y in zip(index.search(q, top_images=a.top),
                                                                   faiss_index.search(q, top_images=a.top)))
-    t_all = timed(lambda: index.search(q[:10], top_images=None), repeat=1) * a.queries / 10
-    t_prune = timed(lambda: index.search(q, top_images=a.top, query_labels=ql, prune_by_label=True))
+    t_all = best_of(lambda: index.search(q[:10], top_images=None), repeat=1) * a.queries / 10
+    t_prune = best_of(lambda: index.search(q, top_images=a.top, query_labels=ql, prune_by_label=True))
     d, ids = index.index.search(q[:20], 20 * a.top)
-    t_vec = timed(lambda: best_region_per_image(d, ids, store.image_index, a.images))
-    t_loop = timed(lambda: loop_reduction(d, ids, store.image_index), repeat=1)
+    t_vec = best_of(lambda: best_region_per_image(d, ids, store.image_index, a.images))
+    t_loop = best_of(lambda: loop_reduction(d, ids, store.image_index), repeat=1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; faiss {faiss.__version__}, "
           f"{faiss.omp_get_max_threads()} threads")
     print(f"top-{a.top} images, torch exact: {a.queries / t_top:8.1f} queries/s ({1000 * t_top / a.queries:.2f} ms/query)")

@@ -58,6 +58,7 @@ from typing import Callable, Optional
 import faiss
 import numpy as np
 import torch
+from timing import best_of
 
 from instsearch.eval.search import ImageRanking, RegionIndex, RegionStore
 from instsearch.networks.product_quantizer import OPQCodebook, faiss_threads
@@ -144,15 +145,6 @@ class ExactL2Index:
 
 # -- measuring -------------------------------------------------------------------------------------
 
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def one_at_a_time(fn: Callable[[np.ndarray], object], queries: np.ndarray) -> Callable[[], None]:
     def run() -> None:
         for i in range(len(queries)):
@@ -209,17 +201,17 @@ def measure_adc(name: str, store: RegionStore, train: np.ndarray, queries: np.nd
     region_index = RegionIndex(store, l2_index=codebook.to_faiss_index(fast_scan=fast_scan))
     add_s = time.perf_counter() - t
     faiss_index = region_index.index.index  # the same faiss index the framework searches
-    bare = timed(lambda: faiss_index.search(queries, k), a.repeat)
-    frame = timed(lambda: region_index.search(queries, top_images=a.top_images), a.repeat)
+    bare = best_of(lambda: faiss_index.search(queries, k), a.repeat)
+    frame = best_of(lambda: region_index.search(queries, top_images=a.top_images), a.repeat)
     row = Row(name, m * nbits, fit_s, add_s, 1000 * bare / len(queries), 1000 * frame / len(queries),
               recall(region_index.search(queries, top_images=a.top_images), truth),
               count_searches(region_index, queries, a.top_images),
               code_bytes=code_bytes(faiss_index))
     if single:
-        row.bare_single_ms = 1000 * timed(one_at_a_time(lambda q: faiss_index.search(q, k), queries),
-                                          a.repeat) / len(queries)
-        row.frame_single_ms = 1000 * timed(one_at_a_time(lambda q: region_index.search(q, top_images=a.top_images),
-                                                         queries), a.repeat) / len(queries)
+        row.bare_single_ms = 1000 * best_of(one_at_a_time(lambda q: faiss_index.search(q, k), queries),
+                                            a.repeat) / len(queries)
+        row.frame_single_ms = 1000 * best_of(one_at_a_time(lambda q: region_index.search(q, top_images=a.top_images),
+                                                           queries), a.repeat) / len(queries)
     return row, region_index
 
 
@@ -305,9 +297,9 @@ def run(a: argparse.Namespace) -> None:
     exact_l2 = RegionIndex(store)
     exact_l2.index = ExactL2Index(store.features)
     truth = exact_l2.search(queries, top_images=a.top_images)
-    exact_l2_s = timed(lambda: exact_l2.search(queries, top_images=a.top_images), a.repeat)
+    exact_l2_s = best_of(lambda: exact_l2.search(queries, top_images=a.top_images), a.repeat)
     exact_ip = RegionIndex(store)
-    exact_ip_s = timed(lambda: exact_ip.search(queries, top_images=a.top_images), a.repeat)
+    exact_ip_s = best_of(lambda: exact_ip.search(queries, top_images=a.top_images), a.repeat)
     exact_ip_recall = recall(exact_ip.search(queries, top_images=a.top_images), truth)
     del exact_l2, exact_ip
 
@@ -365,7 +357,7 @@ def run(a: argparse.Namespace) -> None:
         loaded = RegionIndex.load(tmp)
     same = all(np.array_equal(x.images, y.images) for x, y in zip(loaded.search(queries, top_images=a.top_images),
                                                                   main_index.search(queries, top_images=a.top_images)))
-    loaded_s = timed(lambda: loaded.search(queries, top_images=a.top_images), a.repeat)
+    loaded_s = best_of(lambda: loaded.search(queries, top_images=a.top_images), a.repeat)
     print(f"  RegionIndex.save -> load ({main_row.name}): {mb(on_disk)} on disk, float features kept "
           f"{mb(loaded.store.features.nbytes)}; same rankings: {same}; search {1000 * loaded_s / q:.2f} ms/query")
     print(f"  peak resident memory of this process  {mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}")
