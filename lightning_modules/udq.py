@@ -353,7 +353,8 @@ class UDQModule(RegionSearchModule):
         """OPQ on ``targets`` and their codes (rank 0), with the quantisation error in ``stats``:
         what :meth:`_adopt` hands every rank."""
         codebook = self._fit_opq(targets, seed)
-        codes = codebook.encode(targets)
+        with faiss_threads(self.faiss_threads):  # the rotation's matrix product rounds per thread count
+            codes = codebook.encode(targets)
         stats["quantization_error"] = codebook.quantization_error(targets, codes)
         return codebook.to_state(), codes.to(label_dtype(self.nbits)), stats
 
