@@ -85,8 +85,9 @@ class Regions:
         return replace(self, boxes=self.boxes * scale, masks=masks, image_size=(int(h1), int(w1)))
 
     def top_k(self, k: int) -> "Regions":
-        """The ``k`` highest-scoring regions, best first."""
-        order = torch.argsort(self.scores, descending=True)[:k]
+        """The ``k`` highest-scoring regions, best first; equal scores keep the order the network
+        returned them in (a stable sort), so a network's own ranking breaks ties."""
+        order = torch.argsort(self.scores, descending=True, stable=True)[:k]
         return self.select(order)
 
     def select(self, index: Tensor) -> "Regions":

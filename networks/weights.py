@@ -12,6 +12,7 @@ and for the synthetic demo but worthless for real benchmarks, so that is said on
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import pickle
 from collections.abc import Callable, Mapping
@@ -21,7 +22,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["load_weights", "resolve_weights", "read_state_dict", "KNOWN_WEIGHT_FILES", "reset_random_init_warnings"]
+__all__ = ["load_weights", "resolve_weights", "read_state_dict", "unwrap_state_dict", "KNOWN_WEIGHT_FILES",
+           "reset_random_init_warnings"]
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +64,47 @@ def _expected(name: str) -> str:
     return KNOWN_WEIGHT_FILES.get(name, f"a PyTorch state-dict file for `{name}`")
 
 
-def read_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
-    """Read a state dict from ``path``: a raw state dict, or a checkpoint holding one under
-    ``'state_dict'`` (Lightning) or ``'model'`` (detectron2, torchvision references).
+def read_state_dict(path: Union[str, Path], wrappers: tuple[str, ...] = ("state_dict", "model")) -> dict[str, Tensor]:
+    """Read a state dict from ``path``: a raw state dict, or a checkpoint holding one under the first
+    key of ``wrappers`` it has (``'state_dict'``: Lightning; ``'model'``: detectron2, torchvision
+    references; DINO's training checkpoints keep theirs under ``'teacher'`` and ``'student'``).
 
-    ``torch.load`` runs with ``weights_only=True``: a weights file never needs to execute code.
+    ``.safetensors`` files are read by safetensors; everything else by ``torch.load`` with
+    ``weights_only=True`` (a weights file never needs to execute code), which also accepts the
+    ``argparse.Namespace`` of options that training scripts (DINO's among them) save next to the weights.
     """
     path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path)))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path}: holds objects other than tensors and plain containers, which a weights file "
                          f"is not allowed to execute; save only the state dict (torch.save(model.state_dict(), "
                          f"path)). Loader message: {str(err).splitlines()[0]}") from err
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
+        for key in wrappers:
             inner = obj.get(key)
             if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
                 obj = inner
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        expected = " or ".join(repr(w) for w in wrappers)
         raise ValueError(f"{path}: not a state dict (expected a mapping of parameter names to tensors, or a "
-                         f"checkpoint with one under 'state_dict' or 'model'); got {type(obj).__name__}")
+                         f"checkpoint with one under {expected}); got {type(obj).__name__}"
+                         + (f" with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, Mapping) else ""))
     return dict(obj)
+
+
+def unwrap_state_dict(state: dict[str, Tensor], target_keys: set[str]) -> dict[str, Tensor]:
+    """``state`` renamed to fit a module with ``target_keys``: wrapper prefixes shared by every key
+    stripped (``module.``, ``_orig_mod.``, ...), then, when the file holds a larger model around the
+    module (``net.detector.backbone.*`` of a checkpoint, ``backbone.*`` beside ``head.*`` in a DINO
+    checkpoint), only the entries under the prefix that matches the module best, without it."""
+    return _select_submodule(_strip_wrapper_prefixes(state, target_keys), target_keys)
 
 
 def _strip_wrapper_prefixes(state: dict[str, Tensor], target_keys: set[str]) -> dict[str, Tensor]:
@@ -202,9 +222,11 @@ def load_weights(module: nn.Module, weights: Union[str, Path, None], *, name: st
     if path is None:
         return False
     target = module.state_dict()
-    state = _strip_wrapper_prefixes(read_state_dict(path), set(target))
     # an explicit key_map says how names map; otherwise find the module inside a larger model
-    state = _apply_key_map(state, key_map) if key_map is not None else _select_submodule(state, set(target))
+    if key_map is not None:
+        state = _apply_key_map(_strip_wrapper_prefixes(read_state_dict(path), set(target)), key_map)
+    else:
+        state = unwrap_state_dict(read_state_dict(path), set(target))
 
     mismatched = sorted(k for k, v in state.items() if k in target and target[k].shape != v.shape)
     if mismatched:
