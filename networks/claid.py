@@ -19,10 +19,30 @@ Any staged backbone can stand in for either network: another timm ViT, or -- for
 where no DINO weights exist -- the dense map of a trained CNN stage at stride 8 (the ViT-B/8 patch
 grid's stride).
 
+Where the authors' public code (https://github.com/wlzhao22/CLAID, commit 8a2fd4c, ``CALID/``)
+differs from the paper, both are options, the paper's the default (``configs/claid_public.yaml``
+sets the public code's):
+
+* **image size** (``resize``) -- ``"paper"``: every image to short side 360 / long side <= 800, each
+  side rounded to whole patches, so the grid covers the whole image; ``"public"``
+  (``detector.py: get_input_var``): torchvision's ``Resize(360, max_size=800)`` only for images whose
+  short side exceeds 355, none for smaller ones, then the bottom and right edges cropped to a multiple
+  of the patch (the grid covers the image but for those few pixels);
+* **descriptor** -- the paper: ImageNet ResNet-50 ``layer4.0`` with RoI average pooling; the public
+  ``descriptor.py``: a SwAV ResNet-50 weights file, ``layer4.1`` (``conv5.1``), GeM (p = 3);
+* **decomposition rules** (seed split, k-sums move bar and sweep limit, cutting the root, the diagonal
+  in c(S)) -- options of :func:`~instsearch.networks.bisecting.build_hierarchy`, passed through.
+
 Choices where the paper is silent (each a parameter):
 
-* **region score** -- the node's energy ratio xi(S) (Eq. 10), so ``RetrievalConfig.regions_per_image``
-  keeps the most salient regions;
+* **region score and order** -- the score is the node's energy ratio xi(S) (Eq. 10), so
+  ``RetrievalConfig.regions_per_image`` keeps the most salient regions. xi is often exactly 1 (a node
+  wholly inside the high-energy set), so the regions are returned sorted by xi (descending), then
+  depth (shallower first: a whole object before its parts), then size (larger first), then the
+  raster position of the first patch; the cap's stable sort keeps that order among equal scores;
+* **batch independence** -- the descriptor runs on each image alone, padded to a multiple of its
+  deepest stride, so a region's feature is the same whatever images share its batch (zero padding
+  to the largest image of a batch would change it);
 * **an image without regions** (its root is already coherent, c-bar >= tau1, or every node is
   dummy) keeps its whole frame as one region (``whole_image_fallback``), so that it can still be
   found; the paper does not say what such an image contributes.
@@ -30,8 +50,9 @@ Choices where the paper is silent (each a parameter):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +67,7 @@ from instsearch.networks.transform import check_box_lists, check_images
 from instsearch.structures import Regions
 
 __all__ = ["CLAID", "bisect_regions", "build_hierarchy", "regions_to_boxes", "upsample_masks", "RegionNode",
-           "resize_to_grid"]
+           "resize_to_grid", "resize_public", "PatchFrame", "rank_nodes"]
 
 BackboneArg = Union[str, StagedBackbone]
 
@@ -64,6 +85,49 @@ def resize_to_grid(height: int, width: int, min_size: int, max_size: int, stride
             max(stride, math.floor(width * scale / stride + 0.5) * stride))
 
 
+#: The public code resizes only images whose short side exceeds this (``get_input_var``: ``min(w, h) > 355``).
+PUBLIC_RESIZE_ABOVE = 355
+
+
+def resize_public(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """torchvision's ``Resize(min_size, max_size=max_size)`` output size (integer truncation, as
+    ``transforms.Resize`` computes it): short side ``min_size``, long side ``int(min_size * long /
+    short)``, and when that exceeds ``max_size`` the long side ``max_size`` and the short side
+    ``int(max_size * min_size / long)``."""
+    short, long = (height, width) if height <= width else (width, height)
+    new_short, new_long = min_size, int(min_size * long / short)
+    if new_long > max_size:
+        new_short, new_long = int(max_size * new_short / new_long), max_size
+    return (new_short, new_long) if height <= width else (new_long, new_short)
+
+
+@dataclass(frozen=True)
+class PatchFrame:
+    """How an ``(H, W)`` image maps onto its patch grid.
+
+    Attributes:
+        resized: ``(rh, rw)``, the size the image is resized to before the patch backbone.
+        grid: ``(h, w)`` patches; they cover the top-left ``(h * stride, w * stride)`` pixels of
+            the resized image (all of it under ``resize="paper"``).
+        covered: ``(h * stride * H / rh, w * stride * W / rw)``: the part of the original image the
+            grid covers, in original pixels (exactly ``(H, W)`` when the grid covers all of it).
+    """
+
+    resized: tuple[int, int]
+    grid: tuple[int, int]
+    covered: tuple[float, float]
+
+
+def rank_nodes(nodes: Sequence[RegionNode]) -> list[RegionNode]:
+    """Output regions in their documented order: energy ratio xi descending, then depth (shallower
+    first), then size (more patches first), then the raster index of the first patch."""
+    def key(node: RegionNode) -> tuple[float, int, int, int]:
+        flat = node.mask.reshape(-1)
+        return (-node.energy_ratio, node.level, -int(flat.sum()), int(flat.to(torch.uint8).argmax()))
+
+    return sorted(nodes, key=key)
+
+
 class CLAID(nn.Module):
     """CLAID regions and features as a :class:`~instsearch.structures.RegionSearchModel`.
 
@@ -73,9 +137,13 @@ class CLAID(nn.Module):
             :class:`~instsearch.networks.staged.StagedBackbone`.
         patch_layer: the map whose cells are the "patches" (``None``: the backbone's last stage --
             ``tokens`` of a ViT; ``conv3`` of a CNN is stride 8 like ViT-B/8).
-        patch_weights: weights file of a backbone given by name (a timm checkpoint, or any
-            instsearch checkpoint holding that backbone).
+        patch_weights: weights file of a backbone given by name (for a ViT: timm's state dict or
+            DINO's checkpoint, see :mod:`~instsearch.networks.vit`; or any instsearch checkpoint
+            holding that backbone).
+        patch_backbone_options / describe_backbone_options: the registry builder's own options for a
+            backbone given by name (e.g. ``{depth: 2}`` for a shallow timm ViT).
         min_size / max_size: the detector's image size (short side / cap of the long side).
+        resize: ``"paper"`` or ``"public"`` (see the module docstring; :meth:`patch_frame`).
         describe_backbone / describe_layer / describe_weights: the descriptor network and its map
             (ResNet-50 ``conv5.0`` = torchvision's ``layer4.0``, the paper's choice).
         pooling: ``"avg"`` (the paper's RoI pooling, a mean), ``"max"`` or ``"gem"`` (exponent
@@ -84,6 +152,9 @@ class CLAID(nn.Module):
         tau1, tau2, alpha, energy_top, min_patches, seed_selection, method, max_depth,
             filter_dummy, solver, max_iters: the decomposition's options
             (:func:`~instsearch.networks.bisecting.build_hierarchy`; paper defaults).
+        decomposition_rules: further :func:`~instsearch.networks.bisecting.build_hierarchy` options
+            that choose between the paper's rules and the public code's (e.g. ``seed_rule``,
+            ``move_rule``, ``cut_root``), passed through as given.
         seed: generator seed of the random parts (random initialisation, the sequential
             solver's visiting order), reset per image so an image's regions do not depend on the
             batch it comes in.
@@ -94,32 +165,39 @@ class CLAID(nn.Module):
     predicts_labels = False
 
     def __init__(self, patch_backbone: BackboneArg = "vit_base_patch8_224.dino", patch_layer: Optional[str] = None,
-                 patch_weights: Union[str, Path, None] = None, min_size: int = 360, max_size: int = 800,
+                 patch_weights: Union[str, Path, None] = None, patch_backbone_options: Optional[dict[str, Any]] = None,
+                 min_size: int = 360, max_size: int = 800, resize: Literal["paper", "public"] = "paper",
                  describe_backbone: BackboneArg = "resnet50", describe_layer: str = "conv5.0",
                  describe_weights: Union[str, Path, None] = None,
+                 describe_backbone_options: Optional[dict[str, Any]] = None,
                  pooling: Literal["avg", "max", "gem"] = "avg", gem_p: float = 3.0, pool_in_mask: bool = False,
                  tau1: float = 0.97, tau2: float = 0.2, alpha: float = 0.2, energy_top: float = 0.3,
                  min_patches: int = 15, seed_selection: bool = True, method: Literal["ksums", "ncut"] = "ksums",
                  max_depth: Optional[int] = None, filter_dummy: bool = True,
-                 solver: Literal["batched", "sequential"] = "batched", max_iters: int = 100, seed: int = 0,
+                 solver: Literal["batched", "sequential"] = "batched", max_iters: int = 100,
+                 decomposition_rules: Optional[dict[str, Any]] = None, seed: int = 0,
                  whole_image_fallback: bool = True, return_masks: bool = True) -> None:
         super().__init__()
-        self.patch_backbone = _backbone(patch_backbone, patch_weights, "patch")
+        if resize not in ("paper", "public"):
+            raise ValueError(f"CLAID: resize must be 'paper' or 'public', got {resize!r}")
+        self.patch_backbone = _backbone(patch_backbone, patch_weights, patch_backbone_options, "patch")
         self.patch_layer = self.patch_backbone.feature_info.names[-1] if patch_layer is None else patch_layer
         self.patch_stride = self.patch_backbone.layer_stride(self.patch_layer)
-        self.describe_backbone = _backbone(describe_backbone, describe_weights, "describe")
+        self.describe_backbone = _backbone(describe_backbone, describe_weights, describe_backbone_options, "describe")
         self.describe_layer = describe_layer
         self.describe_backbone.parse_layer(describe_layer)  # refuse an unknown layer now, not at the first image
         self.pooler = RoIFeaturePooler([describe_layer], pooling=pooling, p=gem_p)
         self.min_size, self.max_size = int(min_size), int(max_size)
+        self.resize = resize
         self.pool_in_mask = bool(pool_in_mask)
         self.decomposition = dict(tau1=tau1, tau2=tau2, alpha=alpha, energy_top=energy_top, min_patches=min_patches,
                                   seed_selection=seed_selection, method=method, max_depth=max_depth,
-                                  filter_dummy=filter_dummy, solver=solver, max_iters=max_iters)
+                                  filter_dummy=filter_dummy, solver=solver, max_iters=max_iters,
+                                  **(decomposition_rules or {}))
         self.seed = int(seed)
         self.whole_image_fallback = bool(whole_image_fallback)
         self.return_masks = bool(return_masks)
-        # the pad multiple of the descriptor batch: the deepest stride, so every map covers the
+        # the pad multiple of a descriptor input: the deepest stride, so every map covers the
         # padded tensor exactly and the pooler's scale is the same on both axes
         self._pad_multiple = max(s.stride for s in self.describe_backbone.feature_info)
 
@@ -128,15 +206,46 @@ class CLAID(nn.Module):
         return self.describe_backbone.layer_channels(self.describe_layer)
 
     # ------------------------------------------------------------------ detector
+    def patch_frame(self, height: int, width: int) -> PatchFrame:
+        """Where an ``height x width`` image's patches lie (:class:`PatchFrame`), by ``resize``."""
+        stride = self.patch_stride
+        if self.resize == "paper":
+            resized = resize_to_grid(height, width, self.min_size, self.max_size, stride)
+            return PatchFrame(resized, (resized[0] // stride, resized[1] // stride), (float(height), float(width)))
+        resized = (resize_public(height, width, self.min_size, self.max_size)
+                   if min(height, width) > PUBLIC_RESIZE_ABOVE else (height, width))
+        resized = (max(resized[0], stride), max(resized[1], stride))  # at least one patch
+        grid = (resized[0] // stride, resized[1] // stride)  # the bottom / right remainder is cropped
+        covered = (grid[0] * stride * height / resized[0], grid[1] * stride * width / resized[1])
+        return PatchFrame(resized, grid, covered)
+
     def patch_grid(self, image: Tensor) -> Tensor:
         """One ``(3, H, W)`` image in ``[0, 1]`` -> its ``(h, w, D)`` patch-feature grid (raw, not
         normalised: the dummy-node energy reads the raw l1 norms)."""
-        height, width = image.shape[-2:]
-        size = resize_to_grid(height, width, self.min_size, self.max_size, self.patch_stride)
-        x = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        frame = self.patch_frame(height, width)
+        x = image[None].float()
+        if frame.resized != (height, width):
+            x = F.interpolate(x, size=frame.resized, mode="bilinear", align_corners=False, antialias=True)
+        x = x[..., : frame.grid[0] * self.patch_stride, : frame.grid[1] * self.patch_stride]
         x = self.patch_backbone.normalize_input(x)
         fmap = self.patch_backbone.forward_layer(x, self.patch_layer)[0]
+        if tuple(fmap.shape[-2:]) != frame.grid:
+            raise RuntimeError(f"{self.patch_layer} of {type(self.patch_backbone).__name__} gave a "
+                               f"{tuple(fmap.shape[-2:])} map for a {frame.grid} patch grid (stride {self.patch_stride})")
         return fmap.permute(1, 2, 0)
+
+    def region_boxes_and_masks(self, grid_masks: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """``(R, h, w)`` patch masks -> boxes ``(R, 4)`` and masks ``(R, H, W)`` in the original
+        image's pixels: the patch cover of :func:`regions_to_boxes` over the covered part of the image
+        (:class:`PatchFrame`), the cropped remainder outside every mask."""
+        frame = self.patch_frame(height, width)
+        boxes = regions_to_boxes(grid_masks, frame.covered)
+        masks = upsample_masks(grid_masks, (round(frame.covered[0]), round(frame.covered[1])))
+        pad_h, pad_w = height - masks.shape[-2], width - masks.shape[-1]
+        if pad_h or pad_w:
+            masks = F.pad(masks, (0, pad_w, 0, pad_h))
+        return boxes, masks
 
     def hierarchy(self, image: Tensor) -> list[RegionNode]:
         """Every node of the image's decomposition (dummies and the root included), for inspection
@@ -150,34 +259,40 @@ class CLAID(nn.Module):
 
     # ------------------------------------------------------------------ descriptor
     def _describe(self, images: Sequence[Tensor], boxes: list[Tensor], masks: Optional[list[Tensor]] = None) -> Tensor:
-        """RoI features of ``boxes`` (pixels of each image) on the descriptor map of the images at
-        their own resolution, batched with zero padding to a common multiple of the deepest stride."""
-        height = _round_up(max(int(i.shape[-2]) for i in images), self._pad_multiple)
-        width = _round_up(max(int(i.shape[-1]) for i in images), self._pad_multiple)
-        batch = torch.stack([F.pad(self.describe_backbone.normalize_input(img[None].float())[0],
-                                   (0, width - img.shape[-1], 0, height - img.shape[-2])) for img in images])
-        fmap = self.describe_backbone.forward_layer(batch, self.describe_layer)
-        return self.pooler({self.describe_layer: fmap}, boxes, (height, width), masks)
+        """RoI features of ``boxes`` (pixels of each image) on the descriptor map of each image at
+        its own resolution. Each image goes through the descriptor alone, zero-padded to a multiple
+        of the deepest stride, so its features do not depend on the other images of the batch."""
+        features = []
+        for i, image in enumerate(images):  # a loop over images: one descriptor pass each
+            height, width = int(image.shape[-2]), int(image.shape[-1])
+            padded = (_round_up(height, self._pad_multiple), _round_up(width, self._pad_multiple))
+            x = F.pad(self.describe_backbone.normalize_input(image[None].float()),
+                      (0, padded[1] - width, 0, padded[0] - height))
+            fmap = self.describe_backbone.forward_layer(x, self.describe_layer)
+            features.append(self.pooler({self.describe_layer: fmap}, [boxes[i]], padded,
+                                        None if masks is None else [masks[i]]))
+        return torch.cat(features)
 
     # ------------------------------------------------------------------ RegionSearchModel
     @torch.no_grad()
     def detect_regions(self, images: list[Tensor]) -> list[Regions]:
-        """Database side: each image's kept hierarchy nodes as boxes (image pixels), energy-ratio
-        scores, upsampled masks and RoI features."""
+        """Database side: each image's kept hierarchy nodes (ordered by :func:`rank_nodes`) as boxes
+        (image pixels), energy-ratio scores, upsampled masks and RoI features."""
         require_eval_mode(self, "detect_regions")
         check_images(images)
         boxes, scores, masks = [], [], []
         for image in images:
-            size = (int(image.shape[-2]), int(image.shape[-1]))
+            height, width = int(image.shape[-2]), int(image.shape[-1])
             nodes = self.hierarchy(image)
-            kept = output_nodes(nodes, self.decomposition["filter_dummy"])
+            kept = rank_nodes(output_nodes(nodes, self.decomposition["filter_dummy"]))
             if not kept and self.whole_image_fallback:
                 kept = [nodes[0]]  # the root: every patch
             grid = (torch.stack([n.mask for n in kept]) if kept
                     else torch.zeros(0, *nodes[0].mask.shape, dtype=torch.bool))
-            boxes.append(regions_to_boxes(grid, size).to(image.device, torch.float32))
+            b, m = self.region_boxes_and_masks(grid, height, width)
+            boxes.append(b.to(image.device, torch.float32))
             scores.append(torch.tensor([n.energy_ratio for n in kept], dtype=torch.float32, device=image.device))
-            masks.append(upsample_masks(grid, size).to(image.device))
+            masks.append(m.to(image.device))
         features = self._describe(images, boxes, masks if self.pool_in_mask else None)
         out = []
         for image, b, s, m, f in zip(images, boxes, scores, masks, features.split([len(b) for b in boxes])):
@@ -198,11 +313,13 @@ class CLAID(nn.Module):
         raise TypeError(f"{type(self).__name__} is class-agnostic: it predicts no categories (predicts_labels is False)")
 
 
-def _backbone(backbone: BackboneArg, weights: Union[str, Path, None], role: str) -> StagedBackbone:
+def _backbone(backbone: BackboneArg, weights: Union[str, Path, None], options: Optional[dict[str, Any]],
+              role: str) -> StagedBackbone:
     if isinstance(backbone, str):
-        return build_backbone(backbone, weights=weights, frozen_stages=0)
-    if weights is not None:
-        raise ValueError(f"{role}_weights only apply to a {role}_backbone given by name; load them into the instance")
+        return build_backbone(backbone, weights=weights, frozen_stages=0, **(options or {}))
+    if weights is not None or options:
+        raise ValueError(f"{role}_weights and {role}_backbone_options only apply to a {role}_backbone given by name; "
+                         f"set them on the instance")
     return backbone
 
 

@@ -182,3 +182,104 @@ def test_instsearch_test_runs_the_claid_config_without_a_checkpoint(tmp_path, sm
     assert metrics["num_queries"] == 4
     assert metrics["regions_per_image"] >= 1.0  # every image keeps at least its whole frame
     assert set(run["rankings"]) == {q["id"] for q in json.loads(small_benchmark.read_text())["queries"]}
+
+
+# ------------------------------------------------------------------ paper defaults, public options
+def test_claid_defaults_are_the_papers():
+    """The CLAID paper's setting (Sec. IV-A and Fig. 5), written out: a changed default fails here."""
+    import inspect
+
+    paper = dict(patch_backbone="vit_base_patch8_224.dino", patch_layer=None, min_size=360, max_size=800,
+                 resize="paper", describe_backbone="resnet50", describe_layer="conv5.0", pooling="avg",
+                 pool_in_mask=False, tau1=0.97, tau2=0.2, alpha=0.2, energy_top=0.3, min_patches=15,
+                 seed_selection=True, method="ksums", max_depth=None, filter_dummy=True)
+    defaults = {k: p.default for k, p in inspect.signature(CLAID).parameters.items()}
+    assert {k: defaults[k] for k in paper} == paper
+
+
+def test_resize_public_is_torchvisions_resize_with_max_size():
+    from instsearch.networks.claid import resize_public
+
+    assert resize_public(480, 640, 360, 800) == (360, 480)
+    assert resize_public(640, 481, 360, 800) == (479, 360)  # int(360 * 640 / 481) = int(479.002)
+    assert resize_public(400, 1500, 360, 800) == (213, 800)  # 1350 > 800: int(800 * 360 / 1350) = 213
+    # and as torchvision's own transform computes it
+    from torchvision.transforms import Resize
+
+    for h, w in [(480, 640), (640, 481), (400, 1500), (1500, 401), (777, 1033), (356, 356)]:
+        out = Resize(360, max_size=800)(torch.zeros(1, h, w))
+        assert resize_public(h, w, 360, 800) == tuple(out.shape[-2:]), (h, w)
+
+
+def test_patch_frame_paper_and_public():
+    paper, public = colour_claid(min_size=360, max_size=800), colour_claid(min_size=360, max_size=800, resize="public")
+    f = paper.patch_frame(400, 1500)  # 213.3 -> 216 rows (27 patches, half up), 800 columns
+    assert (f.resized, f.grid, f.covered) == ((216, 800), (27, 100), (400.0, 1500.0))
+    f = public.patch_frame(400, 1500)  # resized to 213 x 800, the 5 bottom rows cropped
+    assert (f.resized, f.grid) == ((213, 800), (26, 100))
+    assert f.covered == pytest.approx((26 * 8 * 400 / 213, 1500.0))
+    f = public.patch_frame(300, 501)  # short side <= 355: not resized, cropped to 296 x 496
+    assert (f.resized, f.grid, f.covered) == ((300, 501), (37, 62), (296.0, 496.0))
+
+
+def test_public_resize_keeps_small_images_and_crops_to_whole_patches():
+    image, boxes, green = planted_image()
+    big = torch.nn.functional.pad(image, (0, 5, 0, 3), value=0.0)  # 99 x 133: not a multiple of 8
+    big[:, 96:, :] = torch.tensor(BACKGROUND)[:, None, None]
+    big[:, :, 128:] = torch.tensor(BACKGROUND)[:, None, None]
+    with torch.no_grad():
+        (regions,) = colour_claid(resize="public", min_size=360).detect_regions([big])
+    # not resized (short side 99 <= 355): the planted objects' boxes, in the image's own pixels
+    assert sorted(regions.boxes.tolist()) == sorted([[float(v) for v in boxes["red"]],
+                                                     [float(v) for v in boxes["green"]]])
+    assert regions.masks.shape[1:] == (99, 133)
+    index = max(range(2), key=lambda i: regions.boxes[i, 0].item())
+    expected = torch.zeros(99, 133)
+    expected[:96, :128] = green.float()
+    torch.testing.assert_close(regions.masks[index], expected)
+
+
+def test_region_features_do_not_depend_on_the_batch():
+    image, _, _ = planted_image()
+    larger = torch.rand(3, 200, 260)
+    net = colour_claid()
+    with torch.no_grad():
+        (alone,) = net.detect_regions([image])
+        together, _ = net.detect_regions([image, larger])
+        (query_alone,) = net.describe_boxes([image], [alone.boxes])
+        query_together, _ = net.describe_boxes([image, larger], [alone.boxes, torch.tensor([[0.0, 0.0, 50.0, 50.0]])])
+    assert torch.equal(alone.boxes, together.boxes)
+    assert torch.equal(alone.features, together.features)
+    assert torch.equal(query_alone, query_together)
+
+
+def test_rank_nodes_orders_by_xi_then_depth_then_size_then_position():
+    from instsearch.networks.claid import rank_nodes
+    from instsearch.networks.bisecting import RegionNode
+
+    def node(name, xi, level, cells):
+        mask = torch.zeros(4, 4, dtype=torch.bool)
+        mask.view(-1)[list(cells)] = True
+        n = RegionNode(mask=mask, level=level, parent=0, connectivity=0.5, energy_ratio=xi, dummy=False, bisected=False)
+        n.name = name
+        return n
+
+    nodes = [node("a", 0.5, 1, range(10)), node("b", 1.0, 2, range(9)), node("c", 1.0, 1, [5, 6]),
+             node("d", 1.0, 1, [1, 2, 3]), node("e", 1.0, 1, [0, 9, 10]), node("f", 0.75, 3, [4])]
+    assert [n.name for n in rank_nodes(nodes)] == ["e", "d", "c", "b", "f", "a"]
+
+
+def test_tied_scores_keep_the_networks_order_under_the_regions_cap():
+    from instsearch.structures import Regions
+
+    scores = torch.tensor([1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    regions = Regions(boxes=torch.arange(18.0)[:, None].repeat(1, 4), scores=scores)
+    assert regions.top_k(5).boxes[:, 0].tolist() == [0.0, 1.0, 3.0, 4.0, 5.0]
+
+
+def test_claid_regions_come_in_rank_order():
+    image, boxes, _ = planted_image()
+    with torch.no_grad():
+        (regions,) = colour_claid().detect_regions([image])
+    # both objects have xi = 1 at level 1: the larger (red, 30 patches) before the L (24 patches)
+    assert regions.boxes.tolist() == [[float(v) for v in boxes["red"]], [float(v) for v in boxes["green"]]]
