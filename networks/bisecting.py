@@ -45,6 +45,28 @@ Points where the paper leaves a choice, and what is done here (each is repeated 
   identical, or which k-sums cannot split, would be popped and re-queued forever.
 * Nodes are processed first-in first-out, so the returned list is ordered by depth; Algorithm 1's
   "pop" does not fix an order and the set of nodes does not depend on it.
+
+The paper's rules and the authors' public code (https://github.com/wlzhao22/CLAID at commit
+8a2fd4c41c3d04b0a45c4703faf806ce85e13ba7, ``CALID/detector.py``) differ in five places that change
+the regions. Each is an option of :func:`ksums_bisect` / :func:`build_hierarchy` /
+:func:`bisect_regions`, the paper's reading the default and ``"public"`` (or True) the code's; the
+full account is at the code of each rule:
+
+* ``seed_rule`` (:func:`_seed_split`): ``"closer"`` - every feature joins the seed it has the larger
+  dot product with (Sec. III-B); ``"public"`` - ``ksum_Is`` with ``init_way="aim"``: a feature goes to
+  the highest-degree seed's side only if it is affine to that seed and not to the lowest-degree one.
+* ``move_rule`` (:func:`_move_bar`): ``"tolerance"`` - move a feature when Eq. 1 decreases by more
+  than a rounding margin; ``"public"`` - ``ksum_Is``'s ``Imm`` vector makes the decrease exceed
+  ``||x_i||^2 = 1``. The sweep limit stays ``max_iters`` (the public code's ``iters=500``).
+* ``cut_root``: the public ``k_sum_main`` bisects the whole image without testing ``c(root) < tau1``.
+* ``connectivity_diagonal`` (:func:`average_connectivity`): the public ``k_sum_main`` counts the
+  diagonal ``A_ii`` in ``c(S)``.
+* ``energy_rule`` (:func:`high_energy`): ``"ceil"`` - ``H`` holds ``ceil(0.3 n)`` patches;
+  ``"public"`` - ``updata_total_param``'s ``l1 >= sorted(l1)[n * 7 // 10]``, ties at the threshold
+  included.
+
+With all five set to the public code's, ``tau2=0.1`` and ``max_iters=500``, the decomposition follows
+``k_sum_main``; ``benchmarks/claid_bisect.py --reference`` measures how often the two agree.
 """
 from __future__ import annotations
 
@@ -76,6 +98,9 @@ __all__ = [
 
 Method = Literal["ksums", "ncut"]
 Solver = Literal["batched", "sequential"]
+SeedRule = Literal["closer", "public"]
+MoveRule = Literal["tolerance", "public"]
+EnergyRule = Literal["ceil", "public"]
 
 # A k-sums move has to lower Eq. 1 by more than this many units per patch of the node. The batched
 # solver reads the dot products from a float32 Gram matrix, whose row sums carry a rounding error of
@@ -126,18 +151,26 @@ def affinity(x: Tensor, alpha: float = 0.2) -> Tensor:
     return (xn @ xn.T) > alpha
 
 
-def average_connectivity(adjacency: Tensor, masks: Optional[Tensor] = None) -> Tensor:
+def average_connectivity(adjacency: Tensor, masks: Optional[Tensor] = None, diagonal: bool = False) -> Tensor:
     """Eq. 8-9: ``c(S) = 2 c(S) / (n (n - 1))`` with ``c(S) = sum_{i<j in S} A_ij``.
 
     The pairs ``i < j`` of Eq. 8 exclude the diagonal, so a set whose features are all mutually
-    affine has ``c = 1`` exactly (the authors' public code adds the diagonal, giving
-    ``(n^2 + ...) / (n (n - 1)) > 1`` for such sets). A set of one patch has nothing to cut and gets
-    ``c = 1``; so does an empty set.
+    affine has ``c = 1`` exactly. A set of one patch has nothing to cut and gets ``c = 1``; so does
+    an empty set.
+
+    ``diagonal=True`` is the public code's reading (``k_sum_main`` in ``CALID/detector.py`` of
+    https://github.com/wlzhao22/CLAID at 8a2fd4c41c3d04b0a45c4703faf806ce85e13ba7:
+    ``np.sum(self.correspend[np.ix_(p_list, p_list)]) / (len(p_list) * (len(p_list) - 1))``): the
+    sum runs over the whole block, ``A_ii`` included, so ``c = (2 c(S) + n) / (n (n - 1))``, above 1
+    for a fully affine set. (That block also holds ``1e-5`` instead of 0 for the non-edges - the
+    ``eps`` of ``updata_total_param`` - which adds at most ``1e-5 n / (n - 1)`` to ``c``; it is not
+    reproduced here, it only matters for a ``c`` within ``1e-5`` of ``tau1``.)
 
     Args:
         adjacency: ``(n, n)`` affinity (bool, or 0/1 float) of the features of a set.
         masks: ``(K, n)`` bool membership of ``K`` subsets of those features, all measured by one
             matmul (``diag(M A M^T)``); ``None``: the whole set.
+        diagonal: count ``A_ii`` in the sum (the public code), not only the pairs ``i < j`` (the paper).
 
     Returns:
         float64 ``(K,)``, or a 0-dim tensor when ``masks`` is None.
@@ -150,6 +183,8 @@ def average_connectivity(adjacency: Tensor, masks: Optional[Tensor] = None) -> T
         # row sums are exact integers in float32 (< 2^24); their total is taken in float64
         pairs = n * (n - 1)
         edges = float(_degrees(adj).double().sum())
+        if diagonal:
+            edges += float((adj.diagonal() > 0).sum())
         return torch.tensor(1.0 if pairs == 0 else edges / pairs, dtype=torch.float64)
     member = masks.reshape(masks.shape[0], -1).to(device=adjacency.device, dtype=torch.bool)
     if member.shape[1] != n:
@@ -158,30 +193,45 @@ def average_connectivity(adjacency: Tensor, masks: Optional[Tensor] = None) -> T
     # integers in float32 (< 2^24); the products are summed in float64 so the totals stay exact too.
     per_feature = (adj @ member.T.to(torch.float32)).double()  # (n, K)
     within = (per_feature * member.T).sum(0)  # m^T A m, diagonal included
-    diagonal = (member & (adj.diagonal() > 0)[None, :]).sum(1).double()
+    if not diagonal:
+        within = within - (member & (adj.diagonal() > 0)[None, :]).sum(1).double()
     size = member.sum(1).double()
     pairs = size * (size - 1)
-    return torch.where(pairs > 0, (within - diagonal) / pairs.clamp(min=1), torch.ones_like(pairs))
+    return torch.where(pairs > 0, within / pairs.clamp(min=1), torch.ones_like(pairs))
 
 
-def high_energy(features: Tensor, energy_top: float = 0.3) -> Tensor:
+def high_energy(features: Tensor, energy_top: float = 0.3, rule: EnergyRule = "ceil") -> Tensor:
     """``H`` of Sec. III-D: the top ``energy_top`` share of the patches by the l1 norm of the raw features.
 
     Args:
         features: ``(..., D)`` raw (not normalised) features of one image, e.g. ``(h, w, D)``.
         energy_top: share of the patches in ``H`` (``theta`` = 30 % in the paper).
+        rule: ``"ceil"`` (the paper's "top 30 %"): ``H`` holds exactly ``k = ceil(energy_top * n)``
+            patches (the product first rounded to 9 decimals so that e.g. ``0.3 * 10`` gives 3, not
+            4); ties in the norm go to the lower patch index. ``"public"``: the public code's
+            threshold (``updata_total_param`` in ``CALID/detector.py`` of
+            https://github.com/wlzhao22/CLAID at 8a2fd4c41c3d04b0a45c4703faf806ce85e13ba7:
+            ``taothre = sort(l1norm)[n * 7 // 10]``, ``l1_labels = l1norm >= taothre``), generalised to
+            any share as the ``(n - k)``-th smallest norm: every patch whose norm reaches it, so all the
+            patches tied with the threshold are in ``H`` (more than ``k`` then). For ``energy_top = 0.3``
+            the index ``n - ceil(0.3 n)`` is ``n * 7 // 10`` exactly; without ties the two rules agree.
 
     Returns:
-        bool of shape ``features.shape[:-1]``. ``H`` holds ``ceil(energy_top * n)`` patches (the
-        product first rounded to 9 decimals so that e.g. ``0.3 * 10`` gives 3, not 4); ties in the
-        norm go to the lower patch index.
+        bool of shape ``features.shape[:-1]``.
     """
     if not 0.0 <= energy_top <= 1.0:
         raise ValueError(f"high_energy: energy_top must be in [0, 1], got {energy_top}")
+    if rule not in ("ceil", "public"):
+        raise ValueError(f"high_energy: rule must be 'ceil' or 'public', got {rule!r}")
     flat = _as_float(features.reshape(-1, features.shape[-1]))
     n = flat.shape[0]
     count = min(n, math.ceil(round(energy_top * n, 9)))
     energy = flat.abs().sum(1)
+    if rule == "public":
+        if count == 0:
+            return torch.zeros(features.shape[:-1], dtype=torch.bool, device=flat.device)
+        threshold = torch.sort(energy).values[n - count]
+        return (energy >= threshold).reshape(features.shape[:-1])
     order = torch.sort(energy, descending=True, stable=True).indices
     out = torch.zeros(n, dtype=torch.bool, device=flat.device)
     out[order[:count]] = True
@@ -206,22 +256,41 @@ def _degrees(adjacency: Tensor) -> Tensor:
     return adj.sum(1) - adj.diagonal()
 
 
-def select_seeds(adjacency: Tensor) -> tuple[int, int]:
+def select_seeds(adjacency: Tensor, rule: SeedRule = "closer") -> tuple[int, int]:
     """Eq. 6-7: the seeds ``(b, w)`` of a bisection, the highest- and the lowest-degree features.
 
     The paper's Eq. 6 and 7 swap ``argmin`` and ``argmax`` relative to its text ("x_b holds the
-    highest degree"); the pair is what matters, and ``b`` is the highest here. A degree counts the
-    *other* features a feature is affine to (the diagonal is left out, as in Eq. 8). Ties go to the
-    lowest index. ``w`` is chosen among the features other than ``b`` so that the two seeds differ
-    even when all degrees are equal.
+    highest degree"); the pair is what matters, and ``b`` is the highest here.
+
+    ``rule="closer"`` (the paper's reading): a degree counts the *other* features a feature is affine
+    to (the diagonal is left out, as in Eq. 8). Ties go to the lowest index; ``w`` is chosen among
+    the features other than ``b`` so that the two seeds differ even when all degrees are equal.
+
+    ``rule="public"``: the public code (``ksum_Is`` in ``CALID/detector.py`` of
+    https://github.com/wlzhao22/CLAID at 8a2fd4c41c3d04b0a45c4703faf806ce85e13ba7) takes
+    ``d_i = np.sum(A, axis=1)`` over the block with its diagonal and ``1e-5`` for non-edges, and
+    ``min_index, max_index = argsort(d_i)[0], argsort(d_i)[-1]``. The degree here counts the
+    diagonal (the ``1e-5`` terms keep the same order: one more edge outweighs ``n`` of them). Ties:
+    ``b`` is the *last* feature of the highest degree and ``w`` the *first* of the lowest, what an
+    ascending stable sort puts at its two ends. (numpy's default ``argsort`` is not stable and the
+    float64 sums of equal integer degrees can differ in their last bit, so the public code's own
+    choice among tied features is not reproducible; this is the nearest fixed rule.) The two seeds
+    differ for ``n >= 2``: all degrees equal gives ``b = n - 1``, ``w = 0``.
 
     Args:
         adjacency: ``(n, n)`` affinity (Eq. 5) of the node's features, ``n >= 2``.
+        rule: ``"closer"`` or ``"public"``, as above.
     """
     n = adjacency.shape[0]
     if n < 2:
         raise ValueError(f"select_seeds needs at least 2 features, got {n}")
+    if rule not in ("closer", "public"):
+        raise ValueError(f"select_seeds: rule must be 'closer' or 'public', got {rule!r}")
     degree = _degrees(adjacency)
+    if rule == "public":
+        degree = degree + (adjacency.diagonal() > 0).to(degree.dtype)
+        b = n - 1 - int(torch.argmax(degree.flip(0)))  # last maximum
+        return b, int(torch.argmin(degree))  # first minimum
     b = int(torch.argmax(degree))  # first maximum
     others = degree.clone()
     others[b] = float("inf")
@@ -229,10 +298,24 @@ def select_seeds(adjacency: Tensor) -> tuple[int, int]:
     return b, w
 
 
-def _seed_split(gram: Tensor, adjacency: Tensor) -> Tensor:
-    """Sec. III-B initialisation: every feature joins the seed it has the larger dot product with
-    (ties to ``b``, the highest-degree seed); True = the side of ``b``."""
-    b, w = select_seeds(adjacency)
+def _seed_split(gram: Tensor, adjacency: Tensor, rule: SeedRule = "closer") -> Tensor:
+    """Sec. III-B initialisation; True = the side of ``b``, the highest-degree seed.
+
+    ``rule="closer"`` (the paper: "the rest of the features in S are assigned to a cluster of x_b or
+    x_w by checking whether they are closer to x_b or x_w"): every feature joins the seed it has the
+    larger dot product with, ties to ``b``; ``b`` and ``w`` on their own sides.
+
+    ``rule="public"`` (``ksum_Is``, ``init_way="aim"``: ``L = np.where((A[max_index] - A[min_index]) > 0,
+    1, 0)`` on the 1 / 1e-5 affinity block): a feature goes to ``b``'s side only if it is affine to
+    ``b`` and not to ``w``. Everything else goes to ``w``'s side: the features affine to neither
+    seed or to both, whatever their dot products, and ``b`` itself when ``b`` is affine to ``w`` -
+    ``b``'s side can then start empty (k-sums usually fills it; if it stays empty the node is not
+    cut, as ``k_sum_main``'s ``if L.any() == False: continue``).
+    """
+    b, w = select_seeds(adjacency, rule)
+    if rule == "public":
+        edges = adjacency if adjacency.dtype == torch.bool else adjacency > 0
+        return edges[b] & ~edges[w]
     side = gram[b] >= gram[w]  # rows, as the Gram matrix is symmetric
     side[b] = True
     side[w] = False
@@ -259,7 +342,33 @@ def ksums_objective(features: Tensor, side: Tensor) -> float:
     return total
 
 
-def _ksums_batched(gram: Tensor, side: Tensor, max_iters: int, history: Optional[list[float]]) -> Tensor:
+def _move_bar(q: Tensor, n: int, rule: MoveRule) -> Tensor:
+    """How much a move has to lower Eq. 1 for k-sums to make it, per feature (``q_i = ||x_i||^2``).
+
+    ``rule="tolerance"``: more than ``_MOVE_TOLERANCE * n``, a margin above the float32 rounding of
+    the Gram row sums, the same for every feature of a node of ``n``.
+
+    ``rule="public"``: more than ``q_i`` (1 for an l2-normalised feature). In ``ksum_Is`` (``CALID/
+    detector.py`` of https://github.com/wlzhao22/CLAID at 8a2fd4c41c3d04b0a45c4703faf806ce85e13ba7),
+    for feature ``x_i`` of cluster ``l`` (``D[l]``, ``N[l]``, ``D_ftf[l]`` still counting ``x_i``)::
+
+        now_dw = N[l] q_i - 2 x_i . D[l] + D_ftf[l]                  # = d(x_i, S_l): its j = i term is 0
+        dv[v]  = N[v] q_i - 2 x_i . D[v] + D_ftf[v] - [v == l] q_i   # D_ftf_i: q_i taken off l only
+        Imm    = now_dw - dv
+
+    For the other cluster ``v``, ``dv[v] = d(x_i, S_v)`` and ``Imm[v] = d(x_i, S_l) - d(x_i, S_v)``,
+    exactly the decrease of Eq. 1 the move brings. For its own cluster ``dv[l] = now_dw - q_i``, so
+    ``Imm[l] = q_i``: a hidden self-term. The move is made when ``argmax(Imm)`` is not ``l`` (and
+    ``max(Imm) > 0``), i.e. when the decrease exceeds ``q_i``. (An exact tie ``Imm[v] == q_i`` moves
+    the feature only when ``v`` is cluster 0, numpy's first maximum; the strict ``>`` is kept here.)
+    """
+    if rule == "public":
+        return q
+    return torch.full_like(q, _MOVE_TOLERANCE * n)
+
+
+def _ksums_batched(gram: Tensor, side: Tensor, max_iters: int, history: Optional[list[float]],
+                   move_rule: MoveRule = "tolerance") -> Tensor:
     """Batched k-sums on a node's Gram block: prefix moves of the gain-sorted improving features.
 
     With ``q_i = ||x_i||^2`` (1, or 0 for an all-zero feature), ``p_i = x_i . D_b``,
@@ -272,13 +381,14 @@ def _ksums_batched(gram: Tensor, side: Tensor, max_iters: int, history: Optional
     the moved features' Gram block. So the objective of every prefix costs ``O(m^2)`` for ``m``
     candidates, and the best prefix is applied at once. Since the first candidate alone lowers the
     objective by its gain, the best prefix lowers it at least as much: the objective strictly
-    decreases and the loop ends.
+    decreases and the loop ends. A feature is a candidate when its gain exceeds :func:`_move_bar`
+    (``move_rule``); the loop ends when none does, the fixpoint of both solvers.
     """
     n = gram.shape[0]
     f64 = torch.float64
-    tol = _MOVE_TOLERANCE * n
     side = side.clone()
     q = gram.diagonal().to(f64)
+    bar = _move_bar(q, n, move_rule)
     q_all = float(q.sum())
     t = gram.sum(1).to(f64)
     total_sq = float(t.sum())  # ||D||^2
@@ -301,7 +411,7 @@ def _ksums_batched(gram: Tensor, side: Tensor, max_iters: int, history: Optional
         d_b = n_b * q - 2 * p + q_b
         d_w = n_w * q - 2 * (t - p) + q_w
         gain = torch.where(side, d_b - d_w, d_w - d_b)  # d(own) - d(other): the decrease of Eq. 1
-        candidates = torch.nonzero(gain > tol).squeeze(1)
+        candidates = torch.nonzero(gain > bar).squeeze(1)
         if candidates.numel() == 0:
             break
         order = torch.sort(gain[candidates], descending=True, stable=True).indices
@@ -339,39 +449,48 @@ def _ksums_batched(gram: Tensor, side: Tensor, max_iters: int, history: Optional
 
 def _ksums_sequential(features: Tensor, gram: Optional[Tensor], adjacency: Optional[Tensor], alpha: float,
                       seed_selection: bool, max_iters: int, generator: torch.Generator,
-                      history: Optional[list[float]]) -> Tensor:
+                      history: Optional[list[float]], seed_rule: SeedRule = "closer",
+                      move_rule: MoveRule = "tolerance") -> Tensor:
     """The paper's k-sums, one feature at a time (Eq. 2-4): the per-patch reference.
 
-    Degrees (Eq. 5-7) and the seed assignment are computed patch by patch; the node's sums
-    ``D_b, D_w, n_b, n_w`` are kept as Eq. 3 intends and updated on every move. Each sweep visits
-    the features in a fresh random order from ``generator`` and moves a feature when
-    ``d(x_i, S_v) < d(x_i, S_w)`` (by more than the rounding margin); sweeps repeat until one moves
-    nothing or ``max_iters`` sweeps were made. Float64 throughout.
+    Degrees (Eq. 5-7) and the seed assignment (``seed_rule``, see :func:`_seed_split`) are computed
+    patch by patch; the node's sums ``D_b, D_w, n_b, n_w`` are kept as Eq. 3 intends and updated on
+    every move. Each sweep visits the features in a fresh random order from ``generator`` and moves
+    a feature when ``d(x_i, S_v) < d(x_i, S_w)`` by more than :func:`_move_bar` (``move_rule``);
+    sweeps repeat until one moves nothing or ``max_iters`` sweeps were made. Float64 throughout.
     """
     x = F.normalize(_as_float(features), dim=1).double()
     n = x.shape[0]
-    tol = _MOVE_TOLERANCE * n
     if seed_selection:
-        degree = []
+        rows = []
         for i in range(n):
             if adjacency is not None:
-                row = adjacency[i]
+                row = adjacency[i] > 0
             elif gram is not None:
                 row = gram[i] > alpha
             else:
                 row = (x @ x[i]) > alpha
-            degree.append(int(torch.count_nonzero(row)) - int(bool(row[i])))
-        b = max(range(n), key=degree.__getitem__)  # first maximum
-        w = min((i for i in range(n) if i != b), key=degree.__getitem__)  # first minimum among the rest
-        sim_b = (gram[b] if gram is not None else x @ x[b]).tolist()
-        sim_w = (gram[w] if gram is not None else x @ x[w]).tolist()
-        label = [0 if sim_b[i] >= sim_w[i] else 1 for i in range(n)]  # 0 = S_b, ties to b
-        label[b], label[w] = 0, 1
+            rows.append(row)
+        if seed_rule == "public":
+            degree = [int(torch.count_nonzero(row)) for row in rows]  # the diagonal included
+            b = max(reversed(range(n)), key=degree.__getitem__)  # last maximum
+            w = min(range(n), key=degree.__getitem__)  # first minimum
+            label = [0 if bool(rows[b][i]) and not bool(rows[w][i]) else 1 for i in range(n)]  # 0 = S_b
+        else:
+            degree = [int(torch.count_nonzero(row)) - int(bool(row[i])) for i, row in enumerate(rows)]
+            b = max(range(n), key=degree.__getitem__)  # first maximum
+            w = min((i for i in range(n) if i != b), key=degree.__getitem__)  # first minimum among the rest
+            sim_b = (gram[b] if gram is not None else x @ x[b]).tolist()
+            sim_w = (gram[w] if gram is not None else x @ x[w]).tolist()
+            label = [0 if sim_b[i] >= sim_w[i] else 1 for i in range(n)]  # 0 = S_b, ties to b
+            label[b], label[w] = 0, 1
     else:
         label = [0 if s else 1 for s in _random_split(n, generator, x.device).tolist()]
     in_b = torch.tensor([lab == 0 for lab in label], device=x.device)
     sums = torch.stack([x[in_b].sum(0), x[~in_b].sum(0)])  # D_b, D_w
-    sq = (x * x).sum(1).tolist()
+    sq_t = (x * x).sum(1)
+    sq = sq_t.tolist()
+    bar = _move_bar(sq_t, n, move_rule).tolist()
     count = [sum(1 for lab in label if lab == 0), sum(1 for lab in label if lab == 1)]
     sq_sum = [sum(sq[i] for i in range(n) if label[i] == 0), sum(sq[i] for i in range(n) if label[i] == 1)]
 
@@ -392,7 +511,7 @@ def _ksums_sequential(features: Tensor, gram: Optional[Tensor], adjacency: Optio
             dots = (sums @ xi).tolist()  # x_i . D_b, x_i . D_w
             d_own = count[own] * sq[i] - 2 * dots[own] + sq_sum[own]  # Eq. 3
             d_other = count[other] * sq[i] - 2 * dots[other] + sq_sum[other]  # Eq. 4
-            if d_other < d_own - tol:
+            if d_own - d_other > bar[i]:
                 sums[own] -= xi
                 sums[other] += xi
                 count[own] -= 1
@@ -408,10 +527,20 @@ def _ksums_sequential(features: Tensor, gram: Optional[Tensor], adjacency: Optio
     return torch.tensor([lab == 0 for lab in label], device=x.device)
 
 
+_RULES = {"seed_rule": ("closer", "public"), "move_rule": ("tolerance", "public"), "energy_rule": ("ceil", "public")}
+
+
+def _check_rules(**rules: str) -> None:
+    for name, value in rules.items():
+        if value not in _RULES[name]:
+            raise ValueError(f"{name} must be one of {_RULES[name]}, got {value!r}")
+
+
 def ksums_bisect(features: Optional[Tensor] = None, *, gram: Optional[Tensor] = None,
                  adjacency: Optional[Tensor] = None, alpha: float = 0.2, seed_selection: bool = True,
                  solver: Solver = "batched", max_iters: int = 100, generator: Optional[torch.Generator] = None,
-                 return_history: bool = False) -> Union[Tensor, tuple[Tensor, list[float]]]:
+                 return_history: bool = False, seed_rule: SeedRule = "closer",
+                 move_rule: MoveRule = "tolerance") -> Union[Tensor, tuple[Tensor, list[float]]]:
     """Bisect one node by k-sums (Eq. 1-4) from the seed (Eq. 5-7) or a random initialisation.
 
     Args:
@@ -434,16 +563,24 @@ def ksums_bisect(features: Optional[Tensor] = None, *, gram: Optional[Tensor] = 
         generator: random source of the random initialisation and of the sequential visiting
             order; a generator seeded with 0 when None, so results are reproducible.
         return_history: also return Eq. 1 after the initialisation and after every iteration/sweep.
+        seed_rule: ``"closer"`` (the paper) or ``"public"`` (the public code's ``init_way="aim"``):
+            how the features are split between the seeds, see :func:`_seed_split`.
+        move_rule: ``"tolerance"`` (a move lowers Eq. 1 by more than a rounding margin) or
+            ``"public"`` (by more than ``||x_i||^2 = 1``, the public ``ksum_Is``), see :func:`_move_bar`.
+            Both solvers honour it. The public code's sweep limit is ``iters=500`` (its loop test
+            ``iter <= iters`` after ``iter += 1`` allows 501 sweeps); set it with ``max_iters``.
 
     Returns:
         ``(n,)`` bool, True for ``S_b`` (the side that holds the highest-degree seed, or the first
-        half of the random split); both sides non-empty for ``n >= 2``. With ``return_history``,
-        ``(side, objectives)``.
+        half of the random split). Both sides are non-empty for ``n >= 2``, except under
+        ``seed_rule="public"``, whose initial ``S_b`` may be empty and stay so. With
+        ``return_history``, ``(side, objectives)``.
     """
     if features is None and gram is None:
         raise ValueError("ksums_bisect needs features or a Gram block")
     if solver not in ("batched", "sequential"):
         raise ValueError(f"ksums_bisect: solver must be 'batched' or 'sequential', got {solver!r}")
+    _check_rules(seed_rule=seed_rule, move_rule=move_rule)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     if gram is None:
@@ -456,13 +593,14 @@ def ksums_bisect(features: Optional[Tensor] = None, *, gram: Optional[Tensor] = 
     if solver == "sequential":
         if features is None:
             raise ValueError("ksums_bisect: the sequential solver works on the features; pass them")
-        side = _ksums_sequential(features, gram, adjacency, alpha, seed_selection, max_iters, generator, history)
+        side = _ksums_sequential(features, gram, adjacency, alpha, seed_selection, max_iters, generator, history,
+                                 seed_rule, move_rule)
         return (side, history) if return_history else side
     if seed_selection:
-        side = _seed_split(gram, adjacency if adjacency is not None else gram > alpha)
+        side = _seed_split(gram, adjacency if adjacency is not None else gram > alpha, seed_rule)
     else:
         side = _random_split(n, generator, gram.device)
-    side = _ksums_batched(gram, side, max_iters, history)
+    side = _ksums_batched(gram, side, max_iters, history, move_rule)
     return (side, history) if return_history else side
 
 
@@ -574,16 +712,29 @@ def _affinity_block(gram: Tensor, alpha: float) -> Tensor:
     return torch.gt(gram, alpha, out=torch.empty_like(gram))
 
 
-def _cut_wanted(connectivity: float, level: int, tau1: float, max_depth: Optional[int]) -> bool:
-    """Algorithm 1 line 8 (``c(S) < tau1``), or the Table VIII variant's ``level < max_depth``."""
-    return level < max_depth if max_depth is not None else connectivity < tau1
+def _cut_wanted(connectivity: float, level: int, tau1: float, max_depth: Optional[int],
+                cut_root: bool = False) -> bool:
+    """Algorithm 1 line 8 (``c(S) < tau1``), or the Table VIII variant's ``level < max_depth``.
+
+    ``cut_root``: the root (level 0) is cut whatever its connectivity. The public ``k_sum_main``
+    (``CALID/detector.py`` of https://github.com/wlzhao22/CLAID at
+    8a2fd4c41c3d04b0a45c4703faf806ce85e13ba7) starts its queue with the whole image and tests
+    ``connect < 0.97`` only on the pieces it creates; Algorithm 1 pushes the root and tests it like
+    any node (line 8), so a root already coherent is not cut. With ``max_depth`` set the depth alone
+    decides (``max_depth=0`` cuts nothing).
+    """
+    if max_depth is not None:
+        return level < max_depth
+    return (cut_root and level == 0) or connectivity < tau1
 
 
 def build_hierarchy(features: Tensor, tau1: float = 0.97, tau2: float = 0.2, alpha: float = 0.2,
                     energy_top: float = 0.3, min_patches: int = 15, seed_selection: bool = True,
                     method: Method = "ksums", max_depth: Optional[int] = None, filter_dummy: bool = True,
                     solver: Solver = "batched", max_iters: int = 100,
-                    generator: Optional[torch.Generator] = None) -> list[RegionNode]:
+                    generator: Optional[torch.Generator] = None, seed_rule: SeedRule = "closer",
+                    move_rule: MoveRule = "tolerance", cut_root: bool = False,
+                    connectivity_diagonal: bool = False, energy_rule: EnergyRule = "ceil") -> list[RegionNode]:
     """Algorithm 1 of the CLAID paper on one image: every node of the region hierarchy.
 
     The queue starts with the root (all patches). A popped node is cut when ``c(S) < tau1`` (with
@@ -611,8 +762,19 @@ def build_hierarchy(features: Tensor, tau1: float = 0.97, tau2: float = 0.2, alp
         filter_dummy: does not change the hierarchy (``dummy`` is always recorded); accepted so that
             one option set serves this function and :func:`bisect_regions`, which uses it.
         solver: ``"batched"`` or ``"sequential"`` k-sums (:func:`ksums_bisect`).
-        max_iters: k-sums iteration / sweep limit.
+        max_iters: k-sums iteration / sweep limit (the public code: 500).
         generator: random source (random initialisation, sequential order); seeded with 0 when None.
+        seed_rule: ``"closer"`` (paper) or ``"public"``: the seed split, see :func:`_seed_split`.
+        move_rule: ``"tolerance"`` (paper) or ``"public"``: the k-sums move bar, see :func:`_move_bar`.
+        cut_root: cut the root whatever ``c(root)`` (public) instead of only when ``c(root) < tau1``
+            (paper), see :func:`_cut_wanted`.
+        connectivity_diagonal: count ``A_ii`` in ``c(S)`` (public) or only the pairs ``i < j``
+            (paper), see :func:`average_connectivity`.
+        energy_rule: ``"ceil"`` (paper) or ``"public"``: which patches form ``H``, see :func:`high_energy`.
+
+    The public code's configuration is ``seed_rule="public", move_rule="public", cut_root=True,
+    connectivity_diagonal=True, energy_rule="public", tau2=0.1, max_iters=500`` (its sweep order
+    is random, so ``solver="sequential"`` is the one to compare with it).
 
     Returns:
         All nodes, the root first, in the order they were created (by depth). ``parent`` indexes
@@ -626,6 +788,7 @@ def build_hierarchy(features: Tensor, tau1: float = 0.97, tau2: float = 0.2, alp
         raise ValueError(f"build_hierarchy: solver must be 'batched' or 'sequential', got {solver!r}")
     if max_depth is not None and max_depth < 0:
         raise ValueError(f"build_hierarchy: max_depth must be >= 0, got {max_depth}")
+    _check_rules(seed_rule=seed_rule, move_rule=move_rule, energy_rule=energy_rule)
     del filter_dummy  # output filtering only, see bisect_regions
     h, w, dim = features.shape
     n_all = h * w
@@ -635,16 +798,19 @@ def build_hierarchy(features: Tensor, tau1: float = 0.97, tau2: float = 0.2, alp
     raw = _as_float(features.reshape(n_all, dim))
     x = F.normalize(raw, dim=1)
     gram = _gram(x)  # the image's only O(n^2 D) step; every node works on a block of it
-    energy = high_energy(raw, energy_top).to(torch.float32)
+    # H as 0/1; xi = |H n S| / |S| is taken in float64 from exact counts, so a node with xi = tau2
+    # exactly (e.g. 4 of 20 patches for 0.2) compares equal to the float tau2 and is a dummy
+    energy = high_energy(raw, energy_top, energy_rule).to(torch.float32)
 
     everything = torch.ones(n_all, dtype=torch.bool, device=device)
     root_adjacency = _affinity_block(gram, alpha)
-    root_connectivity = float(average_connectivity(root_adjacency))
+    root_connectivity = float(average_connectivity(root_adjacency, diagonal=connectivity_diagonal))
     nodes = [RegionNode(mask=everything.reshape(h, w), level=0, parent=-1, connectivity=root_connectivity,
-                        energy_ratio=float(energy.mean()) if n_all else 0.0, dummy=True, bisected=False)]
+                        energy_ratio=float(energy.double().sum()) / n_all if n_all else 0.0, dummy=True,
+                        bisected=False)]
     # per node to be cut: (global patch indices, Gram block, affinity block or None)
     pending: dict[int, tuple[Tensor, Tensor, Optional[Tensor]]] = {}
-    if _cut_wanted(root_connectivity, 0, tau1, max_depth) and n_all >= 2:
+    if _cut_wanted(root_connectivity, 0, tau1, max_depth, cut_root) and n_all >= 2:
         pending[0] = (torch.arange(n_all, device=device), gram, root_adjacency)
     queue = deque([0])
     while queue:
@@ -661,7 +827,7 @@ def build_hierarchy(features: Tensor, tau1: float = 0.97, tau2: float = 0.2, alp
         else:
             side = ksums_bisect(x.index_select(0, index) if solver == "sequential" else None, gram=block,
                                 adjacency=adjacency, alpha=alpha, seed_selection=seed_selection, solver=solver,
-                                max_iters=max_iters, generator=generator)
+                                max_iters=max_iters, generator=generator, seed_rule=seed_rule, move_rule=move_rule)
         n_b = int(torch.count_nonzero(side))
         if n_b == 0 or n_b == side.numel():
             continue  # guard: k-sums / NCut found no split
@@ -676,9 +842,9 @@ def build_hierarchy(features: Tensor, tau1: float = 0.97, tau2: float = 0.2, alp
         if pieces.shape[0] == 0:
             continue
         local = pieces[:, index]  # (K, n) membership in the node's own indexing
-        connectivity = average_connectivity(adjacency, local).tolist()
+        connectivity = average_connectivity(adjacency, local, diagonal=connectivity_diagonal).tolist()
         sizes = local.sum(1)
-        ratio = ((pieces.to(torch.float32) @ energy) / sizes.to(torch.float32)).tolist()
+        ratio = ((pieces.to(torch.float32) @ energy).double() / sizes.double()).tolist()  # exact counts
         level = node.level + 1
         for c, size in enumerate(sizes.tolist()):
             nodes.append(RegionNode(mask=pieces[c].reshape(h, w), level=level, parent=k,
@@ -702,7 +868,9 @@ def bisect_regions(features: Tensor, tau1: float = 0.97, tau2: float = 0.2, alph
                    energy_top: float = 0.3, min_patches: int = 15, seed_selection: bool = True,
                    method: Method = "ksums", max_depth: Optional[int] = None, filter_dummy: bool = True,
                    solver: Solver = "batched", max_iters: int = 100,
-                   generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+                   generator: Optional[torch.Generator] = None, seed_rule: SeedRule = "closer",
+                   move_rule: MoveRule = "tolerance", cut_root: bool = False, connectivity_diagonal: bool = False,
+                   energy_rule: EnergyRule = "ceil") -> tuple[Tensor, Tensor]:
     """The regions Algorithm 1 outputs: every non-root node, except dummies when ``filter_dummy``.
 
     Options as :func:`build_hierarchy`; ``filter_dummy=False`` outputs the dummy nodes too (the
@@ -714,7 +882,8 @@ def bisect_regions(features: Tensor, tau1: float = 0.97, tau2: float = 0.2, alph
     nodes = build_hierarchy(features, tau1=tau1, tau2=tau2, alpha=alpha, energy_top=energy_top,
                             min_patches=min_patches, seed_selection=seed_selection, method=method,
                             max_depth=max_depth, filter_dummy=filter_dummy, solver=solver, max_iters=max_iters,
-                            generator=generator)
+                            generator=generator, seed_rule=seed_rule, move_rule=move_rule, cut_root=cut_root,
+                            connectivity_diagonal=connectivity_diagonal, energy_rule=energy_rule)
     kept = output_nodes(nodes, filter_dummy)
     h, w = features.shape[:2]
     if not kept:
