@@ -3,7 +3,9 @@
 * Result grids: each row a query crop and its top results with their returned boxes; a result is
   framed green when it is a positive of the query, red when not, grey when junk.
 * Region hierarchies (:func:`region_hierarchy_figure`): one panel per depth of a region
-  decomposition, each region tinted in its own colour with its box, as CLAID's Fig. 3 shows them.
+  decomposition, each region tinted in its own colour with its box, as CLAID's Fig. 3 shows them;
+  optionally the dummy nodes grey and hatched, the image itself and the kept regions' boxes
+  (``instsearch claid-figure``).
 * Metric curves (:func:`metric_curves_figure`): a metric per round or epoch against reference
   lines, as UDQ's Fig. 3 compares its rounds with the off-the-shelf baselines.
 """
@@ -82,8 +84,128 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0))
 
 
+#: A dummy node (CLAID: energy ratio xi <= tau2): its pixels desaturated and pulled to DUMMY_GREY,
+#: hatched with HATCH every HATCH_PERIOD panel pixels, its box dashed in HATCH and labelled "D".
+DUMMY_GREY, HATCH, HATCH_PERIOD = (160, 160, 160), (70, 70, 70), 8
+HEADER = 14  # height of a heading or title line
+
+
+def _panel_geometry(image: Image.Image, panel: int) -> tuple[float, int]:
+    """Scale from the image's pixels to a ``panel``-wide panel, and the panel's height."""
+    scale = panel / image.width
+    return scale, max(1, round(image.height * scale))
+
+
+def _dashed_rectangle(draw: ImageDraw.ImageDraw, box: Sequence[float], fill: tuple[int, int, int],
+                      dash: int = 5, width: int = 2) -> None:
+    x1, y1, x2, y2 = box
+    for (a, b), fixed, horizontal in (((x1, x2), y1, True), ((x1, x2), y2 - width + 1, True),
+                                      ((y1, y2), x1, False), ((y1, y2), x2 - width + 1, False)):
+        start = a
+        while start <= b:
+            stop = min(start + dash - 1, b)
+            if horizontal:
+                draw.rectangle([start, fixed, stop, fixed + width - 1], fill=fill)
+            else:
+                draw.rectangle([fixed, start, fixed + width - 1, stop], fill=fill)
+            start += 2 * dash
+
+
+def _labels(draw: ImageDraw.ImageDraw, items: Sequence[tuple[tuple[float, float], str, tuple[int, int, int]]],
+            size: tuple[int, int]) -> None:
+    """Each ``(xy, text, colour)`` written in white on a small box of ``colour``, its top-left corner at
+    ``xy`` (moved inside the ``size`` panel), in the given order; a label that would overlap one
+    already written is left out, so that the ones written stay readable."""
+    placed: list[tuple[float, float, float, float]] = []
+    for (x, y), text, colour in items:
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        x = min(max(x, 1), size[0] - right - 2)
+        y = min(max(y, 1), size[1] - bottom - 2)
+        rect = (x + left - 1, y + top - 1, x + right + 1, y + bottom + 1)
+        if any(rect[0] < q[2] and q[0] < rect[2] and rect[1] < q[3] and q[1] < rect[3] for q in placed):
+            continue
+        placed.append(rect)
+        draw.rectangle(rect, fill=colour)
+        draw.text((x, y), text, fill=(255, 255, 255))
+
+
+def _region_panel(image: Image.Image, masks: torch.Tensor, members: Sequence[int], panel: int, alpha: float,
+                  boxes: Optional[torch.Tensor] = None, dummies: Optional[torch.Tensor] = None,
+                  labels: Optional[Sequence[str]] = None) -> Image.Image:
+    """The image at panel size with the regions ``members`` (rows of ``masks``) drawn: the k-th
+    non-dummy region tinted ``PALETTE[k]`` (opacity ``alpha``) with its box outlined in that
+    colour; a dummy desaturated to grey, hatched, its box dashed. ``labels`` (one per row of
+    ``masks``) are written at the top-left corner of each region's box."""
+    scale, height = _panel_geometry(image, panel)
+    shown = np.asarray(image.convert("RGB").resize((panel, height)), dtype=np.float32).copy()
+    is_dummy = [bool(dummies[r]) if dummies is not None else False for r in members]
+    colours, k = [], 0
+    for r, dummy in zip(members, is_dummy):
+        colours.append(HATCH if dummy else PALETTE[k % len(PALETTE)])
+        k += not dummy
+    ys, xs = np.mgrid[:height, :panel]
+    hatch = (xs + ys) % HATCH_PERIOD < 2
+    for r, dummy, colour in zip(members, is_dummy, colours):  # a handful of regions: the loop is over regions
+        mask = Image.fromarray(masks[r].cpu().numpy().astype(np.uint8) * 255).resize((panel, height), Image.NEAREST)
+        inside = np.asarray(mask) > 0
+        if dummy:
+            grey = shown[inside] @ np.asarray([0.299, 0.587, 0.114], np.float32)
+            shown[inside] = ((1 - alpha) * grey + alpha * DUMMY_GREY[0])[:, None]
+            shown[inside & hatch] = HATCH
+        else:
+            shown[inside] = (1 - alpha) * shown[inside] + alpha * np.asarray(colour, np.float32)
+    out = Image.fromarray(shown.round().clip(0, 255).astype(np.uint8))
+    if boxes is not None:
+        d = ImageDraw.Draw(out)
+        placed = []
+        for r, dummy, colour in zip(members, is_dummy, colours):
+            x1, y1, x2, y2 = (float(v) * scale for v in boxes[r])
+            if dummy:
+                _dashed_rectangle(d, [x1, y1, x2 - 1, y2 - 1], HATCH)
+            else:
+                d.rectangle([x1, y1, x2 - 1, y2 - 1], outline=colour, width=2)
+            if labels is not None:
+                placed.append(((x1 + 3, y1 + 3), labels[r], colour, int(masks[r].sum())))
+        # the largest regions' labels first: a small region's label gives way when they overlap
+        _labels(d, [item[:3] for item in sorted(placed, key=lambda item: -item[3])], out.size)
+    return out
+
+
+def _wrap(text: str, width: float, draw: ImageDraw.ImageDraw) -> list[str]:
+    """``text`` split at its ``" | "`` separators into lines that fit ``width`` pixels."""
+    lines: list[str] = []
+    for part in text.split(" | "):
+        if lines and draw.textlength(f"{lines[-1]} | {part}") <= width:
+            lines[-1] = f"{lines[-1]} | {part}"
+        else:
+            lines.append(part)
+    return lines
+
+
+def _side_by_side(panels: Sequence[tuple[str, Image.Image]], title: Optional[str] = None) -> Image.Image:
+    """Equal-sized panels in a row, 4 px apart, each under its heading; ``title`` (wrapped at its
+    ``" | "`` separators) above them all."""
+    panel_w, panel_h = panels[0][1].size
+    width = len(panels) * (panel_w + 4) + 4
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_lines = _wrap(title, width - 8, measure) if title else []
+    top = HEADER * len(title_lines)
+    figure = Image.new("RGB", (width, top + panel_h + HEADER + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(figure)
+    for i, line in enumerate(title_lines):
+        draw.text((4, 1 + HEADER * i), line, fill=(0, 0, 0))
+    for i, (heading, p) in enumerate(panels):
+        x = 4 + i * (panel_w + 4)
+        figure.paste(p, (x, top + HEADER))
+        draw.text((x, top + 1), heading, fill=(0, 0, 0))
+    return figure
+
+
 def region_hierarchy_figure(image: Image.Image, masks: torch.Tensor, levels: torch.Tensor,
-                            boxes: Optional[torch.Tensor] = None, alpha: float = 0.5, panel: int = 256) -> Image.Image:
+                            boxes: Optional[torch.Tensor] = None, alpha: float = 0.5, panel: int = 256, *,
+                            dummies: Optional[torch.Tensor] = None, labels: Optional[Sequence[str]] = None,
+                            show_image: bool = False, kept_boxes: Optional[torch.Tensor] = None,
+                            kept_labels: Optional[Sequence[str]] = None, title: Optional[str] = None) -> Image.Image:
     """One panel per depth of a region hierarchy: the image with that depth's regions tinted.
 
     Args:
@@ -93,38 +215,49 @@ def region_hierarchy_figure(image: Image.Image, masks: torch.Tensor, levels: tor
         boxes: optional ``(R, 4)`` boxes in the image's pixels, outlined in the region's colour.
         alpha: tint opacity inside a region; pixels outside every region of a panel are unchanged.
         panel: width of each panel in pixels (height follows the image's aspect ratio).
+        dummies: optional ``(R,)`` bool: regions drawn as dummy nodes (grey, hatched, dashed box,
+            labelled "D"); the panels are then headed "depth k: n nodes, m dummies".
+        labels: optional text per region, written at its box's corner (needs ``boxes``).
+        show_image: a first panel with the image itself.
+        kept_boxes / kept_labels: a last panel with the regions a model keeps: ``(K, 4)`` boxes in
+            the image's pixels, the k-th outlined in ``PALETTE[k]`` under its label.
+        title: a line above the panels (wrapped at ``" | "``).
 
     Returns:
-        The panels side by side, each headed "level k: n regions".
+        The panels side by side, each headed "level k: n regions" (or as ``dummies`` says).
     """
     if masks.ndim != 3 or masks.shape[1:] != (image.height, image.width):
         raise ValueError(f"region_hierarchy_figure: masks must be (R, {image.height}, {image.width}) like the image, "
                          f"got {tuple(masks.shape)}")
     if levels.shape != masks.shape[:1]:
         raise ValueError(f"region_hierarchy_figure: {masks.shape[0]} masks but {levels.shape[0]} levels")
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    depths = sorted(set(levels.tolist())) or [0]
-    scale = panel / image.width
-    height = max(1, round(image.height * scale))
-    header = 14
-    figure = Image.new("RGB", (len(depths) * (panel + 4) + 4, height + header + 4), (255, 255, 255))
-    draw = ImageDraw.Draw(figure)
-    for p, depth in enumerate(depths):
+    if dummies is not None and dummies.shape != masks.shape[:1]:
+        raise ValueError(f"region_hierarchy_figure: {masks.shape[0]} masks but {dummies.shape[0]} dummy flags")
+    if labels is not None and (boxes is None or len(labels) != len(masks)):
+        raise ValueError("region_hierarchy_figure: labels need boxes and one label per mask")
+    panels = []
+    if show_image:
+        panels.append((f"image {image.width}x{image.height}", _region_panel(image, masks, [], panel, alpha)))
+    for depth in sorted(set(levels.tolist())) or [1]:
         members = (levels == depth).nonzero().flatten().tolist()
-        tinted = base.copy()
-        for k, r in enumerate(members):  # a handful of regions per depth: the loop is over regions, not pixels
-            inside = masks[r].cpu().numpy().astype(bool)
-            tinted[inside] = (1 - alpha) * tinted[inside] + alpha * np.asarray(PALETTE[k % len(PALETTE)], np.float32)
-        shown = Image.fromarray(tinted.round().clip(0, 255).astype(np.uint8)).resize((panel, height))
-        if boxes is not None:
-            d = ImageDraw.Draw(shown)
-            for k, r in enumerate(members):
-                x1, y1, x2, y2 = (float(v) * scale for v in boxes[r])
-                d.rectangle([x1, y1, x2 - 1, y2 - 1], outline=PALETTE[k % len(PALETTE)], width=2)
-        x = 4 + p * (panel + 4)
-        figure.paste(shown, (x, header))
-        draw.text((x, 1), f"level {depth}: {len(members)} regions", fill=(0, 0, 0))
-    return figure
+        if dummies is None:
+            heading = f"level {depth}: {len(members)} regions"
+        else:
+            n_dummy = int(dummies[members].sum()) if members else 0
+            heading = f"depth {depth}: {len(members)} nodes, {n_dummy} dumm{'y' if n_dummy == 1 else 'ies'}"
+        panels.append((heading, _region_panel(image, masks, members, panel, alpha, boxes, dummies, labels)))
+    if kept_boxes is not None:
+        kept = _region_panel(image, masks, [], panel, alpha)
+        d = ImageDraw.Draw(kept)
+        scale, _ = _panel_geometry(image, panel)
+        for k, box in enumerate(kept_boxes.tolist()):
+            x1, y1, x2, y2 = (v * scale for v in box)
+            d.rectangle([x1, y1, x2 - 1, y2 - 1], outline=PALETTE[k % len(PALETTE)], width=2)
+        if kept_labels is not None:  # over every box, in the boxes' order
+            _labels(d, [((box[0] * scale + 3, box[1] * scale + 3), text, PALETTE[k % len(PALETTE)])
+                        for k, (box, text) in enumerate(zip(kept_boxes.tolist(), kept_labels))], kept.size)
+        panels.append((f"kept: {len(kept_boxes)} region{'' if len(kept_boxes) == 1 else 's'}", kept))
+    return _side_by_side(panels, title)
 
 
 def _heat(values: np.ndarray) -> np.ndarray:
@@ -164,9 +297,7 @@ def salient_region_figure(image: Image.Image, xbar: torch.Tensor, maps: torch.Te
         raise ValueError(f"salient_region_figure: {n} maps, {len(centres)} centres, {len(covs)} covariances, "
                          f"{len(boxes)} boxes")
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    scale = panel / image.width
-    height = max(1, round(image.height * scale))
-    header = 14
+    scale, height = _panel_geometry(image, panel)
 
     def shown(rgb: np.ndarray) -> Image.Image:
         return Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8)).resize((panel, height))
@@ -194,13 +325,7 @@ def salient_region_figure(image: Image.Image, xbar: torch.Tensor, maps: torch.Te
                                                 covs[k].double().numpy() * scale ** 2, ellipse_scale),
                                fill=(255, 255, 255), width=2)
         panels.append((f"region {k}: peak response", p))
-    figure = Image.new("RGB", (len(panels) * (panel + 4) + 4, height + header + 4), (255, 255, 255))
-    draw = ImageDraw.Draw(figure)
-    for i, (title, p) in enumerate(panels):
-        x = 4 + i * (panel + 4)
-        figure.paste(p, (x, header))
-        draw.text((x, 1), title, fill=(0, 0, 0))
-    return figure
+    return _side_by_side(panels)
 
 
 #: line colours of :func:`metric_curves_figure`, in series order

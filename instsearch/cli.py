@@ -14,6 +14,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "evaluate": ("instsearch.eval.evaluate:main", "score a run.json against a benchmark.json (mAP@k, mIoU)"),
     "demo": ("instsearch.demo:main", "synthetic benchmark -> untrained vs trained vs global GeM, end to end"),
     "dasr-figure": ("instsearch.networks.dasr:figure_main", "DASR's picture of one image: mean activation, peak maps, ellipses"),
+    "claid-figure": ("instsearch.claid_figure:figure_main", "CLAID's picture of one image: the region hierarchy by depth, dummies, kept regions"),
 }
 LIGHTNING = {
     "fit": "train a model (LightningCLI; --config configs/*.yaml)",

@@ -44,3 +44,31 @@ def test_metric_curves_figure_draws_each_series_where_its_values_are():
     assert np.abs(ref_rows - middle).min() <= 2
     with pytest.raises(ValueError, match="at least one value"):
         metric_curves_figure({})
+
+
+def test_region_hierarchy_figure_dummies_image_and_kept_panels():
+    from instsearch.eval.visualize import DUMMY_GREY, HATCH, HATCH_PERIOD, HEADER
+
+    image = Image.new("RGB", (40, 20), (100, 100, 100))
+    masks = torch.zeros(2, 20, 40, dtype=torch.bool)
+    masks[0, :, :20] = True  # a dummy
+    masks[1, :, 20:] = True
+    levels, dummies = torch.tensor([1, 1]), torch.tensor([True, False])
+    fig = region_hierarchy_figure(image, masks, levels, panel=40, dummies=dummies, show_image=True,
+                                  kept_boxes=torch.tensor([[20.0, 0.0, 40.0, 20.0]]), title="a title")
+    assert fig.size == (3 * (40 + 4) + 4, HEADER + 20 + 14 + 4)  # image, depth 1, kept; one title line
+    pix = np.asarray(fig).astype(int)[2 * HEADER:2 * HEADER + 20]
+    assert (pix[:, 4:44] == 100).all()  # the image untouched
+    hierarchy = pix[:, 48:88]
+    ys, xs = np.mgrid[:20, :20]
+    hatch = (xs + ys) % HATCH_PERIOD < 2
+    assert (hierarchy[:, :20][hatch] == HATCH).all()  # the dummy: grey and hatched, not a colour
+    assert (hierarchy[:, :20][~hatch] == round(0.5 * 100 + 0.5 * DUMMY_GREY[0])).all()
+    np.testing.assert_allclose(hierarchy[10, 30], np.round((np.array(PALETTE[0]) + 100) / 2), atol=1)
+    kept = pix[:, 92:132]
+    assert (kept[:, 20:22] == PALETTE[0]).all() and (kept[:, 38:40] == PALETTE[0]).all()
+    assert (kept[5:15, 5:15] == 100).all()
+    with pytest.raises(ValueError, match="dummy flags"):
+        region_hierarchy_figure(image, masks, levels, dummies=dummies[:1])
+    with pytest.raises(ValueError, match="labels need boxes"):
+        region_hierarchy_figure(image, masks, levels, labels=["a", "b"])

@@ -1,0 +1,137 @@
+"""``instsearch claid-figure``: the picture of one image's CLAID decomposition, for tuning its
+thresholds.
+
+The CLAID paper's Algorithm 1 bisects an image's patch grid while a node's average internal
+connectivity ``c(S)`` is below ``tau1`` (the affinity of Eq. 5 thresholded at ``alpha``), and marks a
+node a dummy when its energy ratio ``xi(S)`` (Eq. 10) is at most ``tau2``. The figure shows the image,
+every depth of the hierarchy with each node's ``c`` and ``xi`` (dummies grey and hatched), and the
+regions the network keeps with their boxes and ``xi`` scores -- as the paper's Fig. 3 draws them.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from PIL import Image
+
+NET_KEYS = ("model", "init_args", "net", "init_args")
+
+
+def claid_options(config: Path) -> tuple[dict[str, Any], int]:
+    """The CLAID arguments of a config -- its ``model.init_args.net.init_args`` mapping, without the
+    null values (a null leaves the network's default in place) -- and its ``seed_everything`` (0 when
+    unset)."""
+    import yaml
+
+    root: Any = yaml.safe_load(config.read_text())
+    node = root
+    for key in NET_KEYS:
+        if not isinstance(node, dict) or key not in node:
+            raise ValueError(f"{config}: no {'.'.join(NET_KEYS)} mapping (a CLAID config has one)")
+        node = node[key]
+    node = node or {}
+    if not isinstance(node, dict):
+        raise ValueError(f"{config}: {'.'.join(NET_KEYS)} is not a mapping")
+    seed = root.get("seed_everything")
+    return {key: value for key, value in node.items() if value is not None}, seed if isinstance(seed, int) else 0
+
+
+def hierarchy_figure(net, image: Image.Image, panel: int = 256) -> tuple[Image.Image, str]:
+    """The figure of ``image``'s decomposition by ``net`` (a :class:`~instsearch.networks.claid.CLAID`)
+    and a one-line summary of it."""
+    from instsearch.datamodules.transforms import to_float_tensor
+    from instsearch.eval.visualize import region_hierarchy_figure
+    from instsearch.networks.bisecting import output_nodes, regions_to_boxes, upsample_masks
+    from instsearch.networks.claid import resize_to_grid
+
+    with torch.no_grad():
+        nodes = net.hierarchy(to_float_tensor(image))
+    size = (image.height, image.width)
+    root, shown = nodes[0], nodes[1:]  # the root is the whole image, never a region
+    grid_h, grid_w = root.mask.shape
+    masks = torch.stack([n.mask for n in shown]) if shown else torch.zeros(0, grid_h, grid_w, dtype=torch.bool)
+    labels = [f"D xi {n.energy_ratio:.2f}" if n.dummy else f"c {n.connectivity:.2f} xi {n.energy_ratio:.2f}"
+              for n in shown]
+    options = net.decomposition
+    kept = output_nodes(nodes, options["filter_dummy"])
+    fallback = not kept and net.whole_image_fallback
+    if fallback:
+        kept = [root]  # as CLAID.detect_regions: the whole frame
+    kept = sorted(kept, key=lambda n: -n.energy_ratio)  # the order regions_per_image keeps them in
+    kept_masks = torch.stack([n.mask for n in kept]) if kept else torch.zeros(0, grid_h, grid_w, dtype=torch.bool)
+    resized = resize_to_grid(image.height, image.width, net.min_size, net.max_size, net.patch_stride)
+    cut = "cut" if root.bisected else "not cut"
+    criterion = (f"depth < max_depth {options['max_depth']}" if options["max_depth"] is not None
+                 else "cut while c < tau1")
+    title = (f"CLAID  tau1 {options['tau1']:g}  tau2 {options['tau2']:g}  alpha {options['alpha']:g}  "
+             f"grid {grid_h}x{grid_w} patches of {net.patch_stride} px (image resized to {resized[0]}x{resized[1]})  "
+             f"root c {root.connectivity:.3f} ({cut})"
+             f" | colour tint: a node, c = connectivity ({criterion}), xi = energy ratio"
+             f" | grey hatched, dashed box, D: a dummy node (xi <= tau2)"
+             f" | kept: output regions by xi{' (none: the whole-image fallback)' if fallback else ''}")
+    figure = region_hierarchy_figure(
+        image, upsample_masks(masks, size) > 0.5, torch.tensor([n.level for n in shown], dtype=torch.long),
+        regions_to_boxes(masks, size), panel=panel, dummies=torch.tensor([n.dummy for n in shown], dtype=torch.bool),
+        labels=labels, show_image=True, kept_boxes=regions_to_boxes(kept_masks, size),
+        kept_labels=[f"{k + 1}: xi {n.energy_ratio:.2f}" for k, n in enumerate(kept)], title=title)
+    depth = max((n.level for n in shown), default=0)
+    dummies = sum(n.dummy for n in shown)
+    summary = (f"tau1 {options['tau1']:g} tau2 {options['tau2']:g} alpha {options['alpha']:g}: "
+               f"{depth} level{'' if depth == 1 else 's'}, {len(shown)} nodes below the root ({dummies} "
+               f"dumm{'y' if dummies == 1 else 'ies'}), {len(kept)} kept region{'' if len(kept) == 1 else 's'}"
+               f"{' (whole-image fallback)' if fallback else ''}")
+    return figure, summary
+
+
+def figure_main(argv: Optional[list[str]] = None) -> int:
+    """``instsearch claid-figure IMAGE --out fig.png``: one image's CLAID region hierarchy level by
+    level (dummy nodes marked) and the regions kept, with tau1 / tau2 / alpha -- the picture to tune
+    them by (the CLAID paper's Fig. 3)."""
+    from instsearch.datamodules.image_io import BadImageError, load_rgb
+    from instsearch.networks.claid import CLAID
+    from instsearch.seeding import seed_all
+
+    p = argparse.ArgumentParser(prog="instsearch claid-figure", description=figure_main.__doc__)
+    p.add_argument("image", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--config", type=Path, default=None,
+                   help="a CLAID config (configs/claid_*.yaml): its model.init_args.net.init_args build the "
+                        "network; without it, CLAID's defaults (DINO ViT-B/8 and ResNet-50)")
+    p.add_argument("--patch-weights", default=None, help="the detector backbone's weights (overrides the config)")
+    p.add_argument("--describe-weights", default=None, help="the descriptor backbone's weights (overrides the config)")
+    p.add_argument("--tau1", type=float, default=None, help="connectivity threshold: cut while c(S) < tau1")
+    p.add_argument("--tau2", type=float, default=None, help="dummy threshold: a dummy when xi(S) <= tau2")
+    p.add_argument("--alpha", type=float, default=None, help="affinity threshold of Eq. 5")
+    p.add_argument("--panel", type=int, default=256, help="width of each panel in pixels")
+    a = p.parse_args(argv)
+    options: dict[str, Any] = {}
+    seed = 0
+    if a.config is not None:
+        if not a.config.is_file():
+            p.error(f"config {a.config}: no such file")
+        try:
+            options, seed = claid_options(a.config)
+        except (ValueError, OSError) as err:
+            p.error(str(err))
+        except Exception as err:  # yaml.YAMLError and friends: say which file
+            p.error(f"config {a.config}: {err}")
+    for key in ("patch_weights", "describe_weights", "tau1", "tau2", "alpha"):
+        if getattr(a, key) is not None:
+            options[key] = getattr(a, key)
+    try:
+        image = load_rgb(a.image)
+    except BadImageError as err:
+        p.error(str(err))  # the file and what is wrong with it, no traceback
+    seed_all(seed)  # as `instsearch test --config` (seed_everything): a randomly initialised backbone is reproducible
+    try:
+        net = CLAID(**options).eval()
+    except (TypeError, ValueError, FileNotFoundError) as err:
+        p.error(f"cannot build CLAID{f' from {a.config}' if a.config else ''}: {err}")
+    figure, summary = hierarchy_figure(net, image, panel=a.panel)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    figure.save(a.out)
+    print(f"wrote {a.out}")
+    print(f"{a.image}: {summary}")
+    return 0
