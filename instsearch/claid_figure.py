@@ -43,39 +43,47 @@ def hierarchy_figure(net, image: Image.Image, panel: int = 256) -> tuple[Image.I
     and a one-line summary of it."""
     from instsearch.datamodules.transforms import to_float_tensor
     from instsearch.eval.visualize import region_hierarchy_figure
-    from instsearch.networks.bisecting import output_nodes, regions_to_boxes, upsample_masks
-    from instsearch.networks.claid import resize_to_grid
+    from instsearch.networks.bisecting import output_nodes
+    from instsearch.networks.claid import rank_nodes
 
     with torch.no_grad():
         nodes = net.hierarchy(to_float_tensor(image))
-    size = (image.height, image.width)
     root, shown = nodes[0], nodes[1:]  # the root is the whole image, never a region
     grid_h, grid_w = root.mask.shape
-    masks = torch.stack([n.mask for n in shown]) if shown else torch.zeros(0, grid_h, grid_w, dtype=torch.bool)
+
+    def in_pixels(which: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes and bool masks in the image's pixels, as CLAID.detect_regions maps its regions."""
+        grid = torch.stack([n.mask for n in which]) if which else torch.zeros(0, grid_h, grid_w, dtype=torch.bool)
+        boxes, masks = net.region_boxes_and_masks(grid, image.height, image.width)
+        return boxes, masks > 0.5
+
+    boxes, masks = in_pixels(shown)
     labels = [f"D xi {n.energy_ratio:.2f}" if n.dummy else f"c {n.connectivity:.2f} xi {n.energy_ratio:.2f}"
               for n in shown]
     options = net.decomposition
-    kept = output_nodes(nodes, options["filter_dummy"])
+    kept = rank_nodes(output_nodes(nodes, options["filter_dummy"]))  # in the order CLAID returns them
     fallback = not kept and net.whole_image_fallback
     if fallback:
         kept = [root]  # as CLAID.detect_regions: the whole frame
-    kept = sorted(kept, key=lambda n: -n.energy_ratio)  # the order regions_per_image keeps them in
-    kept_masks = torch.stack([n.mask for n in kept]) if kept else torch.zeros(0, grid_h, grid_w, dtype=torch.bool)
-    resized = resize_to_grid(image.height, image.width, net.min_size, net.max_size, net.patch_stride)
+    kept_boxes, _ = in_pixels(kept)
+    frame = net.patch_frame(image.height, image.width)
+    resized = f"detector input {frame.resized[1]}x{frame.resized[0]} px"  # width x height, as the image's
+    if (round(frame.covered[0]), round(frame.covered[1])) != (image.height, image.width):
+        resized += f"; the grid covers the image's top-left {frame.covered[1]:.0f}x{frame.covered[0]:.0f} px"
     cut = "cut" if root.bisected else "not cut"
     criterion = (f"depth < max_depth {options['max_depth']}" if options["max_depth"] is not None
                  else "cut while c < tau1")
     title = (f"CLAID  tau1 {options['tau1']:g}  tau2 {options['tau2']:g}  alpha {options['alpha']:g}  "
-             f"grid {grid_h}x{grid_w} patches of {net.patch_stride} px (image resized to {resized[0]}x{resized[1]})  "
+             f"grid {grid_h} rows x {grid_w} columns of {net.patch_stride} px patches ({resized})  "
              f"root c {root.connectivity:.3f} ({cut})"
              f" | colour tint: a node, c = connectivity ({criterion}), xi = energy ratio"
              f" | grey hatched, dashed box, D: a dummy node (xi <= tau2)"
-             f" | kept: output regions by xi{' (none: the whole-image fallback)' if fallback else ''}")
+             f" | kept: output regions in CLAID's order{' (none: the whole-image fallback)' if fallback else ''}")
     figure = region_hierarchy_figure(
-        image, upsample_masks(masks, size) > 0.5, torch.tensor([n.level for n in shown], dtype=torch.long),
-        regions_to_boxes(masks, size), panel=panel, dummies=torch.tensor([n.dummy for n in shown], dtype=torch.bool),
-        labels=labels, show_image=True, kept_boxes=regions_to_boxes(kept_masks, size),
-        kept_labels=[f"{k + 1}: xi {n.energy_ratio:.2f}" for k, n in enumerate(kept)], title=title)
+        image, masks, torch.tensor([n.level for n in shown], dtype=torch.long), boxes, panel=panel,
+        dummies=torch.tensor([n.dummy for n in shown], dtype=torch.bool), labels=labels, show_image=True,
+        kept_boxes=kept_boxes, kept_labels=[f"{k + 1}: xi {n.energy_ratio:.2f}" for k, n in enumerate(kept)],
+        title=title)
     depth = max((n.level for n in shown), default=0)
     dummies = sum(n.dummy for n in shown)
     summary = (f"tau1 {options['tau1']:g} tau2 {options['tau2']:g} alpha {options['alpha']:g}: "
