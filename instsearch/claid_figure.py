@@ -43,8 +43,6 @@ def hierarchy_figure(net, image: Image.Image, panel: int = 256) -> tuple[Image.I
     and a one-line summary of it."""
     from instsearch.datamodules.transforms import to_float_tensor
     from instsearch.eval.visualize import region_hierarchy_figure
-    from instsearch.networks.bisecting import output_nodes
-    from instsearch.networks.claid import rank_nodes
 
     with torch.no_grad():
         nodes = net.hierarchy(to_float_tensor(image))
@@ -61,10 +59,8 @@ def hierarchy_figure(net, image: Image.Image, panel: int = 256) -> tuple[Image.I
     labels = [f"D xi {n.energy_ratio:.2f}" if n.dummy else f"c {n.connectivity:.2f} xi {n.energy_ratio:.2f}"
               for n in shown]
     options = net.decomposition
-    kept = rank_nodes(output_nodes(nodes, options["filter_dummy"]))  # in the order CLAID returns them
-    fallback = not kept and net.whole_image_fallback
-    if fallback:
-        kept = [root]  # as CLAID.detect_regions: the whole frame
+    kept = net.kept_nodes(nodes)  # as CLAID.detect_regions returns them, in its order
+    fallback = len(kept) == 1 and kept[0] is root
     kept_boxes, _ = in_pixels(kept)
     frame = net.patch_frame(image.height, image.width)
     resized = f"detector input {frame.resized[1]}x{frame.resized[0]} px"  # width x height, as the image's

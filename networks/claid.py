@@ -49,6 +49,7 @@ Choices where the paper is silent (each a parameter):
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,11 @@ class CLAID(nn.Module):
         super().__init__()
         if resize not in ("paper", "public"):
             raise ValueError(f"CLAID: resize must be 'paper' or 'public', got {resize!r}")
+        rules = dict(decomposition_rules or {})
+        known = set(inspect.signature(build_hierarchy).parameters) - {"features", "generator"}
+        unknown = sorted(set(rules) - known)
+        if unknown:
+            raise ValueError(f"CLAID: unknown decomposition_rules {unknown}; build_hierarchy takes {sorted(known)}")
         self.patch_backbone = _backbone(patch_backbone, patch_weights, patch_backbone_options, "patch")
         self.patch_layer = self.patch_backbone.feature_info.names[-1] if patch_layer is None else patch_layer
         self.patch_stride = self.patch_backbone.layer_stride(self.patch_layer)
@@ -193,7 +199,7 @@ class CLAID(nn.Module):
         self.decomposition = dict(tau1=tau1, tau2=tau2, alpha=alpha, energy_top=energy_top, min_patches=min_patches,
                                   seed_selection=seed_selection, method=method, max_depth=max_depth,
                                   filter_dummy=filter_dummy, solver=solver, max_iters=max_iters,
-                                  **(decomposition_rules or {}))
+                                  **rules)
         self.seed = int(seed)
         self.whole_image_fallback = bool(whole_image_fallback)
         self.return_masks = bool(return_masks)
@@ -252,6 +258,15 @@ class CLAID(nn.Module):
         and figures; :meth:`detect_regions` keeps the output nodes."""
         return self.hierarchy_of_grid(self.patch_grid(image))
 
+    def kept_nodes(self, nodes: list[RegionNode]) -> list[RegionNode]:
+        """The regions an image yields from its hierarchy ``nodes``: the output nodes in
+        :func:`rank_nodes` order; the root alone (its whole frame) when there are none and
+        ``whole_image_fallback``."""
+        kept = rank_nodes(output_nodes(nodes, self.decomposition["filter_dummy"]))
+        if not kept and self.whole_image_fallback:
+            kept = [nodes[0]]  # the root: every patch
+        return kept
+
     def hierarchy_of_grid(self, grid: Tensor) -> list[RegionNode]:
         """The decomposition of an ``(h, w, D)`` patch grid with this network's options."""
         generator = torch.Generator().manual_seed(self.seed)
@@ -284,9 +299,7 @@ class CLAID(nn.Module):
         for image in images:
             height, width = int(image.shape[-2]), int(image.shape[-1])
             nodes = self.hierarchy(image)
-            kept = rank_nodes(output_nodes(nodes, self.decomposition["filter_dummy"]))
-            if not kept and self.whole_image_fallback:
-                kept = [nodes[0]]  # the root: every patch
+            kept = self.kept_nodes(nodes)
             grid = (torch.stack([n.mask for n in kept]) if kept
                     else torch.zeros(0, *nodes[0].mask.shape, dtype=torch.bool))
             b, m = self.region_boxes_and_masks(grid, height, width)

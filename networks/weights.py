@@ -41,7 +41,8 @@ KNOWN_WEIGHT_FILES: dict[str, str] = {
     "resnet101_fpn": "torchvision's ResNet-101 ImageNet state dict `resnet101-63fe2227.pth` "
                      "(ResNet101_Weights.IMAGENET1K_V1)",
     "vit_base_patch8_224.dino": "the DINO ViT-B/8 checkpoint: timm's `vit_base_patch8_224.dino` file "
-                                "(model.safetensors) or DINO's own `dino_vitbase8_pretrain.pth` (timm adapts its keys)",
+                                "(model.safetensors), DINO's own `dino_vitbase8_pretrain.pth`, or a DINO training "
+                                "checkpoint (teacher/student)",
     "resnext101_32x4d": "timm's ResNeXt-101 32x4d ImageNet state dict (`timm/resnext101_32x4d.*`, same key names "
                         "as torchvision's ResNet)",
 }

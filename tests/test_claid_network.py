@@ -283,3 +283,19 @@ def test_claid_regions_come_in_rank_order():
         (regions,) = colour_claid().detect_regions([image])
     # both objects have xi = 1 at level 1: the larger (red, 30 patches) before the L (24 patches)
     assert regions.boxes.tolist() == [[float(v) for v in boxes["red"]], [float(v) for v in boxes["green"]]]
+
+
+def test_decomposition_rules_reach_the_decomposition():
+    """Two halves of close colours: every patch affine to every other (c = 1), so the paper's rule
+    leaves the root uncut (the whole frame, by the fallback) and the public code's cut_root splits it;
+    the brighter left half holds the whole high-energy set, the right half is a dummy."""
+    image = torch.zeros(3, 64, 96)
+    image[:, :, :48] = torch.tensor([1.0, 0.3, 0.0])[:, None, None]
+    image[:, :, 48:] = torch.tensor([0.9, 0.0, 0.2])[:, None, None]
+    with torch.no_grad():
+        (paper,) = colour_claid(min_size=64).detect_regions([image])
+        (public,) = colour_claid(min_size=64, decomposition_rules={"cut_root": True}).detect_regions([image])
+    assert paper.boxes.tolist() == [[0.0, 0.0, 96.0, 64.0]]
+    assert public.boxes.tolist() == [[0.0, 0.0, 48.0, 64.0]]
+    with pytest.raises(ValueError, match=r"unknown decomposition_rules \['cut_roots'\]"):
+        colour_claid(decomposition_rules={"cut_roots": True})

@@ -148,7 +148,7 @@ def instance_benchmark(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("config", ["claid_instance160", "claid_instance335", "claid_instre"])
+@pytest.mark.parametrize("config", ["claid_instance160", "claid_instance335", "claid_instre", "claid_public"])
 @pytest.mark.parametrize("vit", ["vit_base_patch8_224.dino", "vit_small_patch16_224.dino"])
 def test_shipped_real_configs_run_on_a_vit_through_instsearch_test(tmp_path, instance_benchmark, capsys, caplog,
                                                                    config, vit):
