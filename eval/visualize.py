@@ -172,13 +172,19 @@ def _region_panel(image: Image.Image, masks: torch.Tensor, members: Sequence[int
 
 
 def _wrap(text: str, width: float, draw: ImageDraw.ImageDraw) -> list[str]:
-    """``text`` split at its ``" | "`` separators into lines that fit ``width`` pixels."""
+    """``text`` split at its ``" | "`` separators into lines that fit ``width`` pixels; a part
+    wider than ``width`` on its own is broken at spaces."""
     lines: list[str] = []
     for part in text.split(" | "):
         if lines and draw.textlength(f"{lines[-1]} | {part}") <= width:
             lines[-1] = f"{lines[-1]} | {part}"
-        else:
-            lines.append(part)
+            continue
+        lines.append("")
+        for word in part.split(" "):
+            if lines[-1] and draw.textlength(f"{lines[-1]} {word}") > width:
+                lines.append(word)
+            else:
+                lines[-1] = f"{lines[-1]} {word}" if lines[-1] else word
     return lines
 
 
