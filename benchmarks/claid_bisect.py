@@ -203,9 +203,10 @@ def time_solver(grids: list[Tensor], solver: str, repeats: int) -> tuple[list[fl
 
 
 @contextmanager
-def timed(totals: dict[str, float], name: str, function: str) -> Iterator[None]:
-    """Wrap ``bisecting.<function>`` so its time is added to ``totals[name]``."""
-    original = getattr(bisecting, function)
+def timed(totals: dict[str, float], name: str, function: str, owner: Any = bisecting) -> Iterator[None]:
+    """Wrap ``owner.<function>`` (a function of ``bisecting`` by default) so its time is added to
+    ``totals[name]``."""
+    original = getattr(owner, function)
 
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
@@ -214,32 +215,37 @@ def timed(totals: dict[str, float], name: str, function: str) -> Iterator[None]:
         finally:
             totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
 
-    setattr(bisecting, function, wrapper)
+    setattr(owner, function, wrapper)
     try:
         yield
     finally:
-        setattr(bisecting, function, original)
+        setattr(owner, function, original)
+
+
+def gram_seconds(grid: Tensor, repeats: int) -> dict[str, float]:
+    """Best-of-``repeats`` seconds of the image's float32 Gram matrix: as the decomposition computes
+    it (``bisecting._gram``, the triangle and its mirror) and as one ``x @ x.T``."""
+    x = F.normalize(grid.reshape(-1, grid.shape[-1]).float(), dim=1)
+    return {"gram (bisecting._gram)": best_of(lambda: bisecting._gram(x), repeats),
+            "gram (x @ x.T)": best_of(lambda: x @ x.T, repeats)}
 
 
 def profile(grids: list[Tensor], solver: str = "batched") -> dict[str, float]:
-    """Seconds per image of one solver's run spent in the Gram matrix (measured alone), k-sums,
-    connected components, connectivity, and everything else."""
-    gram = []
-    for grid in grids:
-        x = F.normalize(grid.reshape(-1, grid.shape[-1]), dim=1)
-        start = time.perf_counter()
-        bisecting._gram(x)
-        gram.append(time.perf_counter() - start)
+    """Seconds per image of one solver's run spent in the Gram matrix (measured alone), the packed
+    affinity, the bisections (k-sums / NCut), connected components, the level degrees, and the rest."""
+    gram = [gram_seconds(grid, 3)["gram (bisecting._gram)"] for grid in grids]
     totals: dict[str, float] = {}
-    with timed(totals, "ksums", "ksums_bisect"), timed(totals, "components", "connected_components"), \
-            timed(totals, "connectivity", "average_connectivity"):
+    with timed(totals, "bisections (k-sums)", "_bisect_node"), \
+            timed(totals, "components", "connected_components"), \
+            timed(totals, "packed affinity", "__init__", bisecting._Affinity), \
+            timed(totals, "level degrees (popcount)", "degrees", bisecting._Affinity):
         start = time.perf_counter()
         for grid in grids:
             build_hierarchy(grid, solver=solver, generator=torch.Generator().manual_seed(0))
         total = time.perf_counter() - start
     out = {"total": total / len(grids), "gram": sum(gram) / len(grids)}
     out.update({k: v / len(grids) for k, v in totals.items()})
-    out["rest (energy, blocks, bookkeeping)"] = out["total"] - sum(v for k, v in out.items() if k != "total")
+    out["rest (energy, normalisation, bookkeeping)"] = out["total"] - sum(v for k, v in out.items() if k != "total")
     return out
 
 
@@ -574,7 +580,12 @@ def main() -> None:
                     "cuts/image": sum(sum(x.bisected for x in n) for n in hierarchies) / len(hierarchies),
                     "nodes/image": sum(len(n) for n in hierarchies) / len(hierarchies)}
 
+        grams = [gram_seconds(grid, a.repeats) for grid in grids]
+        gram = {key: statistics.median(g[key] for g in grams) for key in grams[0]}
         row = {"grid": list(grids[0].shape), "batched": stats(fast, fast_nodes),
+               **{f"{key} median s/image": value for key, value in gram.items()},
+               **{f"batched / {key} (per image, median)": statistics.median(f / g[key] for f, g in zip(fast, grams))
+                  for key in gram},
                "sequential (per-patch loop)": stats(slow, slow_nodes),
                "speed ratio (median)": statistics.median(slow) / statistics.median(fast),
                "mean best IoU between the two outputs": float(both.mean()) if both.numel() else 1.0,

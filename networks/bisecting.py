@@ -11,12 +11,16 @@ down to single parts, which is what lets one index serve image retrieval and ins
 
 Why the implementation looks the way it does:
 
-* **One Gram matrix per image.** Everything the decomposition needs - the affinity of Eq. 5, the
-  degrees of the seed selection (Eq. 6-7), the connectivity of every node, and the k-sums
-  objective - is a function of the dot products of the l2-normalised patch features. They are
-  computed by one matmul per image; each node keeps its own block of it (gathered from its
-  parent's block, so a level costs at most the parent level's size squared) and never touches the
-  ``D``-dimensional features again.
+* **One Gram matrix per image, one packed affinity, no per-node blocks.** The affinity of Eq. 5,
+  the degrees of the seed selection (Eq. 6-7) and the connectivity of every node (Eq. 8-9) are
+  functions of the dot products of the l2-normalised patch features, computed by one matmul per
+  image (the only ``O(n^2 D)`` step). Its affinity is bit-packed once (1/32 of the Gram matrix);
+  the nodes of one depth are disjoint, so the degrees of all their patches within their own node
+  are one AND with the node's packed mask and one popcount per level (:class:`_Affinity`), exact
+  integers. A node never gathers its ``m x m`` block: the batched k-sums takes the products
+  ``G s`` from the features (``x (x^T s)``, ``O(m D)``) and the seeds' two rows from the Gram
+  matrix. The nodes of a level are bisected in turn and their halves split into pieces by one
+  :func:`connected_components` call.
 * **Batched k-sums.** The paper's k-sums moves one feature at a time (Eq. 2-4). For l2-normalised
   features the cost of a cluster is ``n^2 - ||D||^2`` (``D`` = the cluster's feature sum), so the
   objective after moving *any prefix* of a list of features is available in closed form from
@@ -71,7 +75,6 @@ With all five set to the public code's, ``tau2=0.1`` and ``max_iters=500``, the 
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -286,16 +289,33 @@ def select_seeds(adjacency: Tensor, rule: SeedRule = "closer") -> tuple[int, int
         raise ValueError(f"select_seeds needs at least 2 features, got {n}")
     if rule not in ("closer", "public"):
         raise ValueError(f"select_seeds: rule must be 'closer' or 'public', got {rule!r}")
-    degree = _degrees(adjacency)
+    return _seeds_from_degrees(_degrees(adjacency), adjacency.diagonal() > 0, rule)
+
+
+def _seeds_from_degrees(degree: Tensor, diagonal: Tensor, rule: SeedRule) -> tuple[int, int]:
+    """:func:`select_seeds` from the degrees without the diagonal (exact integers, any dtype) and the
+    diagonal's flags (``x_i . x_i > alpha``, False only for an all-zero feature)."""
+    degree = degree.to(torch.float64)
     if rule == "public":
-        degree = degree + (adjacency.diagonal() > 0).to(degree.dtype)
-        b = n - 1 - int(torch.argmax(degree.flip(0)))  # last maximum
+        degree = degree + diagonal.to(degree.dtype)
+        b = degree.numel() - 1 - int(torch.argmax(degree.flip(0)))  # last maximum
         return b, int(torch.argmin(degree))  # first minimum
     b = int(torch.argmax(degree))  # first maximum
     others = degree.clone()
-    others[b] = float("inf")
+    others[b] = math.inf
     w = int(torch.argmin(others))  # first minimum among the rest
     return b, w
+
+
+def _split_from_seeds(row_b: Tensor, row_w: Tensor, b: int, w: int, alpha: float, rule: SeedRule) -> Tensor:
+    """The seed split of :func:`_seed_split` from the seeds' rows of the node's Gram block (their
+    dot products with every feature of the node)."""
+    if rule == "public":
+        return (row_b > alpha) & ~(row_w > alpha)
+    side = row_b >= row_w
+    side[b] = True
+    side[w] = False
+    return side
 
 
 def _seed_split(gram: Tensor, adjacency: Tensor, rule: SeedRule = "closer") -> Tensor:
@@ -367,8 +387,29 @@ def _move_bar(q: Tensor, n: int, rule: MoveRule) -> Tensor:
     return torch.full_like(q, _MOVE_TOLERANCE * n)
 
 
+def _signed_prefix_norms(rows: Tensor, sign: Tensor, chunk: int = 32) -> Tensor:
+    """``||sum_{t<=k} s_t x_t||^2`` for every ``k``, in float64, from ``(c, D)`` features and ``(c,)``
+    signs. The prefix sums are scanned in chunks of rows: a fixed ``chunk - 1`` in-place adds of
+    one row of every chunk to the next, then the chunks' running totals - an order of magnitude
+    faster on CPU than ``torch.cumsum`` down dimension 0 of a ``(c, D)`` matrix."""
+    c, d = rows.shape
+    if c <= chunk:
+        prefix = torch.cumsum(rows.to(torch.float64) * sign.to(torch.float64)[:, None], 0)
+        return (prefix * prefix).sum(1)
+    buffer = rows.new_empty((c + chunk - 1) // chunk * chunk, d, dtype=torch.float64)
+    buffer[c:] = 0
+    buffer[:c].copy_(rows).mul_(sign.to(torch.float64)[:, None])
+    scan = buffer.view(-1, chunk, d)
+    for j in range(1, chunk):  # positions within a chunk, not patches
+        scan[:, j] += scan[:, j - 1]
+    scan[1:] += torch.cumsum(scan[:-1, -1], 0)[:, None]
+    prefix = buffer[:c]
+    return (prefix * prefix).sum(1)
+
+
 def _ksums_batched(gram: Tensor, side: Tensor, max_iters: int, history: Optional[list[float]],
-                   move_rule: MoveRule = "tolerance") -> Tensor:
+                   move_rule: MoveRule = "tolerance", index: Optional[Tensor] = None,
+                   x: Optional[Tensor] = None) -> Tensor:
     """Batched k-sums on a node's Gram block: prefix moves of the gain-sorted improving features.
 
     With ``q_i = ||x_i||^2`` (1, or 0 for an all-zero feature), ``p_i = x_i . D_b``,
@@ -383,16 +424,49 @@ def _ksums_batched(gram: Tensor, side: Tensor, max_iters: int, history: Optional
     objective by its gain, the best prefix lowers it at least as much: the objective strictly
     decreases and the loop ends. A feature is a candidate when its gain exceeds :func:`_move_bar`
     (``move_rule``); the loop ends when none does, the fixpoint of both solvers.
+
+    The node's Gram block is ``gram`` itself, or, with ``index``, ``gram[index][:, index]`` without
+    ever being gathered (how :func:`build_hierarchy` calls it): the products ``G s`` (``t`` and
+    ``p``) are then taken from the node's l2-normalised features ``x`` as ``x (x^T s)``, ``O(m D)``
+    instead of ``O(m^2)``, and the double sum of a prefix as the squared norm of the prefix sums of
+    the signed candidates, ``||sum_{t<=k} s_t x_t||^2`` (float64, ``O(c D)`` for ``c`` candidates,
+    no ``c x c`` block gathered); only the diagonal ``q`` is read from ``gram``.
     """
-    n = gram.shape[0]
     f64 = torch.float64
     side = side.clone()
-    q = gram.diagonal().to(f64)
+    if index is None:
+        n = gram.shape[0]
+        q = gram.diagonal().to(f64)
+
+        def product(v: Tensor) -> Tensor:
+            return gram @ v
+
+        def prefix_norms(positions: Tensor, sign32: Tensor) -> Tensor:
+            # ||D_b + sum_{t<=k} s_t x_t||^2 - ||D_b||^2 = 2 sum s p + sum_{t,u<=k} s_t s_u G_tu, where the
+            # double sum grows by 2 s_k sum_{u<=k} s_u G_ku - G_kk at step k (G symmetric, s^2 = 1).
+            block = _block(gram, positions)
+            lower = sign32 * (block.tril_() @ sign32)
+            return torch.cumsum((2 * lower - block.diagonal()).to(f64), 0)
+    else:
+        if x is None:
+            raise ValueError("_ksums_batched: a node given by index needs its features")
+        n = index.numel()
+        q = gram.diagonal().index_select(0, index).to(f64)
+
+        def product(v: Tensor) -> Tensor:
+            return x @ (v @ x)
+
+        def prefix_norms(positions: Tensor, sign32: Tensor) -> Tensor:
+            return _signed_prefix_norms(_rows(x, positions), sign32)
     bar = _move_bar(q, n, move_rule)
     q_all = float(q.sum())
-    t = gram.sum(1).to(f64)
+    if index is None:
+        t = gram.sum(1).to(f64)
+        p = (gram @ side.to(gram.dtype)).to(f64)
+    else:  # both products in one pass over the features
+        both = x @ (torch.stack([torch.ones_like(side, dtype=x.dtype), side.to(x.dtype)]) @ x).T
+        t, p = both[:, 0].to(f64), both[:, 1].to(f64)
     total_sq = float(t.sum())  # ||D||^2
-    p = (gram @ side.to(gram.dtype)).to(f64)
     sidef = side.to(f64)
     n_b = float(sidef.sum())
     q_b = float((q * sidef).sum())
@@ -418,11 +492,7 @@ def _ksums_batched(gram: Tensor, side: Tensor, max_iters: int, history: Optional
         moved = candidates[order]
         sign32 = torch.where(side[moved], -1.0, 1.0).to(gram.dtype)
         sign = sign32.to(f64)
-        block = _block(gram, moved)
-        # ||D_b + sum_{t<=k} s_t x_t||^2 - ||D_b||^2 = 2 sum s p + sum_{t,u<=k} s_t s_u G_tu, where the
-        # double sum grows by 2 s_k sum_{u<=k} s_u G_ku - G_kk at step k (G symmetric, s^2 = 1).
-        lower = sign32 * (block.tril_() @ sign32)
-        cross = torch.cumsum((2 * lower - block.diagonal()).to(f64), 0)
+        cross = prefix_norms(moved, sign32)
         nb_k = n_b + torch.cumsum(sign, 0)
         qb_k = q_b + torch.cumsum(sign * q[moved], 0)
         dbb_k = dbb + 2 * torch.cumsum(sign * p[moved], 0) + cross
@@ -439,8 +509,11 @@ def _ksums_batched(gram: Tensor, side: Tensor, max_iters: int, history: Optional
         current = best_obj
         if history is not None:
             history.append(current)
-        # p = G s_b: update with the moved columns when they are few, else recompute (same O(n m))
-        if 8 * take.numel() < n:
+        # p = G s_b: from the features, or update with the moved columns when they are few, else
+        # recompute (same O(n m))
+        if index is not None:
+            p = product(side.to(gram.dtype)).to(f64)
+        elif 8 * take.numel() < n:
             p += (sign32[: best + 1] @ _rows(gram, take)).to(f64)  # G symmetric: rows = columns
         else:
             p = (gram @ side.to(gram.dtype)).to(f64)
@@ -705,11 +778,58 @@ def _gram(x: Tensor) -> Tensor:
     return g
 
 
-def _affinity_block(gram: Tensor, alpha: float) -> Tensor:
-    """Eq. 5 on a Gram block as a 0/1 float matrix, written by the comparison itself: the degrees and
-    the children's connectivity are matrix products with it, and comparing into a float output is
-    about 4x faster than comparing to bool and converting."""
-    return torch.gt(gram, alpha, out=torch.empty_like(gram))
+def _pack_bits(mask: Tensor) -> Tensor:
+    """``(..., n)`` bool -> ``(..., ceil(n / 8))`` uint8, 8 features a byte: bit ``k`` of byte ``j``
+    holds feature ``k * ceil(n / 8) + j``. Eight shifted copies of contiguous column blocks (a
+    strided byte-per-bit layout would make each of the 8 passes touch every cache line); only the
+    agreement of the layout between two packed operands matters, see :func:`_popcount`."""
+    n = mask.shape[-1]
+    width = (n + 7) // 8
+    packed = torch.zeros(*mask.shape[:-1], width, dtype=torch.uint8, device=mask.device)
+    octets = mask.contiguous().view(torch.uint8)
+    for k in range(8):
+        lo, hi = k * width, min((k + 1) * width, n)
+        if lo >= hi:
+            break
+        packed[..., : hi - lo] |= octets[..., lo:hi] << k
+    return packed
+
+
+def _popcount(packed: Tensor) -> Tensor:
+    """Set bits of ``(..., W)`` uint8 rows, summed over the last dimension, as int64 (SWAR on bytes:
+    unsigned, so no step can overflow)."""
+    v = packed - ((packed >> 1) & 0x55)
+    v = (v & 0x33).add_((v >> 2).bitwise_and_(0x33))
+    v = v.add_(v >> 4).bitwise_and_(0x0F)
+    return v.sum(-1, dtype=torch.int64)
+
+
+class _Affinity:
+    """Eq. 5 on a whole image, bit-packed: ``(n, ceil(n / 8))`` bytes, 1/32 of the Gram matrix.
+
+    Every node of a level owns a disjoint set of patches, so the degrees of all the patches of a
+    level within their own node - what the seeds (Eq. 6-7) and the connectivity (Eq. 8-9) need -
+    are one AND of each patch's packed row with its node's packed mask and one popcount
+    (:meth:`degrees`): the nodes never gather their ``m x m`` blocks. Counts are exact integers.
+    """
+
+    def __init__(self, gram: Tensor, alpha: float) -> None:
+        affine = gram > alpha
+        self.diagonal = affine.diagonal().clone()
+        self.rows = _pack_bits(affine)
+
+    def degrees(self, labels: Tensor, count: int) -> Tensor:
+        """``(n,)`` long: for each patch with ``labels >= 0`` the number of *other* patches of the same
+        label it is affine to (``labels < 0``: 0). ``count``: the number of labels."""
+        member = labels >= 0
+        patches = torch.nonzero(member).squeeze(1)
+        onehot = torch.zeros(count, labels.numel(), dtype=torch.bool, device=labels.device)
+        onehot[labels[patches], patches] = True
+        masks = _pack_bits(onehot)  # (count, W)
+        within = _popcount(self.rows.index_select(0, patches) & masks.index_select(0, labels[patches]))
+        out = torch.zeros(labels.numel(), dtype=torch.long, device=labels.device)
+        out[patches] = within - self.diagonal[patches].long()
+        return out
 
 
 def _cut_wanted(connectivity: float, level: int, tau1: float, max_depth: Optional[int],
@@ -797,65 +917,119 @@ def build_hierarchy(features: Tensor, tau1: float = 0.97, tau2: float = 0.2, alp
         generator = torch.Generator().manual_seed(0)
     raw = _as_float(features.reshape(n_all, dim))
     x = F.normalize(raw, dim=1)
-    gram = _gram(x)  # the image's only O(n^2 D) step; every node works on a block of it
+    gram = _gram(x)  # the image's only O(n^2 D) step
     # H as 0/1; xi = |H n S| / |S| is taken in float64 from exact counts, so a node with xi = tau2
     # exactly (e.g. 4 of 20 patches for 0.2) compares equal to the float tau2 and is a dummy
     energy = high_energy(raw, energy_top, energy_rule).to(torch.float32)
+    affine = _Affinity(gram, alpha)
 
     everything = torch.ones(n_all, dtype=torch.bool, device=device)
-    root_adjacency = _affinity_block(gram, alpha)
-    root_connectivity = float(average_connectivity(root_adjacency, diagonal=connectivity_diagonal))
+    root_degree = affine.degrees(torch.zeros(n_all, dtype=torch.long, device=device), 1)
+    root_connectivity = _connectivity(root_degree[None], everything[None], affine.diagonal,
+                                      connectivity_diagonal)[0]
     nodes = [RegionNode(mask=everything.reshape(h, w), level=0, parent=-1, connectivity=root_connectivity,
                         energy_ratio=float(energy.double().sum()) / n_all if n_all else 0.0, dummy=True,
                         bisected=False)]
-    # per node to be cut: (global patch indices, Gram block, affinity block or None)
-    pending: dict[int, tuple[Tensor, Tensor, Optional[Tensor]]] = {}
+    # Algorithm 1's queue, first-in first-out, processed a level at a time: the nodes of one depth
+    # to be cut, as (node number, global patch indices, degrees within the node)
+    level_nodes: list[tuple[int, Tensor, Tensor]] = []
     if _cut_wanted(root_connectivity, 0, tau1, max_depth, cut_root) and n_all >= 2:
-        pending[0] = (torch.arange(n_all, device=device), gram, root_adjacency)
-    queue = deque([0])
-    while queue:
-        k = queue.popleft()
-        entry = pending.pop(k, None)
-        if entry is None:
-            continue
-        node = nodes[k]
-        index, block, adjacency = entry
-        if adjacency is None:
-            adjacency = _affinity_block(block, alpha)
-        if method == "ncut":
-            side = ncut_bisect(adjacency)
-        else:
-            side = ksums_bisect(x.index_select(0, index) if solver == "sequential" else None, gram=block,
-                                adjacency=adjacency, alpha=alpha, seed_selection=seed_selection, solver=solver,
-                                max_iters=max_iters, generator=generator, seed_rule=seed_rule, move_rule=move_rule)
-        n_b = int(torch.count_nonzero(side))
-        if n_b == 0 or n_b == side.numel():
-            continue  # guard: k-sums / NCut found no split
-        halves = torch.zeros(2, n_all, dtype=torch.bool, device=device)
-        halves[0, index[side]] = True
-        halves[1, index[~side]] = True
-        pieces, _ = connected_components(halves.reshape(2, h, w), min_patches)
+        level_nodes.append((0, torch.arange(n_all, device=device), root_degree))
+    while level_nodes:
+        owners, halves = [], []
+        for k, index, degree in level_nodes:
+            side = _bisect_node(gram, x, affine, index, degree, alpha, method, solver, seed_selection, seed_rule,
+                                move_rule, max_iters, generator)
+            n_b = int(torch.count_nonzero(side))
+            if n_b == 0 or n_b == side.numel():
+                continue  # guard: k-sums / NCut found no split
+            pair = torch.zeros(2, n_all, dtype=torch.bool, device=device)
+            pair[0, index[side]] = True
+            pair[1, index[~side]] = True
+            owners.append((k, index.numel()))
+            halves.append(pair)
+        if not owners:
+            break
+        # getObject for every node of the level at once; pieces come ordered by node, half, position
+        pieces, source = connected_components(torch.cat(halves).reshape(-1, h, w), min_patches)
         pieces = pieces.reshape(-1, n_all)
-        if pieces.shape[0] == 1 and int(pieces[0].sum()) == index.numel():
-            continue  # guard: the only child is the node itself (cannot happen with two non-empty sides)
-        node.bisected = True
+        sizes = pieces.sum(1)
+        owner_of = (source // 2).tolist()
+        per_owner = [0] * len(owners)
+        for o in owner_of:
+            per_owner[o] += 1
+        keep = torch.ones(pieces.shape[0], dtype=torch.bool, device=device)
+        for o, (k, size) in enumerate(owners):
+            mine = [c for c, oc in enumerate(owner_of) if oc == o]
+            if len(mine) == 1 and int(sizes[mine[0]]) == size:
+                keep[mine[0]] = False  # guard: the only child is the node itself (impossible with two sides)
+                continue
+            nodes[k].bisected = True
+        pieces, sizes = pieces[keep], sizes[keep]
+        owner_of = [o for o, kept in zip(owner_of, keep.tolist()) if kept]
         if pieces.shape[0] == 0:
-            continue
-        local = pieces[:, index]  # (K, n) membership in the node's own indexing
-        connectivity = average_connectivity(adjacency, local, diagonal=connectivity_diagonal).tolist()
-        sizes = local.sum(1)
+            break
+        # the pieces of a level are disjoint: one label vector, one popcount for all their degrees
+        rows, patches = torch.nonzero(pieces, as_tuple=True)
+        labels = torch.full((n_all,), -1, dtype=torch.long, device=device)
+        labels[patches] = rows
+        degree = affine.degrees(labels, pieces.shape[0])
+        connectivity = _connectivity(degree[None] * pieces, pieces, affine.diagonal, connectivity_diagonal)
         ratio = ((pieces.to(torch.float32) @ energy).double() / sizes.double()).tolist()  # exact counts
-        level = node.level + 1
+        next_level = []
         for c, size in enumerate(sizes.tolist()):
-            nodes.append(RegionNode(mask=pieces[c].reshape(h, w), level=level, parent=k,
+            parent = owners[owner_of[c]][0]
+            level = nodes[parent].level + 1
+            nodes.append(RegionNode(mask=pieces[c].reshape(h, w), level=level, parent=parent,
                                     connectivity=connectivity[c], energy_ratio=ratio[c],
                                     dummy=ratio[c] <= tau2, bisected=False))
-            child = len(nodes) - 1
-            queue.append(child)
             if size >= 2 and _cut_wanted(connectivity[c], level, tau1, max_depth):
-                positions = torch.nonzero(local[c]).squeeze(1)
-                pending[child] = (index[positions], _block(block, positions), None)
+                index = torch.nonzero(pieces[c]).squeeze(1)
+                next_level.append((len(nodes) - 1, index, degree.index_select(0, index)))
+        level_nodes = next_level
     return nodes
+
+
+def _connectivity(degree: Tensor, members: Tensor, diagonal: Tensor, with_diagonal: bool) -> list[float]:
+    """Eq. 8-9 of ``K`` disjoint nodes from their patches' degrees within the node (without the
+    diagonal): ``(K, n)`` degrees (0 outside the node) and ``(K, n)`` bool membership. The same exact
+    integers as :func:`average_connectivity` on the node's block, divided in float64."""
+    edges = degree.sum(1).double()
+    if with_diagonal:
+        edges = edges + (members & diagonal[None]).sum(1).double()
+    size = members.sum(1).double()
+    pairs = size * (size - 1)
+    return torch.where(pairs > 0, edges / pairs.clamp(min=1), torch.ones_like(pairs)).tolist()
+
+
+def _bisect_node(gram: Tensor, x: Tensor, affine: _Affinity, index: Tensor, degree: Tensor, alpha: float,
+                 method: Method, solver: Solver, seed_selection: bool, seed_rule: SeedRule, move_rule: MoveRule,
+                 max_iters: int, generator: torch.Generator) -> Tensor:
+    """One node's bisection for :func:`build_hierarchy`: True for ``S_b``, over the node's patches.
+
+    The batched k-sums never gathers the node's ``m x m`` Gram block: its seeds come from the node's
+    degrees (computed by the level's popcount) and the seeds' two rows, and the solver reads the
+    features and the candidates' entries of the image's Gram matrix. NCut and the sequential
+    reference get the block (and its affinity) as :func:`ncut_bisect` / :func:`ksums_bisect` take it.
+    """
+    whole = index.numel() == gram.shape[0]
+    if method == "ncut" or solver == "sequential":
+        block = gram if whole else _block(gram, index)
+        adjacency = block > alpha
+        if method == "ncut":
+            return ncut_bisect(adjacency)
+        return ksums_bisect(x if whole else _rows(x, index), gram=block, adjacency=adjacency, alpha=alpha,
+                            seed_selection=seed_selection, solver=solver, max_iters=max_iters, generator=generator,
+                            seed_rule=seed_rule, move_rule=move_rule)
+    if seed_selection:
+        b, w = _seeds_from_degrees(degree, affine.diagonal.index_select(0, index), seed_rule)
+        rows = _rows(gram, index[[b, w]])
+        if not whole:
+            rows = rows.index_select(1, index)
+        side = _split_from_seeds(rows[0], rows[1], b, w, alpha, seed_rule)
+    else:
+        side = _random_split(index.numel(), generator, gram.device)
+    return _ksums_batched(gram, side, max_iters, None, move_rule, index=index, x=x if whole else _rows(x, index))
 
 
 def output_nodes(nodes: list[RegionNode], filter_dummy: bool = True) -> list[RegionNode]:

@@ -59,20 +59,33 @@ def test_ksums_bisect_defaults_match_build_hierarchy(option):
             == inspect.signature(build_hierarchy).parameters[option].default)
 
 
-def test_rule_options_reach_ksums_bisect(monkeypatch):
+def test_rule_options_reach_the_solvers(monkeypatch):
     seen = []
-    original = bisecting.ksums_bisect
 
-    def spy(*args, **kwargs):
-        seen.append({k: kwargs[k] for k in ("seed_rule", "move_rule", "max_iters")})
-        return original(*args, **kwargs)
+    def spy(name, record):
+        original = getattr(bisecting, name)
 
-    monkeypatch.setattr(bisecting, "ksums_bisect", spy)
+        def wrapper(*args, **kwargs):
+            seen.append(record(*args, **kwargs))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(bisecting, name, wrapper)
+
+    # the sequential reference goes through ksums_bisect; the batched path reads seeds from the
+    # level's degrees and runs the batched solver on the node's patches
+    spy("ksums_bisect", lambda *a, **k: ("ksums_bisect", k["seed_rule"], k["move_rule"], k["max_iters"]))
+    spy("_seeds_from_degrees", lambda degree, diagonal, rule: ("seeds", rule))
+    spy("_ksums_batched", lambda gram, side, max_iters, history, move_rule, **k: ("batched", move_rule, max_iters))
     feats = torch.zeros(4, 5, 3)
     feats[:2, :, 0] = 1.0
     feats[2:, :, 1] = 1.0
-    bisect_regions(feats, min_patches=1, seed_rule="public", move_rule="public", max_iters=7)
-    assert seen and all(s == {"seed_rule": "public", "move_rule": "public", "max_iters": 7} for s in seen)
+    options = dict(min_patches=1, seed_rule="public", move_rule="public", max_iters=7)
+    bisect_regions(feats, solver="sequential", **options)
+    assert ("ksums_bisect", "public", "public", 7) in seen
+    seen.clear()
+    bisect_regions(feats, **options)
+    assert ("seeds", "public") in seen and ("batched", "public", 7) in seen
+    assert all(entry in {("seeds", "public"), ("batched", "public", 7)} for entry in seen)
 
 
 @pytest.mark.parametrize("option,value", [("seed_rule", "aim"), ("move_rule", "strict"), ("energy_rule", "floor")])
