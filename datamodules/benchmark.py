@@ -62,13 +62,19 @@ class BenchmarkImages(Dataset):
         return to_served_tensor(image, self.max_side), meta
 
 
-def to_served_tensor(image, max_side: Optional[int]) -> torch.Tensor:
-    """``(3, H, W)`` float in ``[0, 1]``, shrunk so that its long side is at most ``max_side``
-    (memory guard for huge photos; the served size against the original maps boxes back)."""
+def shrink_to_max_side(image, max_side: Optional[int]):
+    """The PIL ``image`` shrunk so that its long side is at most ``max_side`` (unchanged when it is
+    already, or when ``max_side`` is None): the image a network is served."""
     if max_side and max(image.size) > max_side:
         scale = max_side / max(image.size)
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-    return pil_to_tensor(image).float().div_(255.0)
+    return image
+
+
+def to_served_tensor(image, max_side: Optional[int]) -> torch.Tensor:
+    """``(3, H, W)`` float in ``[0, 1]``, shrunk so that its long side is at most ``max_side``
+    (memory guard for huge photos; the served size against the original maps boxes back)."""
+    return pil_to_tensor(shrink_to_max_side(image, max_side)).float().div_(255.0)
 
 
 def collate_images(batch):

@@ -19,10 +19,10 @@ from PIL import Image
 NET_KEYS = ("model", "init_args", "net", "init_args")
 
 
-def claid_options(config: Path) -> tuple[dict[str, Any], int]:
+def claid_options(config: Path) -> tuple[dict[str, Any], int, Optional[int]]:
     """The CLAID arguments of a config -- its ``model.init_args.net.init_args`` mapping, without the
-    null values (a null leaves the network's default in place) -- and its ``seed_everything`` (0 when
-    unset)."""
+    null values (a null leaves the network's default in place) --, its ``seed_everything`` (0 when
+    unset) and the ``data.init_args.max_side`` its images are served at (None: as they are)."""
     import yaml
 
     root: Any = yaml.safe_load(config.read_text())
@@ -35,7 +35,10 @@ def claid_options(config: Path) -> tuple[dict[str, Any], int]:
     if not isinstance(node, dict):
         raise ValueError(f"{config}: {'.'.join(NET_KEYS)} is not a mapping")
     seed = root.get("seed_everything")
-    return {key: value for key, value in node.items() if value is not None}, seed if isinstance(seed, int) else 0
+    data = (root.get("data") or {}).get("init_args") or {}
+    max_side = data.get("max_side") if isinstance(data, dict) else None
+    return ({key: value for key, value in node.items() if value is not None}, seed if isinstance(seed, int) else 0,
+            max_side if isinstance(max_side, int) else None)
 
 
 def hierarchy_figure(net, image: Image.Image, panel: int = 256) -> tuple[Image.Image, str]:
@@ -51,8 +54,7 @@ def hierarchy_figure(net, image: Image.Image, panel: int = 256) -> tuple[Image.I
 
     def in_pixels(which: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Boxes and bool masks in the image's pixels, as CLAID.detect_regions maps its regions."""
-        grid = torch.stack([n.mask for n in which]) if which else torch.zeros(0, grid_h, grid_w, dtype=torch.bool)
-        boxes, masks = net.region_boxes_and_masks(grid, image.height, image.width)
+        boxes, masks = net.nodes_in_pixels(which, image.height, image.width)
         return boxes, masks > 0.5
 
     boxes, masks = in_pixels(shown)
@@ -93,6 +95,7 @@ def figure_main(argv: Optional[list[str]] = None) -> int:
     """``instsearch claid-figure IMAGE --out fig.png``: one image's CLAID region hierarchy level by
     level (dummy nodes marked) and the regions kept, with tau1 / tau2 / alpha -- the picture to tune
     them by (the CLAID paper's Fig. 3)."""
+    from instsearch.datamodules.benchmark import shrink_to_max_side
     from instsearch.datamodules.image_io import BadImageError, load_rgb
     from instsearch.networks.claid import CLAID
     from instsearch.seeding import seed_all
@@ -108,15 +111,18 @@ def figure_main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--tau1", type=float, default=None, help="connectivity threshold: cut while c(S) < tau1")
     p.add_argument("--tau2", type=float, default=None, help="dummy threshold: a dummy when xi(S) <= tau2")
     p.add_argument("--alpha", type=float, default=None, help="affinity threshold of Eq. 5")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="shrink the image to this long side first, as `instsearch test` serves it (default: the "
+                        "config's data.init_args.max_side)")
     p.add_argument("--panel", type=int, default=256, help="width of each panel in pixels")
     a = p.parse_args(argv)
     options: dict[str, Any] = {}
-    seed = 0
+    seed, max_side = 0, None
     if a.config is not None:
         if not a.config.is_file():
             p.error(f"config {a.config}: no such file")
         try:
-            options, seed = claid_options(a.config)
+            options, seed, max_side = claid_options(a.config)
         except (ValueError, OSError) as err:
             p.error(str(err))
         except Exception as err:  # yaml.YAMLError and friends: say which file
@@ -128,6 +134,7 @@ def figure_main(argv: Optional[list[str]] = None) -> int:
         image = load_rgb(a.image)
     except BadImageError as err:
         p.error(str(err))  # the file and what is wrong with it, no traceback
+    image = shrink_to_max_side(image, a.max_side if a.max_side is not None else max_side)
     seed_all(seed)  # as `instsearch test --config` (seed_everything): a randomly initialised backbone is reproducible
     try:
         net = CLAID(**options).eval()

@@ -23,8 +23,9 @@ Where the authors' public code (https://github.com/wlzhao22/CLAID, commit 8a2fd4
 differs from the paper, both are options, the paper's the default (``configs/claid_public.yaml``
 sets the public code's):
 
-* **image size** (``resize``) -- ``"paper"``: every image to short side 360 / long side <= 800, each
-  side rounded to whole patches, so the grid covers the whole image; ``"public"``
+* **image size** (``resize``) -- ``"paper"``: every image to the paper's short side 360 / long side
+  <= 800, each side rounded to whole patches so that the grid covers the whole image (the rounding,
+  and enlarging images smaller than that, are instsearch's reading); ``"public"``
   (``detector.py: get_input_var``): torchvision's ``Resize(360, max_size=800)`` only for images whose
   short side exceeds 355, none for smaller ones, then the bottom and right edges cropped to a multiple
   of the patch (the grid covers the image but for those few pixels);
@@ -182,10 +183,15 @@ class CLAID(nn.Module):
         if resize not in ("paper", "public"):
             raise ValueError(f"CLAID: resize must be 'paper' or 'public', got {resize!r}")
         rules = dict(decomposition_rules or {})
-        known = set(inspect.signature(build_hierarchy).parameters) - {"features", "generator"}
+        explicit = set(inspect.signature(CLAID.__init__).parameters)
+        known = set(inspect.signature(build_hierarchy).parameters) - {"features", "generator"} - explicit
+        twice = sorted(set(rules) & explicit)
+        if twice:
+            raise ValueError(f"CLAID: {twice} are CLAID arguments of their own; set them there, not in "
+                             f"decomposition_rules")
         unknown = sorted(set(rules) - known)
         if unknown:
-            raise ValueError(f"CLAID: unknown decomposition_rules {unknown}; build_hierarchy takes {sorted(known)}")
+            raise ValueError(f"CLAID: unknown decomposition_rules {unknown}; they can be {sorted(known)}")
         self.patch_backbone = _backbone(patch_backbone, patch_weights, patch_backbone_options, "patch")
         self.patch_layer = self.patch_backbone.feature_info.names[-1] if patch_layer is None else patch_layer
         self.patch_stride = self.patch_backbone.layer_stride(self.patch_layer)
@@ -240,6 +246,13 @@ class CLAID(nn.Module):
             raise RuntimeError(f"{self.patch_layer} of {type(self.patch_backbone).__name__} gave a "
                                f"{tuple(fmap.shape[-2:])} map for a {frame.grid} patch grid (stride {self.patch_stride})")
         return fmap.permute(1, 2, 0)
+
+    def nodes_in_pixels(self, nodes: Sequence[RegionNode], height: int, width: int) -> tuple[Tensor, Tensor]:
+        """Boxes ``(R, 4)`` and masks ``(R, H, W)`` of hierarchy ``nodes`` in the original image's
+        pixels (:meth:`region_boxes_and_masks` of their patch masks)."""
+        grid = (torch.stack([n.mask for n in nodes]) if nodes
+                else torch.zeros(0, *self.patch_frame(height, width).grid, dtype=torch.bool))
+        return self.region_boxes_and_masks(grid, height, width)
 
     def region_boxes_and_masks(self, grid_masks: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
         """``(R, h, w)`` patch masks -> boxes ``(R, 4)`` and masks ``(R, H, W)`` in the original
@@ -300,9 +313,7 @@ class CLAID(nn.Module):
             height, width = int(image.shape[-2]), int(image.shape[-1])
             nodes = self.hierarchy(image)
             kept = self.kept_nodes(nodes)
-            grid = (torch.stack([n.mask for n in kept]) if kept
-                    else torch.zeros(0, *nodes[0].mask.shape, dtype=torch.bool))
-            b, m = self.region_boxes_and_masks(grid, height, width)
+            b, m = self.nodes_in_pixels(kept, height, width)
             boxes.append(b.to(image.device, torch.float32))
             scores.append(torch.tensor([n.energy_ratio for n in kept], dtype=torch.float32, device=image.device))
             masks.append(m.to(image.device))

@@ -23,7 +23,11 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["load_weights", "resolve_weights", "read_state_dict", "unwrap_state_dict", "KNOWN_WEIGHT_FILES",
-           "reset_random_init_warnings"]
+           "STATE_DICT_WRAPPERS", "reset_random_init_warnings"]
+
+#: Where checkpoints keep a state dict: Lightning's ``state_dict``, detectron2's and torchvision
+#: references' ``model``.
+STATE_DICT_WRAPPERS = ("state_dict", "model")
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ def _expected(name: str) -> str:
     return KNOWN_WEIGHT_FILES.get(name, f"a PyTorch state-dict file for `{name}`")
 
 
-def read_state_dict(path: Union[str, Path], wrappers: tuple[str, ...] = ("state_dict", "model")) -> dict[str, Tensor]:
+def read_state_dict(path: Union[str, Path], wrappers: tuple[str, ...] = STATE_DICT_WRAPPERS) -> dict[str, Tensor]:
     """Read a state dict from ``path``: a raw state dict, or a checkpoint holding one under the first
     key of ``wrappers`` it has (``'state_dict'``: Lightning; ``'model'``: detectron2, torchvision
     references; DINO's training checkpoints keep theirs under ``'teacher'`` and ``'student'``).
@@ -194,7 +198,9 @@ def resolve_weights(weights: Union[str, Path, None], *, name: str) -> Optional[P
 
 
 def load_weights(module: nn.Module, weights: Union[str, Path, None], *, name: str, strict: bool = False,
-                 key_map: Optional[KeyMap] = None) -> bool:
+                 key_map: Optional[KeyMap] = None, wrappers: tuple[str, ...] = STATE_DICT_WRAPPERS,
+                 transform: Optional[Callable[[dict[str, Tensor]], dict[str, Tensor]]] = None,
+                 require_complete: bool = False) -> bool:
     """Load a local weights file into ``module``.
 
     Args:
@@ -210,13 +216,20 @@ def load_weights(module: nn.Module, weights: Union[str, Path, None], *, name: st
             or a callable ``key -> new key | None`` (``None`` drops it). Without one, a file that holds
             a larger model around ``module`` (e.g. a trained detector's checkpoint for its backbone)
             is cut to the entries under the prefix that matches ``module`` best.
+        wrappers: the checkpoint keys a state dict may sit under (:func:`read_state_dict`).
+        transform: applied to the renamed state dict before it is checked against ``module``
+            (e.g. timm's ``checkpoint_filter_fn``, which adapts another layout's keys).
+        require_complete: refuse a file that lacks any of ``module``'s tensors or holds one of
+            another shape (``ValueError`` listing them) -- for networks that are nothing without all
+            their weights, unlike a detector whose new head starts from scratch.
 
     Returns:
         ``True`` when a file was loaded, ``False`` when running randomly initialised.
 
     Raises:
         FileNotFoundError: ``weights`` does not exist (the message names the file expected there).
-        ValueError: the file is not a state dict, or none of its tensors fit ``module``.
+        ValueError: the file is not a state dict, none of its tensors fit ``module``, or (with
+            ``require_complete``) it lacks tensors of ``module`` or holds some of another shape.
         RuntimeError: ``strict`` and the file does not match ``module`` exactly.
     """
     path = resolve_weights(weights, name=name)
@@ -225,13 +238,23 @@ def load_weights(module: nn.Module, weights: Union[str, Path, None], *, name: st
     target = module.state_dict()
     # an explicit key_map says how names map; otherwise find the module inside a larger model
     if key_map is not None:
-        state = _apply_key_map(_strip_wrapper_prefixes(read_state_dict(path), set(target)), key_map)
+        state = _apply_key_map(_strip_wrapper_prefixes(read_state_dict(path, wrappers), set(target)), key_map)
     else:
-        state = unwrap_state_dict(read_state_dict(path), set(target))
+        state = unwrap_state_dict(read_state_dict(path, wrappers), set(target))
+    if transform is not None:
+        state = transform(state)
+    if require_complete:
+        missing = [k for k in target if k not in state]
+        if missing:
+            raise ValueError(f"{name}: {path} lacks {len(missing)} of the model's {len(target)} tensors "
+                             f"({_abbrev(missing)}); file keys e.g. {sorted(state)[:4]}; expected {_expected(name)}")
 
     mismatched = sorted(k for k, v in state.items() if k in target and target[k].shape != v.shape)
     if mismatched:
         details = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in mismatched[:5])
+        if require_complete:
+            raise ValueError(f"{name}: {path} holds another model size: {len(mismatched)} tensors differ in shape "
+                             f"({details}); expected {_expected(name)}")
         if strict:
             raise RuntimeError(f"{name}: {path}: shape mismatch for {len(mismatched)} tensors: {details}")
         log.info("%s: %s: skipping %d tensors whose shape differs (%s)", name, path, len(mismatched), details)

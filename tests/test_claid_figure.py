@@ -175,6 +175,27 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("claid_*.yaml")))
 def test_shipped_configs_give_claid_arguments(name):
-    options, seed = claid_options(REPO / "configs" / name)
+    options, seed, max_side = claid_options(REPO / "configs" / name)
     inspect.signature(CLAID).bind(**options)  # every key is an argument of CLAID
     assert None not in options.values() and {"tau1", "tau2", "alpha"} <= set(options) and seed == 0
+    # the figure shrinks an image as `instsearch test` serves it: the public code reads the file as it is
+    assert max_side == {"claid_synthetic.yaml": None, "claid_public.yaml": None}.get(name, 1000)
+
+
+def test_the_figure_shrinks_the_image_to_the_configs_max_side(tmp_path, monkeypatch):
+    from instsearch.cli import main
+
+    seen = []
+    hierarchy = CLAID.hierarchy
+    monkeypatch.setattr(CLAID, "hierarchy", lambda self, image: seen.append(tuple(image.shape[-2:]))
+                        or hierarchy(self, image))
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  init_args:\n    net:\n      init_args: {patch_backbone: small, patch_layer: conv3, "
+                      "describe_backbone: small, describe_layer: conv3, min_size: 64, max_size: 64}\n"
+                      "data:\n  init_args: {max_side: 50}\n")
+    image = tmp_path / "i.png"
+    Image.new("RGB", (100, 80), (200, 30, 30)).save(image)
+    assert main(["claid-figure", str(image), "--out", str(tmp_path / "a.png"), "--config", str(config)]) == 0
+    assert main(["claid-figure", str(image), "--out", str(tmp_path / "b.png"), "--config", str(config),
+                 "--max-side", "80"]) == 0
+    assert seen == [(40, 50), (64, 80)]

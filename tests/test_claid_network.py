@@ -220,6 +220,12 @@ def test_patch_frame_paper_and_public():
     assert f.covered == pytest.approx((26 * 8 * 400 / 213, 1500.0))
     f = public.patch_frame(300, 501)  # short side <= 355: not resized, cropped to 296 x 496
     assert (f.resized, f.grid, f.covered) == ((300, 501), (37, 62), (296.0, 496.0))
+    f = public.patch_frame(355, 600)  # 355 is not above 355: as it is
+    assert (f.resized, f.grid) == ((355, 600), (44, 75))
+    f = public.patch_frame(356, 600)  # 356 is: Resize(360) -> 360 x int(360 * 600 / 356) = 606
+    assert (f.resized, f.grid) == ((360, 606), (45, 75))
+    f = public.patch_frame(5, 3)  # smaller than a patch: enlarged to one patch, which covers it all
+    assert (f.resized, f.grid, f.covered) == ((8, 8), (1, 1), (5.0, 3.0))
 
 
 def test_public_resize_keeps_small_images_and_crops_to_whole_patches():
@@ -265,8 +271,10 @@ def test_rank_nodes_orders_by_xi_then_depth_then_size_then_position():
         return n
 
     nodes = [node("a", 0.5, 1, range(10)), node("b", 1.0, 2, range(9)), node("c", 1.0, 1, [5, 6]),
-             node("d", 1.0, 1, [1, 2, 3]), node("e", 1.0, 1, [0, 9, 10]), node("f", 0.75, 3, [4])]
-    assert [n.name for n in rank_nodes(nodes)] == ["e", "d", "c", "b", "f", "a"]
+             node("d", 1.0, 1, [1, 2, 3]), node("e", 1.0, 1, [0, 9, 10]), node("f", 0.75, 3, [4]),
+             node("g", 1.0, 1, [12, 13, 14, 15])]
+    # g: the largest of the ties, though its first patch comes last
+    assert [n.name for n in rank_nodes(nodes)] == ["g", "e", "d", "c", "b", "f", "a"]
 
 
 def test_tied_scores_keep_the_networks_order_under_the_regions_cap():
@@ -277,8 +285,12 @@ def test_tied_scores_keep_the_networks_order_under_the_regions_cap():
     assert regions.top_k(5).boxes[:, 0].tolist() == [0.0, 1.0, 3.0, 4.0, 5.0]
 
 
-def test_claid_regions_come_in_rank_order():
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_claid_regions_come_in_rank_order(mirrored):
     image, boxes, _ = planted_image()
+    if mirrored:  # upside down, the L comes first in raster order, and so first in the hierarchy
+        image = image.flip(-2)
+        boxes = {k: [b[0], 96 - b[3], b[2], 96 - b[1]] for k, b in boxes.items()}
     with torch.no_grad():
         (regions,) = colour_claid().detect_regions([image])
     # both objects have xi = 1 at level 1: the larger (red, 30 patches) before the L (24 patches)
@@ -299,3 +311,24 @@ def test_decomposition_rules_reach_the_decomposition():
     assert public.boxes.tolist() == [[0.0, 0.0, 48.0, 64.0]]
     with pytest.raises(ValueError, match=r"unknown decomposition_rules \['cut_roots'\]"):
         colour_claid(decomposition_rules={"cut_roots": True})
+    with pytest.raises(ValueError, match=r"\['tau1'\] are CLAID arguments of their own"):
+        colour_claid(decomposition_rules={"tau1": 0.9})
+
+
+def test_claid_public_config_sets_the_public_codes_choices():
+    """configs/claid_public.yaml, value by value, against the public code (CALID/detector.py,
+    descriptor.py at 8a2fd4c): a drifted value fails here."""
+    import yaml
+
+    from config_runs import CONFIGS
+
+    config = yaml.safe_load((CONFIGS / "claid_public.yaml").read_text())
+    net = config["model"]["init_args"]["net"]["init_args"]
+    public = dict(patch_backbone="vit_base_patch8_224.dino", min_size=360, max_size=800, resize="public",
+                  describe_backbone="resnet50", describe_layer="conv5.1", pooling="gem", gem_p=3.0, tau1=0.97,
+                  tau2=0.1, alpha=0.2, energy_top=0.3, min_patches=15, seed_selection=True, method="ksums",
+                  solver="sequential", max_iters=501,
+                  decomposition_rules=dict(seed_rule="public", move_rule="public", cut_root=True,
+                                           connectivity_diagonal=True, energy_rule="public"))
+    assert {k: net[k] for k in public} == public
+    assert config["data"]["init_args"]["max_side"] is None

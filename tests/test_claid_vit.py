@@ -111,13 +111,42 @@ def test_vit_weights_that_fit_neither_layout_are_refused_with_the_missing_keys(t
         ViTBackbone(NAME, weights=path, **TINY_VIT)
     other = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.rand(4, 3, 7, 7)}, other)
-    with pytest.raises(ValueError, match="neither a timm state dict nor a DINO checkpoint"):
+    with pytest.raises(ValueError, match=r"lacks 18 of the model's 18 tensors"):
         ViTBackbone(NAME, weights=other, **TINY_VIT)
     wider = tmp_path / "wider.pth"
     torch.save(timm.create_model(NAME, pretrained=False, num_classes=0, depth=1, embed_dim=48,
                                  num_heads=2).state_dict(), wider)
     with pytest.raises(ValueError, match="another model size"):
         ViTBackbone(NAME, weights=wider, **TINY_VIT)
+    # ViT-S/16 weights into ViT-S/8: timm's filter would resample the patch kernel; refused instead
+    patch16 = tmp_path / "patch16.pth"
+    torch.save(timm.create_model("vit_small_patch16_224.dino", pretrained=False, num_classes=0,
+                                 **TINY_VIT).state_dict(), patch16)
+    with pytest.raises(ValueError, match=r"\(16, 16\) patches, the model has \(8, 8\)"):
+        ViTBackbone(NAME, weights=patch16, **TINY_VIT)
+
+
+def test_dinov2_layout_and_another_grid_are_adapted_by_timms_filter(tmp_path):
+    """DINOv2's own files name the register tokens `register_tokens` and carry a `mask_token`; their
+    position embeddings are for another grid (518 px) than the model's default: timm's filter adapts
+    both, so the tokens equal those of the source model."""
+    name = "vit_small_patch14_reg4_dinov2.lvd142m"
+    torch.manual_seed(2)
+    source = timm.create_model(name, pretrained=False, num_classes=0, img_size=518, dynamic_img_size=True, **TINY_VIT)
+    state = {("register_tokens" if k == "reg_token" else k): v for k, v in source.state_dict().items()}
+    state["mask_token"] = torch.zeros(1, 32)
+    # DINOv2's pos_embed keeps a class-token position in front of the 37 x 37 grid
+    state["pos_embed"] = torch.cat([torch.zeros(1, 1, 32), state["pos_embed"]], dim=1)
+    path = tmp_path / "dinov2.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in state.items()}}, path)
+    loaded = ViTBackbone(name, weights=path, img_size=224, **TINY_VIT).eval()
+    assert loaded.vit.pos_embed.shape[1] == 16 * 16  # resampled from 37 x 37 to the model's 16 x 16
+    torch.testing.assert_close(loaded.vit.reg_token, source.reg_token)
+    x = torch.rand(1, 3, 14 * 16, 14 * 16)
+    with torch.no_grad():
+        expected = source.forward_features(x)[:, source.num_prefix_tokens:]
+        got = loaded.forward_layer(x, "tokens").flatten(2).transpose(1, 2)
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
 
 
 # ---------------------------------------------------------------------------------------------- configs
