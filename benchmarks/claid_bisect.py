@@ -95,6 +95,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from timing import best_of  # noqa: E402
+
 from instsearch.networks import bisecting
 from instsearch.networks.bisecting import RegionNode, build_hierarchy, output_nodes
 
@@ -363,15 +365,6 @@ def photo_grids(folder: Path, weights: Optional[Path], limit: int) -> tuple[list
         grids.append(tokens.reshape(height // 8, width // 8, -1).contiguous())
         names.append(path.name)
     return grids, names, source
-
-
-def best_of(function: Any, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def agreement(ours: list[Tensor], theirs: list[Optional[Tensor]]) -> dict[str, float]:

@@ -3,7 +3,6 @@ hatched, the kept regions' boxes where their patches are, and the command's opti
 from __future__ import annotations
 
 import inspect
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -11,35 +10,18 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from torch import nn
+
+from colour_patches import ColourPatches
 
 from instsearch.claid_figure import claid_options, hierarchy_figure
 from instsearch.cli import main
 from instsearch.eval.visualize import DUMMY_GREY, HATCH, HATCH_PERIOD, HEADER, PALETTE
 from instsearch.networks.claid import CLAID
-from instsearch.networks.staged import FeatureInfo, StageInfo, StagedBackbone
 
 REPO = Path(__file__).resolve().parents[1]
 BACKGROUND = (0, 0, 76)  # low l1 norm: outside the high-energy set, a dummy
 RED, GREEN = (255, 0, 0), (0, 255, 0)
 PANEL = 128  # = the images' width: the panels show the image's own pixels
-
-
-class ColourPatches(StagedBackbone):
-    """A patch backbone whose 8x8 patches are described by their mean colour: planted colour blocks
-    are planted patch-feature regions."""
-
-    default_frozen_stages = 0
-    input_mean = (0.0, 0.0, 0.0)
-    input_std = (1.0, 1.0, 1.0)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.feature_info = FeatureInfo([StageInfo("patches", 3, 8)])
-        self.pool = nn.AvgPool2d(8)
-
-    def stage_modules(self) -> "OrderedDict[str, nn.Module]":
-        return OrderedDict([("patches", self.pool)])
 
 
 def colour_net() -> CLAID:

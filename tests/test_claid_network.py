@@ -3,38 +3,18 @@ options, the whole-image fallback, and `instsearch test` of a training-free conf
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 
 import pytest
 import torch
-from torch import nn
 
+from colour_patches import ColourPatches
 from config_runs import run_shipped_config
 
 from instsearch.networks.claid import CLAID, resize_to_grid
-from instsearch.networks.staged import FeatureInfo, StageInfo, StagedBackbone
 
 # background, and three mutually orthogonal object colours
 BACKGROUND = (0.0, 0.0, 0.3)  # low l1 norm: outside the high-energy set
 RED, GREEN = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
-
-
-class ColourPatches(StagedBackbone):
-    """A "patch backbone" whose 8x8 patches are described by their mean colour: planted colour
-    blocks become planted patch-feature regions, so the wiring (resize, grid, boxes) is testable
-    without learned features."""
-
-    default_frozen_stages = 0
-    input_mean = (0.0, 0.0, 0.0)
-    input_std = (1.0, 1.0, 1.0)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.feature_info = FeatureInfo([StageInfo("patches", 3, 8)])
-        self.pool = nn.AvgPool2d(8)
-
-    def stage_modules(self) -> "OrderedDict[str, nn.Module]":
-        return OrderedDict([("patches", self.pool)])
 
 
 def planted_image(height: int = 96, width: int = 128) -> tuple[torch.Tensor, dict[str, list[int]], torch.Tensor]:
