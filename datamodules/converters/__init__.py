@@ -10,6 +10,7 @@ clips boxes, writes the benchmark (paths relative to the output's folder) and a
 * ``roxford5k``, ``rparis6k`` — :mod:`instsearch.datamodules.converters.revisited` (Easy / Medium / Hard)
 * ``holidays`` — :mod:`instsearch.datamodules.converters.holidays`
 * ``instance160``, ``instance335`` — :mod:`instsearch.datamodules.converters.instance`
+* ``folder`` — :mod:`instsearch.datamodules.converters.folder` (any image folder: database only, ``--queries`` unjudged)
 
 A distractor folder (``--distractors``) is appended by reference only:
 ``"distractors": [{"root": <relative path>, "count": N, "id_prefix": ...}]`` (see
@@ -26,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from instsearch.datamodules.converters import holidays, instance, instre, oxford, revisited
+from instsearch.datamodules.converters import folder, holidays, instance, instre, oxford, revisited
 from instsearch.datamodules.converters.common import REPORT_NAME, ConvertResult, Draft
 from instsearch.datamodules.distractors import DEFAULT_ID_PREFIX, count_image_files
 from instsearch.datamodules.image_io import MAX_PIXELS
@@ -68,6 +69,8 @@ register_converter(ConverterSpec("holidays", holidays.build, "INRIA Holidays: jp
 for _name in ("instance160", "instance335"):
     register_converter(ConverterSpec(_name, partial(instance.build, dataset=_name),
                                      f"{_name.capitalize()}: query.txt, reference.txt, groundtruth/NNN.txt"))
+register_converter(ConverterSpec("folder", folder.build, "any folder of images (any depth): a database-only benchmark; "
+                                 "--queries FILE adds queries without ground truth", frozenset({"queries"})))
 
 
 def convert(name: str, root: str | Path, out: str | Path, *, distractors: Sequence[str | Path] = (),
@@ -142,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"revisited Oxford/Paris setting (default {revisited.DEFAULT_SETTING})")
     parser.add_argument("--protocol", choices=instre.PROTOCOLS, default=None,
                         help="INSTRE: '1250' (default, all queries) or 'instre-m' (the 250 multi-instance queries)")
+    parser.add_argument("--queries", type=Path, default=None, metavar="FILE",
+                        help="folder: one query per line, '<path> x1 y1 x2 y2' (path relative to --root)")
     parser.add_argument("--distractors", action="append", default=[], type=Path, metavar="DIR",
                         help="a distractor image folder (any depth) appended to the database; repeatable")
     parser.add_argument("--verify-images", action="store_true",
@@ -155,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = convert(args.name, args.root, args.out, setting=args.setting, protocol=args.protocol,
-                         distractors=args.distractors, verify_images=args.verify_images,
+                         queries=args.queries, distractors=args.distractors, verify_images=args.verify_images,
                          max_pixels=args.max_pixels, workers=args.workers)
     except (FileNotFoundError, FormatError, UnsafePickleError, ValueError) as e:
         print(f"instsearch convert: error: {e}", file=sys.stderr)
