@@ -130,9 +130,11 @@ class RetrievalEvaluation(pl.Callback):
     def _evaluate_and_publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._evaluated_epoch = trainer.current_epoch
         benchmark = benchmark_of(trainer)
-        if benchmark is None:
+        if benchmark is None or not benchmark.queries:
             if not self._warned:
-                rank_zero_info("RetrievalEvaluation: the DataModule has no `benchmark`; retrieval metrics are skipped")
+                reason = ("the DataModule has no `benchmark`" if benchmark is None else
+                          f"benchmark {benchmark.name!r} has no queries (a database-only collection)")
+                rank_zero_info(f"RetrievalEvaluation: {reason}; retrieval metrics are skipped")
                 self._warned = True
             return
         result = self.evaluate(trainer, pl_module, benchmark)

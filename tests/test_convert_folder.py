@@ -278,3 +278,36 @@ def test_cli(tmp_path, capsys):
     text(queries, "a/1.jpg 1 2 20 25\nz.jpg 1 2\n")
     assert main(["folder", "--root", str(root), "--out", str(out), "--queries", str(queries)]) == 2
     assert f"{queries}, line 2: expected" in capsys.readouterr().err
+
+
+def test_retrieval_evaluation_skips_a_database_only_benchmark(tmp_path, global_net, caplog):
+    """Training on one's own collection (UDQ, fine-tuning) keeps the evaluation callback attached:
+    with no query to score it says so once and skips, instead of stopping the run."""
+    import logging
+
+    import pytorch_lightning as pl
+
+    from instsearch.datamodules.benchmark import BenchmarkDataModule
+    from instsearch.eval.callback import RetrievalEvaluation
+    from instsearch.lightning_modules.training_free import TrainingFreeModule
+
+    bench = load(convert("folder", make_folder(tmp_path / "photos"), tmp_path / "b.json"))
+    evaluation = RetrievalEvaluation(progress=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[evaluation],
+                         default_root_dir=tmp_path)
+    dm = BenchmarkDataModule(benchmark=str(bench.root / "b.json"), batch_size=4)
+    with caplog.at_level(logging.INFO):
+        evaluation._evaluate_and_publish(_AttachedTrainer(trainer, dm), TrainingFreeModule(global_net))
+    assert evaluation.last_result is None
+    assert "benchmark 'photos' has no queries (a database-only collection)" in caplog.text
+
+
+class _AttachedTrainer:
+    """A trainer as the callback sees it during fit: its DataModule attached."""
+
+    def __init__(self, trainer, datamodule):
+        self._trainer, self.datamodule = trainer, datamodule
+
+    def __getattr__(self, name):
+        return getattr(self._trainer, name)

@@ -29,7 +29,7 @@ def gt(b: Benchmark, qid: str) -> tuple[dict, set]:
 
 def test_registry_names():
     assert set(CONVERTERS) == {"instre", "oxford5k", "paris6k", "roxford5k", "rparis6k", "holidays",
-                               "instance160", "instance335"}
+                               "instance160", "instance335", "folder"}
 
 
 # ============================================================================ INSTRE

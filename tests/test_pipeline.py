@@ -183,8 +183,16 @@ def test_wandb_offline_run_receives_metrics_and_image(tmp_path, synthetic_root, 
     assert len(runs) == 1
     images = list(runs[0].rglob("files/media/images/**/*.png"))
     assert images, "the result grid was not logged"
-    # read the logged value back from the run file's history and summary records
-    values = _logged_values(next(runs[0].glob("run-*.wandb")).read_bytes(), "retrieval/mAP@all")
+    # read the logged value back from the run file's history and summary records; wandb's service
+    # process writes the file and may still be flushing its last records when finish() returns
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        values = _logged_values(next(runs[0].glob("run-*.wandb")).read_bytes(), "retrieval/mAP@all")
+        if len(values) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     logged = float(trainer.callback_metrics["retrieval/mAP@all"])
     assert values and all(v == pytest.approx(logged, abs=1e-6) for v in values)  # history and summary
 
