@@ -60,6 +60,12 @@ class OptimizerConfig:
     gamma: float = 0.1
 
 
+# A module built in Python (not through LightningCLI, which stores plain dicts) keeps these
+# dataclasses in its hyper-parameters; resuming loads the checkpoint with ``weights_only=True``,
+# which accepts them only when allow-listed.
+torch.serialization.add_safe_globals([OptimizerConfig, RetrievalConfig])
+
+
 class RegionSearchModule(pl.LightningModule):
     net: nn.Module
     #: COCO AP computed on the validation set ("bbox", "segm"); empty: none (a training-free,
@@ -182,7 +188,14 @@ class RegionSearchModule(pl.LightningModule):
 
     # ------------------------------------------------------------ instsearch test / predict
     def on_test_epoch_start(self) -> None:
-        self._evaluator = self.make_evaluator(benchmark_of(self.trainer, required=True))
+        benchmark = benchmark_of(self.trainer, required=True)
+        if not benchmark.queries:  # refused before the database is extracted for nothing
+            path = getattr(self.trainer.datamodule, "benchmark", None)
+            raise ValueError(f"benchmark {benchmark.name!r}{f' ({path})' if path else ''} has no queries (a "
+                             f"database-only collection): `instsearch test` scores queries. Extract its regions "
+                             f"with `instsearch predict`, or add queries with `instsearch convert folder "
+                             f"--queries queries.txt` ('<path> x1 y1 x2 y2' per line)")
+        self._evaluator = self.make_evaluator(benchmark)
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluator.process(self.search_step(batch))

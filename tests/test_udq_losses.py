@@ -1,4 +1,5 @@
-"""UDQ losses (Eqs. 7–9) against values worked out by hand, a per-subspace loop, and finite differences."""
+"""UDQ losses (Eqs. 7–9) against values worked out by hand, a per-subspace loop, and finite differences;
+classifiers started from the codebooks are the nearest-codeword rule."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from instsearch.losses.udq import (SubspaceClassifiers, UDQLoss, discriminability_loss,
+from instsearch.losses.udq import (SubspaceClassifiers, UDQLoss, discriminability_loss, residual_scale,
                                    separability_loss)
 
 # Tiny case: d = 4, M = 2, K = 2, so d_m = 2 and f = [f^1 | f^2].
@@ -131,3 +132,47 @@ def test_empty_batch_gives_zero_not_nan():
     loss = UDQLoss(4, 2, 2)
     out = loss(torch.zeros(0, 4), torch.zeros(0, 2, dtype=torch.long), torch.zeros(2, 2, 2))
     assert out.total.item() == 0.0 and not math.isnan(out.total.item())
+
+
+# ---------------------------------------------------------------- classifiers started from the codebooks
+def test_codebook_classifiers_are_the_nearest_codeword_rule():
+    """W = s c, b = −s/2 ‖c‖²: logit_k = −s/2 ‖f^m − c_k‖² + s/2 ‖f^m‖², so the argmax is Eq. 4's code."""
+    torch.manual_seed(0)
+    d, m, k, n = 12, 3, 7, 50
+    codebooks = torch.randn(m, k, d // m)
+    clf = SubspaceClassifiers(d, m, k)
+    scale = torch.tensor([0.5, 3.0, 40.0])
+    clf.init_from_codebooks(codebooks, scale)
+    f = torch.randn(n, d)
+    sub = f.reshape(n, m, 1, d // m)
+    distances = (sub - codebooks).pow(2).sum(dim=3)  # (n, m, k)
+    expected = -scale[:, None] / 2 * distances + scale[:, None] / 2 * sub.pow(2).sum(dim=3)
+    torch.testing.assert_close(clf(f), expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(clf(f).argmax(dim=2), distances.argmin(dim=2))
+    clf.init_from_codebooks(codebooks, 2.0)  # one scale for every subspace
+    torch.testing.assert_close(clf.weight[1], 2.0 * codebooks[1].T)
+    with pytest.raises(ValueError, match="do not fit"):
+        clf.init_from_codebooks(codebooks[:, :3], 1.0)
+
+
+def test_residual_scale_is_one_over_the_mean_squared_residual():
+    f, h, _, _, c = _tiny()
+    # residuals per subspace: sample 1 (1, 0), sample 2 (0, 9) -> means (0.5, 4.5); d_m = 2
+    torch.testing.assert_close(residual_scale(f, h, c), torch.tensor([2.0, 1 / 4.5], dtype=torch.float64))
+    torch.testing.assert_close(residual_scale(f, h, c, per_dimension=True),
+                               torch.tensor([4.0, 2 / 4.5], dtype=torch.float64))
+
+
+def test_per_sample_reduction_and_label_accuracy():
+    f, h, w, b, c = _tiny()
+    per = discriminability_loss(f, h, c, sample_reduction="none")
+    torch.testing.assert_close(per, torch.tensor([1.0, 9.0], dtype=torch.float64))
+    per_sep = separability_loss(f, h, w, b, sample_reduction="none")
+    assert per_sep.shape == (2,) and per_sep.mean().item() == pytest.approx(L_SEP, abs=1e-12)
+    loss = UDQLoss(4, 2, 2).double()
+    with torch.no_grad():
+        loss.classifiers.weight.copy_(w)
+        loss.classifiers.bias.copy_(b)
+    # argmax: sample 1 s^1 = [1, 0] -> 0 (label 0, hit), s^2 = [0.5, 2] -> 1 (label 0, miss);
+    #         sample 2 s^1 = [0, 0] -> 0 (label 1, miss), s^2 = [0.5, 0] -> 0 (label 1, miss)
+    assert loss(f, h, c).label_accuracy.item() == pytest.approx(0.25)

@@ -12,16 +12,22 @@ from instsearch.datamodules.unlabelled import DatabaseImagesDataModule
 from instsearch.eval.callback import RetrievalEvaluation
 from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, evaluate
 from instsearch.eval.search import RegionIndex, RegionStore
+from instsearch.lightning_modules.base import OptimizerConfig
 from instsearch.lightning_modules.udq import ProposalBank, UDQModule
 from instsearch.networks.product_quantizer import OPQCodebook
 from instsearch.networks.udq import UDQNet, pca_projection
 
 NET = dict(backbone="small", min_size=160, max_size=333, proposals_per_image=30, feature_dim=32)
-MODULE = dict(num_subspaces=4, nbits=4, rounds=1, epochs_per_round=1, progress=False)
+MODULE = dict(num_subspaces=4, nbits=4, rounds=1, epochs_per_round=1, progress=False,
+              # the shipped config's rule at this size (M 4, K 16, a randomly initialised network):
+              # λ equalising the two gradients at round 0 (grad_sep 5.1, grad_dis 5.0), FC_S and the
+              # classifiers at 1e-3, the pretrained layers at 1e-5
+              lambda_dis=6.0, head_lr_multiplier=100.0)
 
 
 def make_module(**options) -> UDQModule:
     torch.manual_seed(0)
+    options.setdefault("optim", OptimizerConfig(lr=1e-5, warmup_steps=0))
     return UDQModule(UDQNet(**NET), **{**MODULE, **options})
 
 
@@ -102,11 +108,13 @@ def test_proposal_bank_spans_and_state_round_trip():
 
 # ---------------------------------------------------------------- rounds
 class RoundProbe(pl.Callback):
-    """At the first batch of each round (labels fresh, no step taken yet): the labels, and faiss's
-    encoding of the features the module extracts at that moment."""
+    """At the first batch of each round (labels fresh, no step taken yet): the features the module
+    extracts at that moment (eval mode), the labels, faiss's encoding of the features, the fresh
+    classifiers' argmax, the batch's images; after that batch's backward pass the gradients of FC_S,
+    the box head and the classifiers, and the step's per-proposal ``L_dis``."""
 
     def __init__(self):
-        self.labels, self.encoded = [], []
+        self.rounds = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx:
@@ -114,25 +122,106 @@ class RoundProbe(pl.Callback):
         module.net.eval()
         features = module._extract_features(trainer.datamodule, 0, 1)
         module.net.train()
-        self.labels.append(module.bank.labels.clone())
-        self.encoded.append(module.codebook.encode(features))
+        with torch.no_grad():
+            argmax = module.udq_loss.classifiers(module.label_codebook.rotate(features)).argmax(dim=2)
+        self.rounds.append({"features": features, "labels": module.bank.labels.clone(),
+                            "codebook": module.label_codebook,
+                            "encoded": module.codebook.encode(features), "argmax": argmax,
+                            "images": [m.image_id for im, m in zip(*batch) if im is not None]})
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if "grads" not in self.rounds[-1]:
+            parameters = {"fc_s": module.net.fc_s.weight, "classifiers": module.udq_loss.classifiers.weight,
+                          "box_head": next(module.net.detector.roi_heads.box_head.parameters())}
+            self.rounds[-1]["grads"] = {k: None if p.grad is None else float(p.grad.abs().sum())
+                                        for k, p in parameters.items()}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if not batch_idx:
+            self.rounds[-1]["L_dis"] = outputs["L_dis_per_proposal"].cpu()
 
 
-def test_rounds_label_with_faiss_codes_and_labels_change(small_benchmark):
+def test_rounds_label_with_faiss_codes_and_the_first_step_trains_against_them(small_benchmark):
+    """Per round: labels = faiss's codes of f_t; the classifiers start as the nearest-codeword rule
+    (argmax = label); the first training step (training mode, BatchNorm statistics frozen) computes
+    exactly the per-proposal ‖R f − φ(f)‖² of the round pass, rotation included; its gradient reaches
+    FC_S, the box head and the classifiers (a detached feature would not)."""
     module, probe = make_module(evaluate_baselines=False), RoundProbe()
     fit(module, small_benchmark, callbacks=[probe])
     assert [s["round"] for s in module.round_stats] == [0.0, 1.0]
     assert len(module.bank) == module.round_stats[0]["proposals"] > 24  # several proposals per image
-    for labels, encoded in zip(probe.labels, probe.encoded):
-        assert labels.dtype == torch.uint8
-        assert torch.equal(labels.long(), encoded)  # the pseudo-labels are faiss's codes of f_t
-    assert not torch.equal(probe.labels[0], probe.labels[1])
-    assert 0 < module.round_stats[1]["labels_changed"] <= 1
+    assert len(probe.rounds) == 2
+    for seen, stats in zip(probe.rounds, module.round_stats):
+        labels = seen["labels"].long()
+        assert seen["labels"].dtype == torch.uint8
+        assert torch.equal(labels, seen["encoded"])  # the pseudo-labels are faiss's codes of f_t
+        assert torch.equal(seen["argmax"], labels)  # classifiers initialised at the nearest codeword
+        assert stats["label_accuracy_start"] == 1.0
+        rows = torch.cat([torch.arange(*module.bank.span(i)) for i in seen["images"]])
+        codebook = seen["codebook"]
+        residual = (codebook.rotate(seen["features"][rows]) - codebook.decode(labels[rows])).pow(2).sum(dim=1)
+        torch.testing.assert_close(seen["L_dis"], residual, rtol=1e-4, atol=1e-5)
+        assert all(g is not None and g > 0 for g in seen["grads"].values()), seen["grads"]
 
 
-def test_max_epochs_must_match_the_rounds(small_benchmark):
-    with pytest.raises(ValueError, match="max_epochs=2"):
+def test_a_round_learns_its_labels(small_benchmark):
+    """Over each round, on the whole bank: L_sep falls, the classifiers still predict their labels far
+    above chance (1/K), and the features move across codeword cells (codes changed under the round's
+    own codebook); the training batches' means are logged every epoch."""
+    module = make_module(evaluate_baselines=False)
+    trainer = fit(module, small_benchmark)
+    for stats in module.round_stats:
+        assert stats["L_sep_end"] < stats["L_sep_start"], stats
+        assert stats["label_accuracy_end"] > 0.5, stats
+        assert 0 < stats["codes_changed"] <= 1, stats
+        assert stats["grad_sep"] > 0 and stats["grad_dis"] > 0
+    assert {"udq/L_sep", "udq/L_dis", "udq/label_accuracy"} <= set(trainer.callback_metrics)
+    # FC_S and the classifiers at their own learning rate, the backbone stages and box head at optim.lr
+    groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
+    assert groups["backbone"]["lr"] == pytest.approx(module.optim.lr)
+    assert groups["head"]["lr"] == pytest.approx(module.optim.lr * module.head_lr_multiplier)
+    assert {id(p) for p in groups["head"]["params"]} == {id(p) for p in [*module.net.fc_s.parameters(),
+                                                                           *module.udq_loss.parameters()]}
+    assert id(next(module.net.detector.roi_heads.box_head.parameters())) in {id(p) for p in
+                                                                               groups["backbone"]["params"]}
+
+
+def test_null_control_changes_no_code(small_benchmark):
+    """Learning rate 0 and one OPQ seed for every round: the features do not move, no code changes
+    and the next refit gives the very same labels (they "changed" before only because OPQ was
+    re-seeded)."""
+    module, probe = make_module(evaluate_baselines=False, reseed_each_round=False), RoundProbe()
+    module.optim.lr = 0.0
+    fit(module, small_benchmark, callbacks=[probe])
+    assert [s["codes_changed"] for s in module.round_stats] == [0.0, 0.0]
+    assert torch.equal(probe.rounds[0]["labels"], probe.rounds[1]["labels"])
+    assert torch.equal(probe.rounds[0]["features"], probe.rounds[1]["features"])
+
+
+def test_batchnorm_statistics_stay_fixed_in_the_udq_phase():
+    module = make_module()
+    module.train()
+    norms = [m for m in module.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms) and module.net.fc_s.training
+    module.net.train()  # whoever calls it
+    assert not any(m.training for m in norms)
+    assert any(m.training for m in make_module(freeze_batchnorm=False).net.train().modules()
+               if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_epochs_follow_the_rounds_and_fast_dev_run_runs_every_round(small_benchmark):
+    module = make_module(evaluate_baselines=False, final_statistics=False)
+    trainer = fit(module, small_benchmark, max_epochs=None)  # unset: (rounds + 1) x epochs_per_round
+    assert trainer.current_epoch == 2 and [s["round"] for s in module.round_stats] == [0.0, 1.0]
+    with pytest.raises(ValueError, match="trainer.max_epochs is 3.*set it to 2"):
         fit(make_module(), small_benchmark, max_epochs=3)
+    module = make_module()
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(fast_dev_run=True, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DatabaseImagesDataModule(str(small_benchmark), batch_size=4))
+    assert trainer.global_step == 2 and [s["round"] for s in module.round_stats] == [0.0, 1.0]
+    assert len(module.bank) >= 4 * 16  # the first batches of the round pass: proposals for K = 16 codewords
+    assert not module.baseline_results and "codes_changed" in module.round_stats[-1]
 
 
 def test_baselines_and_checkpoint_restores_codebooks_and_rankings(small_benchmark, tmp_path):
@@ -189,13 +278,29 @@ def test_resumed_run_equals_uninterrupted(small_benchmark, tmp_path):
         assert torch.allclose(p.float(), q.float(), atol=1e-6), name
 
 
-def test_refinement_changes_the_labels(small_benchmark):
-    plain, refined = make_module(evaluate_baselines=False, rounds=0), make_module(evaluate_baselines=False, rounds=0,
-                                                                                   refinement="cbr", refine_cells=8)
+def test_refinement_labels_from_targets_database_codes_from_features(small_benchmark):
+    """With refinement the labels come from OPQ on the refined targets, the codebooks that encode the
+    database from the features themselves (Algorithm 1 line 8): the reported quantisation error is
+    the encoded database's, and equals plain UDQ's fit on the same features."""
+    plain = make_module(evaluate_baselines=False, rounds=0, final_statistics=False)
+    refined = make_module(evaluate_baselines=False, rounds=0, final_statistics=False, refinement="cbr",
+                          refine_cells=8)
+    refined.optim.lr = 0.0  # the features searched below are the ones the codebooks were fitted on
     fit(plain, small_benchmark, max_epochs=1)
     fit(refined, small_benchmark, max_epochs=1)
-    assert plain.round_stats[0]["quantization_error"] != refined.round_stats[0]["quantization_error"]
+    stats = refined.round_stats[0]
+    assert refined.label_codebook is not refined.codebook
     assert not torch.equal(plain.bank.labels, refined.bank.labels)
+    assert stats["label_quantization_error"] != stats["quantization_error"]
+    assert stats["quantization_error"] == pytest.approx(plain.round_stats[0]["quantization_error"], rel=1e-5)
+    refined.eval()
+    loader = DatabaseImagesDataModule(str(small_benchmark)).benchmark_dataloaders()[0]
+    database = [f for images, metas in loader
+                for _, regions in refined.search_step((images, metas)).database for f in [regions.features]]
+    encoded = torch.cat(database)
+    assert len(encoded) == len(refined.bank)
+    assert refined.codebook.quantization_error(encoded) == pytest.approx(stats["quantization_error"], rel=1e-4)
+    assert torch.equal(refined.bank.codes.long(), refined.codebook.encode(encoded))
 
 
 # ---------------------------------------------------------------- search side
@@ -235,6 +340,23 @@ def test_missing_benchmark_is_named(tmp_path):
     dm = DatabaseImagesDataModule(str(tmp_path / "absent.json"))
     with pytest.raises(FileNotFoundError, match="absent.json.*instsearch-benchmark/1"):
         dm.prepare_data()
+
+
+def test_database_only_collection_trains_without_baselines(small_benchmark, tmp_path, caplog):
+    """A user's own folder (``instsearch convert folder``, no queries): the rounds train, the round-0
+    baselines say they are skipped instead of failing on a benchmark with nothing to score."""
+    import json
+    import logging
+
+    data = json.loads(small_benchmark.read_text())
+    data.update(queries=[], ground_truth={})
+    collection = small_benchmark.with_name("database_only.json")
+    collection.write_text(json.dumps(data))
+    module = make_module(rounds=0, evaluate_baselines=True)
+    with caplog.at_level(logging.INFO):
+        fit(module, collection, max_epochs=1)
+    assert not module.baseline_results and module.round_stats[0]["proposals"] > 0
+    assert "no queries (a database-only collection), baselines skipped" in caplog.text
 
 
 def test_rpn_phase_fit_changes_only_the_rpn(synthetic_root):
@@ -349,3 +471,41 @@ def test_final_refit_fits_opq_on_the_final_features(small_benchmark):
     module.net.eval()
     features = module._extract_features(module.trainer.datamodule, 0, 1)
     assert torch.equal(module.bank.labels.long(), module.codebook.encode(features))  # H = codes of F_max
+
+
+def test_exact_search_ranks_by_l2_distance_as_eq_2(small_benchmark):
+    """``search: exact`` scores a proposal by ``1/‖f_q − f_p‖`` (Eq. 2) and an image by its best
+    proposal (Eq. 1); on features that are not unit-norm this differs from the inner product. The
+    evaluator's ranking equals an independent numpy L2 ranking."""
+    from instsearch.eval.extract import QueryFeature, SearchBatch
+    from instsearch.formats import Benchmark
+    from instsearch.structures import ImageMeta, Regions
+
+    bench = Benchmark.load(small_benchmark)
+    module = UDQModule(UDQNet(**{**NET, "l2_normalize": False}), **{**MODULE, "search": "exact"})
+    evaluator = module.make_evaluator(bench)
+    rng = np.random.default_rng(0)
+    d = module.net.feature_dim
+    counts = rng.integers(1, 6, len(bench.database))
+    features = [rng.normal(size=(c, d)).astype(np.float32) * rng.uniform(0.2, 5.0, (c, 1)).astype(np.float32)
+                for c in counts]
+    queries = rng.normal(size=(len(bench.queries), d)).astype(np.float32) * 2
+    batch = SearchBatch()
+    for image_id, f in zip(bench.database, features):
+        batch.database.append((ImageMeta(image_id, (100, 100)), Regions(
+            boxes=torch.tensor([[0.0, 0.0, 10.0, 10.0]]).repeat(len(f), 1), scores=torch.ones(len(f)),
+            features=torch.from_numpy(f), image_size=(100, 100))))
+    for q, f in zip(bench.queries, queries):
+        batch.queries.append(QueryFeature(ImageMeta(q.image, (100, 100), query_id=q.id), torch.from_numpy(f)))
+    evaluator.process(batch)
+    run = evaluator.compute().run
+    inner_product_differs = False
+    for q, f in zip(bench.queries, queries):
+        nearest = np.array([np.sqrt(((x - f) ** 2).sum(axis=1)).min() for x in features])
+        order = np.argsort(nearest, kind="stable")
+        hits = run.rankings[q.id]
+        assert [h.image for h in hits] == [bench.database[i] for i in order]
+        np.testing.assert_allclose([h.score for h in hits], 1 / nearest[order], rtol=1e-4)
+        best_ip = np.array([(x @ f).max() for x in features])
+        inner_product_differs |= list(np.argsort(-best_ip, kind="stable")) != list(order)
+    assert inner_product_differs  # the case the L2 rule exists for
