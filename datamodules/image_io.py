@@ -110,11 +110,13 @@ def image_size(path: str | Path, max_pixels: Optional[int] = None) -> tuple[int,
     try:
         with Image.open(path) as im:
             w, h = im.size
+            # before the EXIF: for a PNG, getexif() reads every chunk up to the image end (an
+            # eXIf chunk may follow the pixel data), which is the decode the limit guards against
+            if max_pixels is not None and w * h > max_pixels:
+                raise BadImageError(path, f"{w}x{h} exceeds the {max_pixels}-pixel limit")
             orientation = im.getexif().get(EXIF_ORIENTATION, 1)
     except _DECODE_ERRORS as e:
         raise BadImageError(path, f"not a readable image ({type(e).__name__}: {e})") from None
-    if max_pixels is not None and w * h > max_pixels:
-        raise BadImageError(path, f"{w}x{h} exceeds the {max_pixels}-pixel limit")
     return (h, w) if orientation in _TRANSPOSED_ORIENTATIONS else (w, h)
 
 

@@ -131,6 +131,20 @@ def test_pixel_limit(tmp_path):
         image_size(path, max_pixels=1999)
 
 
+def test_image_size_refuses_an_oversized_png_before_reading_past_its_header(tmp_path, monkeypatch):
+    """A PNG's EXIF may follow its pixel data, so reading it streams the whole file: the pixel
+    limit is checked on the header's size first."""
+    path = tmp_path / "big.png"
+    Image.new("RGB", (50, 40)).save(path)
+    read = []
+    original = Image.Image.getexif
+    monkeypatch.setattr(Image.Image, "getexif", lambda im: read.append(1) or original(im))
+    with pytest.raises(BadImageError, match="50x40 exceeds the 1999-pixel limit"):
+        image_size(path, max_pixels=1999)
+    assert read == []
+    assert image_size(path, max_pixels=2000) == (50, 40) and read == [1]
+
+
 def test_image_size_errors(tmp_path):
     (tmp_path / "t.jpg").write_text("text")
     (tmp_path / "e.jpg").write_bytes(b"")
