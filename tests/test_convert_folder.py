@@ -311,3 +311,20 @@ class _AttachedTrainer:
 
     def __getattr__(self, name):
         return getattr(self._trainer, name)
+
+
+def test_instsearch_test_refuses_a_database_only_benchmark_before_extracting(tmp_path, global_net):
+    import pytorch_lightning as pl
+
+    from instsearch.datamodules.benchmark import BenchmarkDataModule
+    from instsearch.lightning_modules.training_free import TrainingFreeModule
+
+    bench = load(convert("folder", make_folder(tmp_path / "photos"), tmp_path / "b.json"))
+    module, described = TrainingFreeModule(global_net), []
+    search_step = module.search_step
+    module.search_step = lambda batch: described.append(batch) or search_step(batch)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"benchmark 'photos' \(.*b\.json\) has no queries .*instsearch predict"):
+        trainer.test(module, BenchmarkDataModule(benchmark=str(bench.root / "b.json"), batch_size=4))
+    assert described == []
