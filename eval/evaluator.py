@@ -55,7 +55,13 @@ class RetrievalConfig:
             whitening saved by :meth:`~instsearch.eval.whitening.PCAWhitening.save` (fitted on
             another set).
         whitening_dim: keep at most this many whitened dimensions (``None``: every axis with
-            non-negligible variance).
+            non-negligible variance, at most ``min(D, N - 1)`` for ``N`` fitting vectors).
+        whitening_shrinkage: weight ``rho`` in ``[0, 1]`` of the mean variance in each whitened
+            axis' variance, or ``"auto"`` (Ledoit-Wolf, estimated from the fitting set; see
+            :mod:`instsearch.eval.whitening`). ``0`` is the textbook whitening, which maps a set
+            of ``N <= D + 1`` vectors it was fitted on onto a simplex (all similarities equal) and
+            is refused then. ``whitening_dim`` and ``whitening_shrinkage`` apply when fitting; a
+            loaded file keeps what it was fitted with.
     """
 
     normalization: str = "relevant"
@@ -67,6 +73,7 @@ class RetrievalConfig:
     grid_queries: int = 4
     whitening: Union[bool, str] = False
     whitening_dim: Optional[int] = None
+    whitening_shrinkage: Union[float, str] = "auto"
 
     def __post_init__(self) -> None:
         if self.normalization not in ("relevant", "min", "retrieved"):
@@ -76,15 +83,21 @@ class RetrievalConfig:
         if isinstance(self.whitening, str) and self.whitening != "pca" and not Path(self.whitening).is_file():
             raise ValueError(f"whitening must be true/false, 'pca' or the path of a saved whitening (.npz), got "
                              f"{self.whitening!r} (no such file)")
+        if self.whitening_dim is not None and self.whitening_dim < 1:
+            raise ValueError(f"whitening_dim must be >= 1 or null, got {self.whitening_dim}")
+        from instsearch.eval.whitening import check_shrinkage
+
+        check_shrinkage(self.whitening_shrinkage)
 
     def fit_whitening(self, features: np.ndarray) -> Optional[PCAWhitening]:
         """The whitening this config asks for, fitted on the database ``features`` when it is not
-        loaded from a file; ``None`` when whitening is off."""
+        loaded from a file (which must match the features' dimension); ``None`` when whitening
+        is off."""
         if self.whitening is False or self.whitening is None:
             return None
         if self.whitening is True or self.whitening == "pca":
-            return PCAWhitening.fit(features, dim=self.whitening_dim)
-        return PCAWhitening.load(self.whitening)
+            return PCAWhitening.fit(features, dim=self.whitening_dim, shrinkage=self.whitening_shrinkage)
+        return PCAWhitening.load(self.whitening, input_dim=np.asarray(features).shape[1])
 
 
 @dataclass

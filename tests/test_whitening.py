@@ -1,4 +1,5 @@
-"""PCA-whitening against a numpy SVD reference, and the evaluator's `whitening` option."""
+"""PCA-whitening against numpy references (textbook SVD; eigendecomposition of the covariance with
+Ledoit-Wolf shrinkage), its rank cap, warning, file round trip, and the evaluator's options."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,7 +29,7 @@ def test_whitening_matches_numpy_svd():
     rng = np.random.default_rng(0)
     train = rng.normal(size=(50, 6)) * np.array([5.0, 3.0, 1.0, 0.5, 0.2, 0.1]) + 0.3
     test = rng.normal(size=(7, 6))
-    white = PCAWhitening.fit(train)
+    white = PCAWhitening.fit(train, shrinkage=0.0)  # the textbook whitening
     apply, variances = svd_whitening(train)
     np.testing.assert_allclose(white.variances, variances, rtol=1e-8)
     # eigenvector signs are arbitrary: compare the similarities, which do not depend on them
@@ -95,7 +96,7 @@ def test_evaluator_whitening_equals_whitening_the_features_by_hand(tmp_path):
     db = shared * rng.uniform(2, 6, size=(12, 1)) + identity
     queries = shared * rng.uniform(2, 6, size=(5, 1)) + identity[:5] + rng.normal(size=(5, 6)) * 0.05
     plain, plain_metrics = _evaluate(tmp_path, db, queries)
-    white, white_metrics = _evaluate(tmp_path, db, queries, whitening=True)
+    white, white_metrics = _evaluate(tmp_path, db, queries, whitening=True, whitening_shrinkage=0.0)
     apply, _ = svd_whitening(db)
     by_hand, _ = _evaluate(tmp_path, apply(db), apply(queries))
     assert white == by_hand
@@ -108,3 +109,176 @@ def test_evaluator_refuses_an_unknown_whitening():
 
     with pytest.raises(ValueError, match="whitening"):
         RetrievalConfig(whitening="nope.npz")
+
+
+# ---------------------------------------------------------------- fewer vectors than dimensions
+def structured(n: int, d: int, seed: int, clusters: int = 5) -> np.ndarray:
+    """Rows near a few cluster centres, on a low-rank signal plus isotropic noise."""
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(8, d))
+    centres = rng.normal(size=(clusters, 8)) * 2.0
+    codes = centres[rng.integers(clusters, size=n)] + rng.normal(size=(n, 8)) * 0.7
+    return codes @ basis + rng.normal(size=(n, d)) * 0.5 + 0.3
+
+
+def reference_whitening(train: np.ndarray, shrinkage="auto", dim=None, rel_eps: float = 1e-6):
+    """From the equations: l2, centre, eigendecompose S = X^T X / N (D x D), keep at most min(D, N - 1)
+    axes, Ledoit-Wolf rho from its definition, variances (1 - rho) l + rho trace(S) / D, project, l2."""
+    x = train / np.linalg.norm(train, axis=1, keepdims=True)
+    n, p = x.shape
+    mean = x.mean(0)
+    c = x - mean
+    s = c.T @ c / n
+    lam, vec = np.linalg.eigh(s)
+    lam, vec = lam[::-1], vec[:, ::-1]
+    k = min(p, n - 1) if dim is None else min(p, n - 1, dim)
+    keep = np.flatnonzero(lam[:k] > rel_eps * lam[0])
+    lam, vec = lam[keep], vec[:, keep]
+    m = np.trace(s) / p
+    if shrinkage == "auto":
+        norm2 = lambda a: np.sum(a * a) / p  # Ledoit & Wolf's normalised Frobenius norm
+        d2 = norm2(s - m * np.eye(p))
+        b2 = min(sum(norm2(np.outer(xk, xk) - s) for xk in c) / n ** 2, d2)
+        rho = b2 / d2
+    else:
+        rho = float(shrinkage)
+    proj = vec / np.sqrt((1 - rho) * lam + rho * m)
+
+    def apply(y: np.ndarray) -> np.ndarray:
+        z = (y / np.linalg.norm(y, axis=1, keepdims=True) - mean) @ proj
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+    return apply, rho, len(keep)
+
+
+def off_diagonal(g: np.ndarray) -> np.ndarray:
+    return g[~np.eye(len(g), dtype=bool)]
+
+
+def test_fewer_vectors_than_dimensions_do_not_collapse_and_rank_as_the_reference(caplog):
+    db = structured(30, 64, seed=4)
+    rng = np.random.default_rng(5)
+    queries = db[rng.choice(30, size=6, replace=False)] + rng.normal(size=(6, 64)) * 0.8
+    # the collapse this guards against: textbook whitening on all N - 1 axes -> a regular simplex
+    simplex, _, _ = reference_whitening(db, shrinkage=0.0)
+    z = simplex(db)
+    assert np.std(off_diagonal(z @ z.T)) < 1e-6
+    np.testing.assert_allclose(off_diagonal(z @ z.T), -1 / 29, atol=1e-6)
+
+    with caplog.at_level("WARNING", logger="instsearch.eval.whitening"):
+        white = PCAWhitening.fit(db)
+    apply, rho, kept = reference_whitening(db)
+    assert kept == 29 and white.dim == 29
+    assert 0.0 < rho < 1.0 and white.shrinkage == pytest.approx(rho, rel=1e-9)
+    got_db, ref_db = white.transform(db), apply(db)
+    sims = off_diagonal(got_db @ got_db.T)
+    assert np.std(sims) > 1e-2
+    np.testing.assert_allclose(got_db @ got_db.T, ref_db @ ref_db.T, atol=1e-5)
+    got_q, ref_q = white.transform(queries) @ got_db.T, apply(queries) @ ref_db.T
+    np.testing.assert_allclose(got_q, ref_q, atol=1e-5)
+    assert (np.argsort(-got_q, axis=1) == np.argsort(-ref_q, axis=1)).all()
+
+    text = caplog.text
+    assert "30 vectors of 64 dimensions" in text and "kept 29 dimensions" in text
+    assert "another set" in text and "instsearch whitening" in text
+
+
+def test_no_warning_with_more_vectors_than_dimensions(caplog):
+    with caplog.at_level("WARNING", logger="instsearch.eval.whitening"):
+        PCAWhitening.fit(structured(80, 16, seed=6))
+    assert "fewer vectors than dimensions" not in caplog.text
+
+
+def test_kept_dimensions_are_at_most_min_d_and_n_minus_1_and_dim():
+    assert PCAWhitening.fit(structured(30, 64, seed=7)).dim == 29  # N - 1
+    assert PCAWhitening.fit(structured(200, 12, seed=7)).dim == 12  # D
+    assert PCAWhitening.fit(structured(13, 12, seed=7)).dim == 12  # N - 1 = D
+    assert PCAWhitening.fit(structured(30, 64, seed=7), dim=10).dim == 10
+    assert PCAWhitening.fit(structured(30, 64, seed=7), dim=500).dim == 29
+    with pytest.raises(ValueError, match="dim"):
+        PCAWhitening.fit(structured(30, 64, seed=7), dim=0)
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.3, 1.0])
+def test_every_fixed_shrinkage_matches_the_reference(rho):
+    db = structured(30, 64, seed=8)
+    queries = structured(4, 64, seed=9)
+    white = PCAWhitening.fit(db, shrinkage=rho)
+    apply, _, _ = reference_whitening(db, shrinkage=rho)
+    assert white.shrinkage == rho
+    np.testing.assert_allclose(white.transform(queries) @ white.transform(db).T, apply(queries) @ apply(db).T,
+                               atol=1e-5)
+
+
+def test_shrinkage_changes_the_similarities_and_one_is_a_plain_pca_rotation():
+    db = structured(30, 64, seed=10)
+
+    def sims(**kw):
+        z = PCAWhitening.fit(db, **kw).transform(db)
+        return z @ z.T
+
+    assert np.abs(sims(shrinkage=0.1) - sims(shrinkage=0.5)).max() > 1e-2
+    assert np.abs(sims() - sims(shrinkage=0.5)).max() > 1e-3
+    assert np.abs(sims(dim=5) - sims()).max() > 1e-2
+    # rho = 1: every axis divided by the same number, i.e. the cosine of the centred vectors
+    x = db / np.linalg.norm(db, axis=1, keepdims=True)
+    c = x - x.mean(0)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    np.testing.assert_allclose(sims(shrinkage=1.0), c @ c.T, atol=1e-5)
+
+
+def test_unshrunk_whitening_of_the_fitting_set_onto_a_simplex_is_refused():
+    db = structured(30, 64, seed=11)
+    with pytest.raises(ValueError, match="simplex"):
+        PCAWhitening.fit(db, shrinkage=0.0)
+    with pytest.raises(ValueError, match="simplex"):
+        PCAWhitening.fit(structured(13, 12, seed=11), shrinkage=0.0)  # N - 1 = D: a simplex as well
+    assert PCAWhitening.fit(db, shrinkage=0.0, dim=20).dim == 20  # a strict subspace does not collapse
+    for bad in (-0.1, 1.5, "often", True):
+        with pytest.raises(ValueError, match="shrinkage"):
+            PCAWhitening.fit(db, shrinkage=bad)
+
+
+def test_retrieval_config_options_reach_the_fit():
+    from instsearch.eval.evaluator import RetrievalConfig
+
+    db = structured(30, 64, seed=12)
+    assert RetrievalConfig(whitening=False).fit_whitening(db) is None
+    auto = RetrievalConfig(whitening=True).fit_whitening(db)
+    assert RetrievalConfig().whitening_shrinkage == "auto"
+    assert auto.shrinkage == pytest.approx(reference_whitening(db)[1], rel=1e-9)
+    fixed = RetrievalConfig(whitening="pca", whitening_shrinkage=0.3).fit_whitening(db)
+    assert fixed.shrinkage == 0.3
+    np.testing.assert_array_equal(fixed.projection, PCAWhitening.fit(db, shrinkage=0.3).projection)
+    assert RetrievalConfig(whitening=True, whitening_dim=7).fit_whitening(db).dim == 7
+    for bad in (-1, 2.0, "ledoit"):
+        with pytest.raises(ValueError, match="shrinkage"):
+            RetrievalConfig(whitening=True, whitening_shrinkage=bad)
+    with pytest.raises(ValueError, match="whitening_dim"):
+        RetrievalConfig(whitening=True, whitening_dim=0)
+
+
+def test_a_whitening_fitted_on_another_set_round_trips_through_a_file(tmp_path):
+    from instsearch.eval.evaluator import RetrievalConfig
+
+    other, db = structured(40, 64, seed=13), structured(25, 64, seed=14)
+    white = PCAWhitening.fit(other, dim=20)
+    path = white.save(tmp_path / "other")
+    assert path == tmp_path / "other.npz" and path.is_file()
+    again = PCAWhitening.load(path)
+    for name in ("mean", "projection", "variances"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(white, name))
+    assert (again.shrinkage, again.num_samples, again.dim) == (white.shrinkage, 40, 20)
+    loaded = RetrievalConfig(whitening=str(path)).fit_whitening(db)  # loaded, not fitted on db
+    np.testing.assert_array_equal(loaded.transform(db), white.transform(db))
+
+
+def test_a_file_of_another_dimension_is_refused_with_its_name(tmp_path):
+    from instsearch.eval.evaluator import RetrievalConfig
+
+    path = PCAWhitening.fit(structured(40, 64, seed=15)).save(tmp_path / "paris_white.npz")
+    features = structured(10, 32, seed=16)
+    with pytest.raises(ValueError, match=r"paris_white\.npz.*64-D.*32-D"):
+        RetrievalConfig(whitening=str(path)).fit_whitening(features)
+    with pytest.raises(ValueError, match=r"paris_white\.npz.*64-D.*32-D"):
+        PCAWhitening.load(path).transform(features)
