@@ -282,3 +282,45 @@ def test_a_file_of_another_dimension_is_refused_with_its_name(tmp_path):
         RetrievalConfig(whitening=str(path)).fit_whitening(features)
     with pytest.raises(ValueError, match=r"paris_white\.npz.*64-D.*32-D"):
         PCAWhitening.load(path).transform(features)
+
+
+# ---------------------------------------------------------------- instsearch whitening
+def test_whitening_command_fits_another_benchmarks_database_and_the_evaluator_loads_it(tmp_path, small_benchmark, capsys):
+    """`instsearch whitening` on the small DASR config: the file holds the whitening of the
+    database's region features, the ones `instsearch predict` extracts."""
+    import yaml
+
+    from instsearch.cli import main
+    from instsearch.eval.evaluator import RetrievalConfig
+    from tests.config_runs import CONFIGS
+
+    config = yaml.safe_load((CONFIGS / "dasr_synthetic.yaml").read_text())
+    config["trainer"]["enable_progress_bar"] = False
+    config["model"]["init_args"]["net"]["init_args"]["long_side"] = 96
+    config["model"]["init_args"]["retrieval"]["whitening_dim"] = 6
+    config["data"] = {"class_path": "instsearch.datamodules.benchmark.BenchmarkDataModule",
+                      "init_args": {"benchmark": str(small_benchmark), "batch_size": 4}}
+    path = tmp_path / "dasr.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "w" / "other.npz"
+    assert main(["whitening", "--config", str(path), "--benchmark", str(small_benchmark), "--out", str(out)]) == 0
+    assert f"whitening: {out}" in capsys.readouterr().out
+    white = PCAWhitening.load(out)
+    assert white.dim == 6 and white.num_samples >= 24  # every database image gives at least one region
+
+    from instsearch.datamodules.benchmark import benchmark_dataloader
+    from instsearch.eval.extract import extract_batch
+    from instsearch.networks.dasr import DASR
+
+    import pytorch_lightning as pl
+
+    pl.seed_everything(config["seed_everything"])  # the same random backbone as the command's
+    net = DASR(**config["model"]["init_args"]["net"]["init_args"]).eval()
+    regions = [r for batch in benchmark_dataloader(small_benchmark, "database", batch_size=4, max_side=1600)
+               for _, r in extract_batch(net, *batch).database]
+    features = np.concatenate([r.features.numpy() for r in regions if len(r)])
+    assert white.num_samples == len(features)
+    expected = PCAWhitening.fit(features, dim=6)
+    np.testing.assert_allclose(white.transform(features) @ white.transform(features).T,
+                               expected.transform(features) @ expected.transform(features).T, atol=1e-4)
+    assert RetrievalConfig(whitening=str(out)).fit_whitening(features).dim == 6
