@@ -191,6 +191,8 @@ def test_no_warning_with_more_vectors_than_dimensions(caplog):
 
 def test_kept_dimensions_are_at_most_min_d_and_n_minus_1_and_dim():
     assert PCAWhitening.fit(structured(30, 64, seed=7)).dim == 29  # N - 1
+    assert PCAWhitening.fit(structured(30, 64, seed=7), rel_eps=0.0).dim == 29  # not the centring's null axis
+    assert PCAWhitening.fit(structured(13, 12, seed=7), rel_eps=0.0).dim == 12
     assert PCAWhitening.fit(structured(200, 12, seed=7)).dim == 12  # D
     assert PCAWhitening.fit(structured(13, 12, seed=7)).dim == 12  # N - 1 = D
     assert PCAWhitening.fit(structured(30, 64, seed=7), dim=10).dim == 10
@@ -285,13 +287,18 @@ def test_a_file_of_another_dimension_is_refused_with_its_name(tmp_path):
 
 
 # ---------------------------------------------------------------- instsearch whitening
-def test_whitening_command_fits_another_benchmarks_database_and_the_evaluator_loads_it(tmp_path, small_benchmark, capsys):
-    """`instsearch whitening` on the small DASR config: the file holds the whitening of the
-    database's region features, the ones `instsearch predict` extracts."""
+def test_whitening_command_fits_another_benchmarks_database_and_the_evaluator_loads_it(tmp_path, small_benchmark,
+                                                                                      capsys):
+    """`instsearch whitening` on the small DASR config, with and without a checkpoint: the file
+    holds the whitening of the database region features that the checkpoint's network extracts."""
+    import pytorch_lightning as pl
     import yaml
 
     from instsearch.cli import main
+    from instsearch.datamodules.benchmark import benchmark_dataloader
     from instsearch.eval.evaluator import RetrievalConfig
+    from instsearch.eval.extract import extract_batch
+    from instsearch.networks.dasr import DASR
     from tests.config_runs import CONFIGS
 
     config = yaml.safe_load((CONFIGS / "dasr_synthetic.yaml").read_text())
@@ -302,25 +309,29 @@ def test_whitening_command_fits_another_benchmarks_database_and_the_evaluator_lo
                       "init_args": {"benchmark": str(small_benchmark), "batch_size": 4}}
     path = tmp_path / "dasr.yaml"
     path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "w" / "other.npz"
-    assert main(["whitening", "--config", str(path), "--benchmark", str(small_benchmark), "--out", str(out)]) == 0
-    assert f"whitening: {out}" in capsys.readouterr().out
-    white = PCAWhitening.load(out)
-    assert white.dim == 6 and white.num_samples >= 24  # every database image gives at least one region
-
-    from instsearch.datamodules.benchmark import benchmark_dataloader
-    from instsearch.eval.extract import extract_batch
-    from instsearch.networks.dasr import DASR
-
-    import pytorch_lightning as pl
-
-    pl.seed_everything(config["seed_everything"])  # the same random backbone as the command's
+    # a checkpoint whose (random) backbone differs from the one the config builds under its seed
+    pl.seed_everything(config["seed_everything"] + 1)
     net = DASR(**config["model"]["init_args"]["net"]["init_args"]).eval()
+    ckpt = tmp_path / "other_weights.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "pytorch-lightning_version": pl.__version__, "epoch": 0, "global_step": 0}, ckpt)
+
+    files = {}
+    for name, extra in (("config", []), ("ckpt", ["--ckpt_path", str(ckpt)])):
+        files[name] = tmp_path / "w" / f"{name}.npz"
+        assert main(["whitening", "--config", str(path), "--benchmark", str(small_benchmark),
+                     "--out", str(files[name]), *extra]) == 0
+        assert f"whitening: {files[name]}" in capsys.readouterr().out
+    white = PCAWhitening.load(files["ckpt"])
+    assert white.dim == 6 and white.num_samples >= 24  # every database image gives at least one region
+    assert not np.allclose(PCAWhitening.load(files["config"]).mean, white.mean)
+
     regions = [r for batch in benchmark_dataloader(small_benchmark, "database", batch_size=4, max_side=1600)
                for _, r in extract_batch(net, *batch).database]
     features = np.concatenate([r.features.numpy() for r in regions if len(r)])
     assert white.num_samples == len(features)
     expected = PCAWhitening.fit(features, dim=6)
+    np.testing.assert_allclose(white.mean, expected.mean, atol=1e-5)
     np.testing.assert_allclose(white.transform(features) @ white.transform(features).T,
                                expected.transform(features) @ expected.transform(features).T, atol=1e-4)
-    assert RetrievalConfig(whitening=str(out)).fit_whitening(features).dim == 6
+    assert RetrievalConfig(whitening=str(files["ckpt"])).fit_whitening(features).dim == 6
