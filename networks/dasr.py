@@ -11,9 +11,10 @@ The DASR paper's pipeline (Xiao & Zhao, "Deeply Activated Salient Region for Ins
 * **probabilistic back-propagation** (Eqn. 2-3, :func:`peak_response_maps`) -- each peak becomes a
   map ``M`` over the input pixels: the probability that a pixel contributes to the peak, obtained by
   back-propagating the peak through the network with every convolution's gradient replaced by a
-  winner-take-all rule (Zhang et al.'s excitation back-propagation, as the paper). On an
-  accelerator all peaks of an image run through **one batched backward** (chunked to bound
-  memory); on a CPU, where that measured slower, one backward per peak (``strategy``,
+  winner-take-all rule (Zhang et al.'s excitation back-propagation, as the paper). One forward per
+  image records what the rule needs; the peaks then go through an explicit reverse pass
+  (:mod:`instsearch.networks.excitation_backprop`), one at a time on a CPU (faster there) or as the
+  batch dimension on an accelerator, in chunks sized by a memory budget (``strategy``,
   :func:`resolve_strategy`).
 * **regions** -- pixels with ``M >= tau * max M`` (:func:`threshold_maps`), an ellipse from their
   second moments (Eqn. 4) and its circumscribed rectangle as the box (:func:`ellipse_boxes`), then
@@ -22,19 +23,15 @@ The DASR paper's pipeline (Xiao & Zhao, "Deeply Activated Salient Region for Ins
   l2-normalised; the PCA-whitening of the paper is fitted on the database by the evaluator
   (``RetrievalConfig.whitening``), so it is the same for every method.
 
-The back-propagation rule is the one of the authors' public implementation: for a convolution with
-input ``A`` (of one image), weights ``W`` and output gradient ``g``, the input gradient is
+The back-propagation rule is the one of the authors' public implementation
+(https://github.com/wlzhao22/DASR): for a convolution with input ``A`` (of one image), weights
+``W`` and output gradient ``g``, the input gradient is
 
     ``(A - min A) * conv_transpose(g / Z, W⁺)``,  ``Z = conv(A - min A, W⁺)``
 
 (``W⁺`` = the positive part of ``W``, the bias left out; ``g / Z`` set to 0 where ``Z < 1e-10``),
-while batch norm, ReLU and pooling pass their ordinary gradients. It is implemented as an ordinary
-differentiable expression whose *value* is the convolution and whose *gradient* is the rule
-(:func:`probabilistic_convolutions`), so that ``torch.func.vjp`` + ``vmap`` batch the backward of
-many peaks through every layer -- one kernel call per layer for a whole chunk of peaks. For the
-same reason eval-mode batch norms run as the per-channel affine maps they are
-(:func:`affine_batch_norms`: same values and gradient, a cheaper batching rule), and the
-parameters do not require grad while peaks are back-propagated (:func:`frozen_parameters`).
+while batch norm, ReLU and pooling pass their ordinary gradients
+(:class:`~instsearch.networks.excitation_backprop.ReversePass`).
 
 Choices where the paper is ambiguous (each a parameter):
 
@@ -46,6 +43,9 @@ Choices where the paper is ambiguous (each a parameter):
 * A DASR peak must also lie above the mean of ``X̄`` (the public code's filter for DASR) and both
   detectors skip the map's one-cell border and peaks with ``X̄ <= 0`` (which back-propagate
   nothing); ``exclude_border`` / ``local_max_above_mean`` switch these off.
+* DASR*'s peaks are every above-mean position of ``X̄`` (the paper, ``star_peaks="above_mean"``:
+  ~130 per image at 512 px); the public code's DASR* back-propagates only the 3x3 local maxima,
+  without the mean filter (``star_peaks="local_max"``), fewer peaks for less time.
 * The region threshold is ``tau`` times the map's maximum (the paper's "normalised to [0, 1]" and
   ``tau = 0.1``); the public code instead keeps the top 5 % of pixels (``threshold="percentile"``).
 * The ellipse's axes are ``2 sqrt(eigenvalue)`` of the pixels' covariance (the public code's
@@ -58,12 +58,10 @@ Choices where the paper is ambiguous (each a parameter):
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Optional, Sequence, Union
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -71,163 +69,30 @@ from torch import Tensor, nn
 from torchvision.ops import nms
 
 from instsearch.networks.backbones import StagedBackbone, build_backbone
+from instsearch.networks.excitation_backprop import (Z_EPS, MeanChannels, ReversePass, bytes_per_peak,
+                                                      peak_gradients)
 from instsearch.networks.region_features import RoIFeaturePooler
 from instsearch.networks.region_search import require_eval_mode
 from instsearch.networks.transform import check_box_lists, check_images
 from instsearch.networks.vgg import VGG16Backbone
 from instsearch.structures import Regions
 
-__all__ = ["DASR", "MeanActivation", "DASRDetection", "peak_response_maps", "probabilistic_convolutions",
-           "affine_batch_norms", "frozen_parameters", "backprop_peaks", "resolve_strategy", "local_maxima", "above_mean_positions", "threshold_maps", "pixel_moments",
-           "ellipse_boxes", "resize_long_side", "Z_EPS"]
-
-#: ``g / Z`` is zero where ``Z`` is below this (the public code's constant).
-Z_EPS = 1e-10
+__all__ = ["DASR", "MeanActivation", "DASRDetection", "peak_response_maps", "resolve_strategy", "chunk_for_budget",
+           "local_maxima", "above_mean_positions", "threshold_maps", "pixel_moments", "ellipse_boxes",
+           "resize_long_side", "Z_EPS"]
 
 Strategy = Literal["auto", "batched", "sequential"]
 Rule = Literal["probabilistic", "gradient"]
 
 
 # ---------------------------------------------------------------------- probabilistic back-propagation
-def _probabilistic_conv2d(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """The convolution's value with the probabilistic rule as its gradient.
-
-    With ``s = A - min A`` and ``inv = 1 / Z`` (0 where ``Z < Z_EPS``) held constant,
-    ``h(A) = conv(A * s, W⁺) * inv`` has the input gradient ``s * conv_transpose(g * inv, W⁺)``;
-    ``conv(A) + (h - h.detach())`` has the convolution's value (``h - h`` is exactly 0) and that
-    gradient. Written with ordinary ops, it batches under ``vmap`` like any layer.
-    """
-    if module.padding_mode != "zeros":
-        raise ValueError(f"probabilistic back-propagation supports zero-padded convolutions only, got "
-                         f"padding_mode={module.padding_mode!r}")
-    conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
-    with torch.no_grad():
-        value = F.conv2d(x, module.weight, module.bias, **conv)
-        shifted = x - x.amin(dim=(1, 2, 3), keepdim=True)  # per image: A - min A >= 0
-        positive = module.weight.clamp_min(0)
-        z = F.conv2d(shifted, positive, None, **conv)
-        inv = torch.where(z < Z_EPS, torch.zeros_like(z), 1.0 / (z.abs() + Z_EPS))
-    surrogate = F.conv2d(x * shifted, positive, None, **conv) * inv
-    return value + (surrogate - surrogate.detach())
-
-
-@contextlib.contextmanager
-def _replaced_forwards(modules: Sequence[nn.Module], make_forward) -> Iterator[None]:
-    """Within the block, each module's ``forward`` is ``make_forward(module)``; restored on exit,
-    also on error (an instance attribute shadows the class's method, and is removed)."""
-    for module in modules:
-        if "forward" in vars(module):
-            raise RuntimeError(f"{type(module).__name__} already has its forward replaced (nested contexts?)")
-    try:
-        for module in modules:
-            module.forward = make_forward(module)
-        yield
-    finally:
-        for module in modules:
-            vars(module).pop("forward", None)
-
-
-@contextlib.contextmanager
-def probabilistic_convolutions(net: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every ``nn.Conv2d`` of ``net`` back-propagates by the probabilistic rule
-    (its forward value unchanged); the modules are restored on exit, also on error."""
-    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
-    with _replaced_forwards(convs, lambda m: functools.partial(_probabilistic_conv2d, m)):
-        yield net
-
-
-def _affine_batch_norm(module: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    """An eval-mode batch norm as the per-channel affine map it is, ``x * scale + shift``."""
-    with torch.no_grad():
-        scale = module.weight / torch.sqrt(module.running_var + module.eps)
-        shift = module.bias - module.running_mean * scale
-    return x * scale[:, None, None] + shift[:, None, None]
-
-
-@contextlib.contextmanager
-def affine_batch_norms(net: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every eval-mode ``nn.BatchNorm2d`` of ``net`` runs as a per-channel affine
-    map: the same values (to float rounding) and the same gradient, but a plain product batches
-    under ``vmap``, while the batch-norm backward's batching rule copies its inputs (measured on
-    ResNet-50: 1.5x the time of the sequential backward's batch norms, plus as much in copies)."""
-    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d) and not m.training
-             and m.track_running_stats and m.affine]
-    with _replaced_forwards(norms, lambda m: functools.partial(_affine_batch_norm, m)):
-        yield net
-
-
-def backprop_peaks(vjp_fn, out_shape: Sequence[int], positions: Tensor, chunk_size: int = 16,
-                   device: Union[str, torch.device] = "cpu") -> Tensor:
-    """``(n, H, W)`` peak response maps of one image from the ``vjp_fn`` of its forward pass.
-
-    ``out_shape`` is ``(1, 1, h, w)`` (the image's ``X̄``) and ``positions`` ``(n, 2)`` = ``(y, x)``
-    on it. A chunk of one-hot output gradients runs through ``vmap(vjp_fn)`` at once; the maps are
-    the input gradients summed over colour channels and clamped at 0 (the public code's map);
-    ``device`` is the image's. Run it where the network's parameters do not require grad
-    (:func:`frozen_parameters`), or the backward holds a graph for them.
-    """
-    h, w = int(out_shape[-2]), int(out_shape[-1])
-    flat = (positions[:, 0] * w + positions[:, 1]).long()
-    maps = []
-    for chunk in flat.split(max(1, int(chunk_size))):  # chunks of peaks, not single peaks
-        onehot = torch.zeros(len(chunk), h * w, device=device)
-        onehot[torch.arange(len(chunk), device=device), chunk.to(device)] = 1.0
-        (grad,) = torch.func.vmap(vjp_fn)(onehot.view(len(chunk), *out_shape))
-        maps.append(grad[:, 0].sum(1).clamp_min(0))
-    if not maps:
-        raise ValueError("backprop_peaks: no peak positions")
-    return torch.cat(maps)
-
-
-@contextlib.contextmanager
-def frozen_parameters(net: nn.Module) -> Iterator[nn.Module]:
-    """Parameters of ``net`` do not require grad within the block (restored on exit).
-
-    Both the forward and the batched backward must run inside: ``torch.func``'s backward is itself
-    recorded for parameters that require grad (to allow higher-order transforms), which keeps every
-    peak's intermediate gradients alive -- measured on ResNet-50 at 256 px, a 4-peak chunk added
-    1.6 GiB to the peak memory instead of 0.6 GiB, and took 1.4x the time.
-    """
-    params = [p for p in net.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield net
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def _backprop_context(net: nn.Module, rule: Rule) -> contextlib.ExitStack:
-    """Batch norms as affine maps (both strategies, so that they compute the same numbers) and,
-    for the probabilistic rule, the convolutions' replacement."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(affine_batch_norms(net))
-    if rule == "probabilistic":
-        stack.enter_context(probabilistic_convolutions(net))
-    return stack
-
-
-def _image_vjp(net: nn.Module, image: Tensor, rule: Rule, function=None, has_aux: bool = False):
-    """``function`` (default ``net``) on one ``(1, 3, H, W)`` image under ``torch.func.vjp``, the
-    convolutions of ``net`` back-propagating by ``rule``."""
-    with _backprop_context(net, rule):
-        return torch.func.vjp(net if function is None else function, image, has_aux=has_aux)
-
-
-def _check_rule(rule: str) -> None:
-    if rule not in ("probabilistic", "gradient"):
-        raise ValueError(f"rule must be 'probabilistic' or 'gradient', got {rule!r}")
-
-
 def resolve_strategy(strategy: str, device: torch.device) -> str:
     """``"auto"`` -> ``"batched"`` on an accelerator, ``"sequential"`` on the CPU.
 
-    On a GPU one peak's backward is far too small to fill the device, so batching the peaks is
-    what pays. On a CPU the arithmetic is the same either way and one peak at a time keeps each
-    layer's gradients in cache, while ``vmap`` streams a whole chunk through memory: measured with
-    ResNet-50 at 512 px on one core, the batched backward took 1.2x (chunks of 1) to 2x (chunks of
-    12) the time of one backward per peak (``benchmarks/dasr_throughput.py``, README "Measured").
+    On a GPU one peak's reverse pass is far too small to fill the device, so batching the peaks is
+    what pays. On a CPU one peak at a time measured faster: a chunk of peaks makes the large early
+    maps (``P x 256 x 128 x 96`` floats at 512 px) stream through memory, which costs more than the
+    deep layers' better matrix shapes gain (README "### DASR"; ``benchmarks/dasr_throughput.py``).
     """
     if strategy not in ("auto", "batched", "sequential"):
         raise ValueError(f"strategy must be 'auto', 'batched' or 'sequential', got {strategy!r}")
@@ -236,22 +101,36 @@ def resolve_strategy(strategy: str, device: torch.device) -> str:
     return strategy
 
 
-def peak_response_maps(net: nn.Module, images: Tensor, peaks: Tensor, *, chunk_size: int = 16,
-                       strategy: Strategy = "auto", rule: Rule = "probabilistic") -> Tensor:
+def chunk_for_budget(recorded: dict, memory_budget_mb: float) -> int:
+    """Peaks per reverse pass that fit ``memory_budget_mb`` MiB (at least one)."""
+    return max(1, int(memory_budget_mb * 2 ** 20 // bytes_per_peak(recorded)))
+
+
+def _reverse_pass(net: nn.Module, rule: Rule, dtype: torch.dtype) -> ReversePass:
+    traced = net.as_sequential() if isinstance(net, MeanActivation) else net
+    return ReversePass(traced, rule=rule, dtype=dtype)
+
+
+def peak_response_maps(net: nn.Module, images: Tensor, peaks: Tensor, *, chunk_size: Optional[int] = None,
+                       strategy: Strategy = "auto", rule: Rule = "probabilistic",
+                       dtype: torch.dtype = torch.float32, memory_budget_mb: float = 1024.0) -> Tensor:
     """Back-propagate each peak of ``X̄`` to the input: ``(P, H, W)`` maps, in the order of ``peaks``.
 
     Args:
-        net: an ``nn.Module`` of convolutions, batch norms, ReLUs, pooling and residual sums mapping
-            ``(B, 3, H, W)`` (normalised) images to ``X̄`` ``(B, 1, h, w)``; in eval mode.
+        net: a :class:`MeanActivation`, or any ``nn.Module`` of convolutions, batch norms, ReLUs,
+            max pooling and residual sums ending in the channel mean, mapping ``(B, 3, H, W)``
+            (normalised) images to ``X̄`` ``(B, 1, h, w)``; in eval mode
+            (:class:`~instsearch.networks.excitation_backprop.ReversePass`).
         images: ``(B, 3, H, W)``.
         peaks: ``(P, 3)`` integer ``(batch index, y, x)`` on ``X̄``.
-        chunk_size: peaks back-propagated together (memory grows with it: one copy of the
-            activation gradients per peak, about 0.2 GiB for ResNet-50 at 512 px).
-        strategy: ``"batched"`` -- one forward per image, its peaks through ``vmap`` of the backward
-            in chunks; ``"sequential"`` -- one forward per image and one backward per peak (the
-            authors' scheme); ``"auto"`` -- batched on an accelerator, sequential on the CPU, where
-            it is faster (:func:`resolve_strategy`).
+        chunk_size: peaks per reverse pass with ``"batched"``; ``None``: as many as fit
+            ``memory_budget_mb`` (:func:`chunk_for_budget`).
+        strategy: ``"batched"`` -- one forward per image, its peaks through the reverse pass in
+            chunks; ``"sequential"`` -- one forward per image, one peak per reverse pass;
+            ``"auto"`` -- batched on an accelerator, sequential on the CPU (:func:`resolve_strategy`).
         rule: ``"probabilistic"`` (see the module docstring) or ``"gradient"`` (plain gradients).
+        dtype: the reverse convolutions' dtype (``torch.bfloat16``: about half the time on CPUs
+            with AVX-512 BF16 and on GPUs, maps within ~0.3 %).
 
     Returns:
         ``(P, H, W)``: the input gradient summed over colour channels, clamped at 0.
@@ -263,44 +142,18 @@ def peak_response_maps(net: nn.Module, images: Tensor, peaks: Tensor, *, chunk_s
                          f"{tuple(peaks.shape)}")
     out = images.new_zeros(len(peaks), *images.shape[-2:])
     peaks = peaks.long()
-    with frozen_parameters(net):
-        for b in peaks[:, 0].unique().tolist():  # one forward per image, not per peak
-            rows = (peaks[:, 0] == b).nonzero().flatten()
-            image = images[b:b + 1].detach()
-            if strategy == "batched":
-                value, vjp_fn = _image_vjp(net, image, rule)
-                out[rows] = backprop_peaks(vjp_fn, value.shape, peaks[rows, 1:], chunk_size, images.device)
-            else:
-                out[rows] = _sequential_maps(net, image, peaks[rows, 1:], rule)
+    reverse = _reverse_pass(net, rule, dtype)
+    for b in peaks[:, 0].unique().tolist():  # one forward per image, not per peak
+        rows = (peaks[:, 0] == b).nonzero().flatten()
+        _, recorded = reverse.forward(images[b:b + 1].detach())
+        chunk = 1 if strategy == "sequential" else (chunk_size or chunk_for_budget(recorded, memory_budget_mb))
+        out[rows] = peak_gradients(reverse, recorded, peaks[rows, 1:], chunk)
     return out
 
 
-def _sequential_maps(net: nn.Module, image: Tensor, positions: Tensor, rule: Rule) -> Tensor:
-    """One ordinary backward per peak through a retained graph (the authors' loop)."""
-    x, value, _ = _recorded_forward(net, image, rule)
-    return _backward_per_peak(x, value, positions)
-
-
-def _recorded_forward(net: nn.Module, image: Tensor, rule: Rule, function=None):
-    """``function`` (default ``net``) on ``image`` with an autograd graph (convolutions of ``net``
-    by ``rule``): ``(input requiring grad, X̄, aux or None)``."""
-    # Lightning tests under inference mode, whose tensors cannot enter a graph: leave it
-    with torch.inference_mode(False), torch.enable_grad(), _backprop_context(net, rule):
-        x = image.detach().clone().requires_grad_(True)
-        out = (net if function is None else function)(x)
-    value, aux = out if isinstance(out, tuple) else (out, None)
-    return x, value, aux
-
-
-def _backward_per_peak(x: Tensor, value: Tensor, positions: Tensor) -> Tensor:
-    maps = []
-    with torch.inference_mode(False), torch.enable_grad():
-        for y, xx in positions.tolist():  # the authors' scheme: one backward per peak
-            grad_out = torch.zeros_like(value)
-            grad_out[0, 0, y, xx] = 1.0
-            (grad,) = torch.autograd.grad(value, x, grad_out, retain_graph=True)
-            maps.append(grad[0].sum(0).clamp_min(0))
-    return torch.stack(maps)
+def _check_rule(rule: str) -> None:
+    if rule not in ("probabilistic", "gradient"):
+        raise ValueError(f"rule must be 'probabilistic' or 'gradient', got {rule!r}")
 
 
 # ---------------------------------------------------------------------- the activation map
@@ -323,6 +176,29 @@ class MeanActivation(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_capturing(x, None)[0]
+
+    def as_sequential(self) -> nn.Sequential:
+        """The same function as one ``nn.Sequential`` -- the stages up to :attr:`layer`, the
+        optional 2x2 max pool, the channel mean -- which the reverse pass traces (its modules are
+        this backbone's own, not copies)."""
+        modules: list[nn.Module] = []
+        for name, module in self.backbone.stage_modules().items():
+            modules.append(module)
+            if name == self.layer:
+                break
+        if self.pool:
+            modules.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        return nn.Sequential(*modules, MeanChannels())
+
+    def sequential_path(self, layer: str) -> Optional[str]:
+        """The module path of the backbone's ``layer`` (e.g. ``conv5.0``) inside
+        :meth:`as_sequential`; ``None`` when it comes after the activation layer."""
+        stage, block = self.backbone.parse_layer(layer)
+        names = list(self.backbone.stage_modules())
+        index = names.index(stage)
+        if index > names.index(self.layer):
+            return None
+        return f"{index}" if block is None else f"{index}.{block}"
 
     def forward_capturing(self, x: Tensor, capture: Optional[str]) -> tuple[Tensor, Optional[Tensor]]:
         """``(X̄ (B, 1, h, w), map of layer capture or None)``; the captured map is detached and is
@@ -493,7 +369,9 @@ class DASR(nn.Module):
         nms_iou: NMS threshold ``beta`` on the regions ranked by peak value (``None``: no NMS).
         max_peaks: back-propagate at most this many peaks per image (highest ``X̄`` first;
             ``None``: all), a bound on time for very large images.
-        chunk_size / strategy / rule: the back-propagation (:func:`peak_response_maps`).
+        star_peaks: DASR*'s peaks, ``"above_mean"`` (the paper) or ``"local_max"`` (the public code).
+        chunk_size / memory_budget_mb / strategy / rule / backprop_dtype: the back-propagation
+            (:func:`peak_response_maps`; ``backprop_dtype`` ``"float32"`` or ``"bfloat16"``).
         whole_image_fallback: an image without regions keeps its whole frame (score 0).
     """
 
@@ -506,7 +384,10 @@ class DASR(nn.Module):
                  local_max_above_mean: bool = True, tau: float = 0.1,
                  threshold: Literal["relative", "percentile"] = "relative", percentile: float = 95.0,
                  ellipse_scale: float = 2.0, nms_iou: Optional[float] = 0.3, max_peaks: Optional[int] = None,
-                 chunk_size: int = 16, strategy: Strategy = "auto", rule: Rule = "probabilistic",
+                 star_peaks: Literal["above_mean", "local_max"] = "above_mean",
+                 chunk_size: Optional[int] = None, memory_budget_mb: float = 1024.0,
+                 strategy: Strategy = "auto", rule: Rule = "probabilistic",
+                 backprop_dtype: Literal["float32", "bfloat16"] = "float32",
                  whole_image_fallback: bool = True) -> None:
         super().__init__()
         if isinstance(backbone, str):
@@ -517,8 +398,14 @@ class DASR(nn.Module):
         resolve_strategy(strategy, torch.device("cpu"))  # refuse an unknown one now
         if threshold not in ("relative", "percentile"):
             raise ValueError(f"threshold must be 'relative' or 'percentile', got {threshold!r}")
-        # training-free: nothing is ever fitted, and parameters that require grad would make the
-        # batched backward record (and hold) a graph for them (see frozen_parameters)
+        if star_peaks not in ("above_mean", "local_max"):
+            raise ValueError(f"star_peaks must be 'above_mean' or 'local_max', got {star_peaks!r}")
+        if backprop_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"backprop_dtype must be 'float32' or 'bfloat16', got {backprop_dtype!r}")
+        if chunk_size is not None and chunk_size < 1 or not memory_budget_mb > 0:
+            raise ValueError(f"need chunk_size >= 1 (or null) and memory_budget_mb > 0, got {chunk_size}, "
+                             f"{memory_budget_mb}")
+        # training-free: nothing is ever fitted
         self.backbone = backbone.requires_grad_(False)
         layer = backbone.feature_info.names[-1] if activation_layer is None else activation_layer
         pool = isinstance(backbone, VGG16Backbone) if pool_activation is None else pool_activation
@@ -534,7 +421,10 @@ class DASR(nn.Module):
         self.ellipse_scale = float(ellipse_scale)
         self.nms_iou = None if nms_iou is None else float(nms_iou)
         self.max_peaks = max_peaks
-        self.chunk_size, self.strategy, self.rule = int(chunk_size), strategy, rule
+        self.star_peaks = star_peaks
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.memory_budget_mb, self.strategy, self.rule = float(memory_budget_mb), strategy, rule
+        self.backprop_dtype = getattr(torch, backprop_dtype)
         self.whole_image_fallback = bool(whole_image_fallback)
 
     @property
@@ -554,8 +444,10 @@ class DASR(nn.Module):
     def find_peaks(self, xbar: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, h, w)`` -> peaks ``(P, 3)`` and values, by the DASR or DASR* rule, capped at
         ``max_peaks`` per image (highest first)."""
-        if self.star:
+        if self.star and self.star_peaks == "above_mean":
             peaks, values = above_mean_positions(xbar, self.exclude_border)
+        elif self.star:  # the public code's DASR*: every 3x3 local maximum, without DASR's mean filter
+            peaks, values = local_maxima(xbar, self.window, self.exclude_border, above_mean=False)
         else:
             peaks, values = local_maxima(xbar, self.window, self.exclude_border, self.local_max_above_mean)
         if self.max_peaks is not None and len(values) > self.max_peaks:
@@ -567,25 +459,18 @@ class DASR(nn.Module):
         """Detection of one ``(3, H, W)`` image with every intermediate (network pixels)."""
         x = self.network_input(image)
         size = (int(x.shape[-2]), int(x.shape[-1]))
-
-        def activation(inp: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-            return self.activation.forward_capturing(inp, self.describe_layer)
-
-        strategy = resolve_strategy(self.strategy, x.device)
-        if strategy == "batched":
-            xbar, vjp_fn, fmap = _image_vjp(self.activation, x, self.rule, function=activation, has_aux=True)
-        else:
-            x_grad, value, fmap = _recorded_forward(self.activation, x, self.rule, function=activation)
-            xbar = value
-        xbar = xbar.detach()
+        reverse = _reverse_pass(self.activation, self.rule, self.backprop_dtype)
+        xbar, recorded = reverse.forward(x, capture=self.activation.sequential_path(self.describe_layer))
+        fmap = recorded["captured"]
         peaks, values = self.find_peaks(xbar[:, 0])
         positions = peaks[:, 1:]
         if len(positions) == 0:
             maps = x.new_zeros(0, *size)
-        elif strategy == "batched":
-            maps = backprop_peaks(vjp_fn, xbar.shape, positions, self.chunk_size, x.device)
         else:
-            maps = _backward_per_peak(x_grad, value, positions)
+            batched = resolve_strategy(self.strategy, x.device) == "batched"
+            chunk = (self.chunk_size or chunk_for_budget(recorded, self.memory_budget_mb)) if batched else 1
+            maps = peak_gradients(reverse, recorded, positions, chunk)
+        del recorded
         masks = threshold_maps(maps, self.tau, self.threshold, self.percentile)
         centres, covs, count = pixel_moments(masks)
         boxes = ellipse_boxes(centres, covs, self.ellipse_scale, size) if len(masks) else x.new_zeros(0, 4)

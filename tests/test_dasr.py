@@ -125,22 +125,41 @@ def test_the_rule_is_not_the_plain_gradient(tiny):
     plain = x.grad[0].sum(0).clamp(min=0)
     torch.testing.assert_close(peak_response_maps(net, images, peaks, rule="gradient")[0], plain)
     assert not torch.allclose(rule[0], plain, atol=1e-4)
-    # the convolutions and the parameters' requires_grad are restored afterwards
-    assert all("forward" not in vars(m) for m in net.modules())
-    assert all(p.requires_grad for p in net.parameters())
+    assert all(p.requires_grad for p in net.parameters())  # nothing of the network was changed
 
 
-def test_affine_batch_norms_keep_values_and_restore_the_modules(tiny):
-    from instsearch.networks.dasr import affine_batch_norms
+def test_bfloat16_reverse_pass_stays_close_and_is_not_float32(tiny):
+    net, images = tiny
+    peaks = _all_positions(net, images)
+    exact = peak_response_maps(net, images, peaks)
+    half = peak_response_maps(net, images, peaks, dtype=torch.bfloat16)
+    assert not torch.equal(half, exact)
+    assert float((half - exact).abs().max() / exact.abs().max()) < 2e-2
+
+
+def test_chunk_size_follows_the_memory_budget(tiny):
+    from instsearch.networks.dasr import MeanActivation, chunk_for_budget
+    from instsearch.networks.excitation_backprop import ReversePass, bytes_per_peak
 
     net, images = tiny
-    with torch.no_grad():
-        expected = net(images)
-        with affine_batch_norms(net):
-            assert "forward" in vars(net.bn)
-            got = net(images)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    assert "forward" not in vars(net.bn)
+    _, recorded = ReversePass(net).forward(images[:1])
+    # the widest map is conv1's 4 x 16 x 20 floats, held three times
+    assert bytes_per_peak(recorded) == 3 * 4 * (4 * 16 * 20)
+    assert chunk_for_budget(recorded, 1.0) == 2 ** 20 // (3 * 4 * 4 * 16 * 20)
+    assert chunk_for_budget(recorded, 1e-6) == 1
+    peaks = _all_positions(net, images)
+    torch.testing.assert_close(peak_response_maps(net, images, peaks, strategy="batched", memory_budget_mb=0.01),
+                               peak_response_maps(net, images, peaks, strategy="sequential"))
+
+
+def test_unsupported_layers_are_refused_by_name():
+    from instsearch.networks.excitation_backprop import ReversePass
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid())
+    with pytest.raises(ValueError, match="does not know Sigmoid"):
+        ReversePass(net)
+    with pytest.raises(ValueError, match="zero-padded"):
+        ReversePass(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")))
 
 
 # ---------------------------------------------------------------------- peaks
@@ -412,3 +431,13 @@ def test_instsearch_test_runs_the_dasr_config_without_a_checkpoint(tmp_path, sma
     assert metrics["num_queries"] == 4
     assert metrics["regions_per_image"] >= 1.0
     assert set(run["rankings"]) == {q["id"] for q in json.loads(small_benchmark.read_text())["queries"]}
+
+
+def test_star_peaks_the_papers_above_mean_positions_or_the_public_local_maxima():
+    xbar = hand_map()
+    above, _ = small_dasr(star=True).find_peaks(xbar)
+    local, _ = small_dasr(star=True, star_peaks="local_max").find_peaks(xbar)
+    assert _set(above) == {(0, 2, 2), (0, 2, 3), (0, 3, 5)}  # every interior position above the mean (0.512)
+    assert _set(local) == {(0, 2, 2), (0, 3, 5), (0, 4, 1)}  # interior 3x3 maxima, no mean filter
+    with pytest.raises(ValueError, match="star_peaks"):
+        small_dasr(star=True, star_peaks="all")
