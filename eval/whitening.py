@@ -62,19 +62,15 @@ def l2_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
-def _squared_frobenius_of_scatter(centred: np.ndarray) -> float:
-    """``||X^T X||_F^2`` through the smaller of ``X^T X`` (D x D) and ``X X^T`` (N x N)."""
-    n, p = centred.shape
-    scatter = centred @ centred.T if n <= p else centred.T @ centred
-    return float(np.sum(scatter * scatter))
-
-
-def ledoit_wolf_shrinkage(centred: np.ndarray) -> float:
+def ledoit_wolf_shrinkage(centred: np.ndarray, scatter: Optional[np.ndarray] = None) -> float:
     """The Ledoit-Wolf weight ``rho`` of the target ``m I`` for the centred ``(N, D)`` rows (see the
-    module docstring); computed on an ``N x N`` or ``D x D`` matrix, whichever is smaller."""
+    module docstring). ``scatter``: ``X X^T`` or ``X^T X`` if already computed (both have the same
+    Frobenius norm); by default the smaller of the two is computed."""
     n, p = centred.shape
+    if scatter is None:
+        scatter = centred @ centred.T if n <= p else centred.T @ centred
     sq_norms = np.einsum("ij,ij->i", centred, centred)
-    s_fro2 = _squared_frobenius_of_scatter(centred) / n ** 2  # ||S||_F^2, unnormalised
+    s_fro2 = float(np.sum(scatter * scatter)) / n ** 2  # ||S||_F^2, unnormalised
     m = float(sq_norms.sum()) / n / p
     d2 = s_fro2 / p - m ** 2
     # sum_k ||x_k x_k^T - S||_F^2 = sum_k ||x_k||^4 - N ||S||_F^2
@@ -116,13 +112,15 @@ class PCAWhitening:
         mean = x.mean(axis=0)
         centred = x - mean
         if n <= d_in:  # the N x N Gram matrix has the same non-zero spectrum, and is smaller
-            eig, vecs = np.linalg.eigh(centred @ centred.T)
+            scatter = centred @ centred.T
+            eig, vecs = np.linalg.eigh(scatter)
             order = np.argsort(eig)[::-1]
             eig, vecs = eig[order], vecs[:, order]
             variances = eig / n
             axes = centred.T @ vecs / np.sqrt(np.maximum(eig, 1e-300))  # unit columns where eig > 0
         else:
-            variances, axes = np.linalg.eigh(centred.T @ centred / n)
+            scatter = centred.T @ centred
+            variances, axes = np.linalg.eigh(scatter / n)
             order = np.argsort(variances)[::-1]
             variances, axes = variances[order], axes[:, order]
         rank = min(d_in, n - 1)
@@ -133,7 +131,7 @@ class PCAWhitening:
         if len(variances) == 0:
             raise ValueError("PCA-whitening: the features do not vary (every axis below rel_eps)")
         if rho is None:
-            rho = ledoit_wolf_shrinkage(centred)
+            rho = ledoit_wolf_shrinkage(centred, scatter)
         kept = len(variances)
         if rho == 0.0 and kept == n - 1 and kept > 1:
             raise ValueError(f"PCA-whitening without shrinkage on all {kept} axes of {n} vectors maps them onto a "

@@ -212,6 +212,16 @@ def test_every_fixed_shrinkage_matches_the_reference(rho):
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("n, d", [(30, 64), (80, 16)])
+def test_ledoit_wolf_shrinkage_matches_the_reference_on_both_sides_of_n_equals_d(n, d):
+    db, queries = structured(n, d, seed=n), structured(5, d, seed=n + 1)
+    white = PCAWhitening.fit(db)
+    apply, rho, kept = reference_whitening(db)
+    assert white.shrinkage == pytest.approx(rho, rel=1e-9) and white.dim == kept
+    np.testing.assert_allclose(white.transform(queries) @ white.transform(db).T, apply(queries) @ apply(db).T,
+                               atol=1e-5)
+
+
 def test_shrinkage_changes_the_similarities_and_one_is_a_plain_pca_rotation():
     db = structured(30, 64, seed=10)
 
