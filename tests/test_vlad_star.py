@@ -3,6 +3,8 @@ residual normalisation, local coordinate system, power law, l2, PCA rotation, l2
 against the equations computed here with plain numpy."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -247,3 +249,28 @@ def test_dasr_vlad_uses_the_vocabulary_file_and_checks_its_options(tmp_path):
     assert old.lcs is None and old.pca_axes is None and old.feature_dim == 4 * dasr.feature_dim
     with pytest.raises(ValueError, match="no LCS rotations in .*words.npy"):
         DASRVLAD(dasr, str(tmp_path / "words.npy"), local_coordinate_system=True)
+
+
+# ---------------------------------------------------------------- the command line and the config
+def test_the_command_line_fits_a_vocabulary_the_holidays_config_searches_with(tmp_path, small_benchmark, capsys):
+    import yaml
+
+    from config_runs import CONFIGS, run_shipped_config
+    from instsearch.networks.vlad import main
+
+    shipped = yaml.safe_load((CONFIGS / "dasr_holidays.yaml").read_text())
+    net = shipped["model"]["init_args"]["net"]["init_args"]
+    assert shipped["model"]["init_args"]["retrieval"]["whitening"] is False
+    assert {k: net[k] for k in VLAD_STAR} == VLAD_STAR
+    out = tmp_path / "vlad_star.npz"
+    assert main(["--benchmark", str(small_benchmark), "--out", str(out), "--backbone", "small",
+                 "--long-side", "96", "--max-images", "8"]) == 0
+    vocabulary = VladVocabulary.load(out)
+    assert vocabulary.lcs.shape[0] == 4 and vocabulary.pca_axes.shape[0] <= 7
+    capsys.readouterr()
+    dasr = dict(net["dasr"], init_args=dict(net["dasr"]["init_args"], backbone="small", long_side=96,
+                                            strategy="sequential", chunk_size=None))
+    metrics, run = run_shipped_config("dasr_holidays", tmp_path, small_benchmark, capsys,
+                                      dict(dasr=dasr, codebook=str(out)))
+    assert metrics["num_queries"] == 4 and 0.0 <= metrics["mAP@all"] <= 1.0
+    assert set(run["rankings"]) == {q["id"] for q in json.loads(small_benchmark.read_text())["queries"]}
