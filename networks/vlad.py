@@ -11,7 +11,8 @@ representation", ACM MM 2013). With ``x`` a region feature, ``c_k`` its nearest 
    it is summed into its word's block, ``v_k = sum_x (x - c_k) / ||x - c_k||``;
 2. **local coordinate system** (LCS, ``lcs``): per word, the residuals are rotated by the PCA basis
    ``Q_k`` learnt on the residuals of the training regions assigned to that word,
-   ``v_k = sum_x Q_k^T r(x)`` (applied to the block's sum, the same by linearity);
+   ``v_k = sum_x Q_k^T r(x)`` with ``Q_k``'s columns the axes (stored as ``lcs[k] = Q_k^T``;
+   applied to the block's sum, the same by linearity);
 3. **power-law normalisation** (``power``, 0.5): ``sign(v) |v|^0.5`` per component, then a global
    l2;
 4. **PCA rotation** (``pca``): ``P^T (v - mean)`` with the PCA learnt on the VLAD vectors of the
@@ -120,7 +121,7 @@ def fit_local_coordinate_systems(features: ArrayLike, codebook: ArrayLike,
         if len(r) < 2:
             continue
         r = r - r.mean(dim=0)
-        variances, vectors = torch.linalg.eigh(r.T @ r / (len(r) - 1))
+        _, vectors = torch.linalg.eigh(r.T @ r / (len(r) - 1))
         bases[word] = _signed_axes(vectors.flip(1).T)
     return bases.float().numpy()
 

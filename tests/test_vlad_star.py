@@ -235,7 +235,8 @@ def test_dasr_vlad_uses_the_vocabulary_file_and_checks_its_options(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # one batch = image by image
     torch.testing.assert_close(query, together[0], rtol=1e-4, atol=1e-5)
     assert DASRVLAD(dasr, str(path), pca_dim=5).feature_dim == 5
-    assert DASRVLAD(dasr, str(path), local_coordinate_system=False, pca_rotation=False).feature_dim == 4 * dasr.feature_dim
+    plain = DASRVLAD(dasr, str(path), local_coordinate_system=False, pca_rotation=False)
+    assert plain.feature_dim == 4 * dasr.feature_dim
     with pytest.raises(ValueError, match="intra=False there, True here"):
         DASRVLAD(dasr, str(path), intra=True)
     with pytest.raises(ValueError, match="residual_normalisation"):
