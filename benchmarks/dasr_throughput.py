@@ -1,121 +1,158 @@
-"""DASR / DASR* detection throughput: every peak of an image through one batched backward
-(``strategy="batched"``, chunks of ``--chunk`` peaks through ``vmap`` of the backward) against one
-backward per peak through a retained graph (``strategy="sequential"``, the authors' scheme).
+"""DASR / DASR* back-propagation cost on a photograph: instsearch's reverse pass against the public
+scheme, in one run.
 
-Both strategies run the same forward and the same arithmetic per peak. On a CPU one peak at a
-time keeps each layer's gradients in cache and measured faster (which is why ``strategy="auto"``
-picks it there); on a GPU, where a single peak's backward is too small to fill the device,
-batching is what pays (``--device cuda``).
+The public scheme (the DASR authors' code) back-propagates each peak with one autograd backward
+through a retained graph whose convolutions carry the probabilistic rule as their gradient (an
+``autograd.Function`` per convolution; batch norm, ReLU and pooling by autograd). instsearch runs
+one forward that records what the rule needs, then an explicit reverse pass per peak
+(``sequential``) or per chunk of peaks (``batched``; chunks from ``--budget-mb``), in float32 or
+with bfloat16 reverse convolutions (:mod:`instsearch.networks.excitation_backprop`).
 
-Reported per detector and strategy: images per second of the whole detection (resize, forward,
-peaks, back-propagation, regions), peaks and regions per image, the peak memory of a fresh process
-running only that strategy, and the largest difference between the two strategies' maps.
+For each detector (DASR, DASR* with the paper's above-mean peaks, DASR* with the public code's
+local maxima) it reports peaks and regions (after NMS) per image, and for each engine the seconds
+per image of the maps (forward + every peak) and per peak, the ratio to the public scheme, and
+the largest relative difference of the maps from the public scheme's. Each engine is timed on
+the same images in the same process, best of ``--repeat``.
 
-    python benchmarks/dasr_throughput.py --images 2 --threads 1            # ResNet-50, 512 px
+    python benchmarks/dasr_throughput.py --image photo.jpg --threads 2 [--weights resnet50-0676ba61.pth]
+
+Without ``--weights`` the ResNet-50 runs randomly initialised (its peaks are not the trained
+network's, the cost per peak is).
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
-import multiprocessing
 import platform
-import resource
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
-def _images(count: int, side: int, data: Path | None) -> list[torch.Tensor]:
-    """``count`` test images: the synthetic benchmark's first database images when ``data`` is
-    given (resized to ``side`` by the network), else seeded noise blobs at ``side`` x ``3/4 side``."""
-    if data is not None:
-        from instsearch.datamodules.image_io import load_rgb
-        from instsearch.datamodules.transforms import to_float_tensor
-        from instsearch.formats import Benchmark
+class _PublicRuleConv(torch.autograd.Function):
+    """A convolution whose input gradient is the probabilistic rule (the public scheme's layer)."""
 
-        bench = Benchmark.load(data / "benchmark.json")
-        return [to_float_tensor(load_rgb(bench.image_path(i))) for i in bench.database[:count]]
-    g = torch.Generator().manual_seed(0)
-    return [torch.nn.functional.interpolate(torch.rand(1, 3, side // 32, side // 43, generator=g),
-                                            size=(side * 3 // 4, side), mode="bilinear")[0] for _ in range(count)]
+    @staticmethod
+    def forward(ctx, x, weight, bias, positive, stride, padding, dilation, groups):
+        shifted = x - x.amin(dim=(1, 2, 3), keepdim=True)
+        z = F.conv2d(shifted, positive, None, stride, padding, dilation, groups)
+        ctx.save_for_backward(shifted, torch.where(z < 1e-10, torch.zeros_like(z), 1.0 / (z.abs() + 1e-10)),
+                              positive)
+        ctx.conf = (stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        shifted, inv, positive = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        gx = torch.ops.aten.convolution_backward(g * inv, shifted, positive, None, stride, padding, dilation,
+                                                 False, [0, 0], groups, (True, False, False))[0]
+        return gx * shifted, None, None, None, None, None, None, None
 
 
-def _job(backbone: str, star: bool, strategy: str, chunk: int, side: int, count: int, data: str | None,
-         threads: int, device: str, warmup: bool) -> dict:
-    """One detector and strategy in a fresh process (its own peak memory)."""
-    torch.set_num_threads(threads)
-    from instsearch.console import quiet_framework_noise
-    from instsearch.networks.dasr import DASR
+class _PublicScheme:
+    """One autograd backward per peak, the rule in each convolution's backward."""
 
-    quiet_framework_noise()
-    torch.manual_seed(0)
-    net = DASR(backbone, star=star, long_side=side, strategy=strategy, chunk_size=chunk).eval().to(device)
-    images = [i.to(device) for i in _images(count, side, Path(data) if data else None)]
-    if warmup:  # first calls of torch.func / vmap (seconds), kernels, allocator: on a small copy
-        net.long_side = 128
-        net.explain(images[0], keep_maps=False)
-        net.long_side = side
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    maps, peaks, regions = [], [], []
-    sync()
-    start = time.perf_counter()
-    with torch.no_grad():
-        for image in images:
-            det = net.explain(image, keep_maps=True)
-            maps.append(det.maps.cpu())
-            peaks.append(len(det.peaks))
-            regions.append(len(det.kept))
-    sync()
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "images_per_s": len(images) / seconds, "peaks_per_image": sum(peaks) / len(peaks),
-            "regions_per_image": sum(regions) / len(regions),
-            "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-            "max_gpu_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None,
-            "maps": maps}
+    def __init__(self, net: nn.Module):
+        self.net = net
+        self.convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+
+    def maps(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        def rule_forward(m):
+            positive = m.weight.detach().clamp_min(0)
+            return lambda inp: _PublicRuleConv.apply(inp, m.weight, m.bias, positive, m.stride, m.padding,
+                                                     m.dilation, m.groups)
+        for m in self.convs:
+            m.forward = rule_forward(m)
+        try:
+            with torch.enable_grad():
+                inp = x.detach().clone().requires_grad_(True)
+                value = self.net(inp)
+                out = []
+                for y, xx in positions.tolist():
+                    grad_out = torch.zeros_like(value)
+                    grad_out[0, 0, y, xx] = 1.0
+                    (g,) = torch.autograd.grad(value, inp, grad_out, retain_graph=True)
+                    out.append(g[0].sum(0).clamp_min(0))
+            return torch.stack(out)
+        finally:
+            for m in self.convs:
+                vars(m).pop("forward", None)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--image", type=Path, required=True, help="a photograph (JPEG/PNG)")
+    p.add_argument("--weights", default=None, help="ResNet-50 ImageNet state dict (default: random init)")
     p.add_argument("--side", type=int, default=512, help="long side (the paper's 512)")
-    p.add_argument("--images", type=int, default=2)
-    p.add_argument("--data", type=Path, default=None, help="synthetic benchmark folder (default: noise images)")
-    p.add_argument("--chunk", type=int, default=16, help="peaks per batched backward")
-    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up at 128 px")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--detectors", nargs="*", default=["DASR", "DASR*"], choices=["DASR", "DASR*"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--budget-mb", type=float, default=1024.0, help="memory budget of a batched chunk")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--max-peaks", type=int, default=None, help="time only the first N peaks of each detector")
     p.add_argument("--out", type=Path, default=Path("runs/dasr_throughput.json"))
     a = p.parse_args()
+    torch.set_num_threads(a.threads)
+
+    from instsearch.console import quiet_framework_noise
+    from instsearch.datamodules.image_io import load_rgb
+    from instsearch.datamodules.transforms import to_float_tensor
+    from instsearch.networks.dasr import DASR, chunk_for_budget
+    from instsearch.networks.excitation_backprop import ReversePass, peak_gradients
+
+    quiet_framework_noise()
+    torch.manual_seed(0)
+    image = to_float_tensor(load_rgb(a.image))
+    detectors = {"DASR": dict(star=False), "DASR* (above_mean)": dict(star=True),
+                 "DASR* (local_max)": dict(star=True, star_peaks="local_max")}
+    base = DASR("resnet50", weights=a.weights, long_side=a.side).eval()
+    x = base.network_input(image)
+    sequential = base.activation.as_sequential()
     rows = {}
-    context = multiprocessing.get_context("spawn")
-    for name in a.detectors:
-        results = {}
-        for strategy in ("sequential", "batched"):
-            with cf.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                results[strategy] = pool.submit(_job, a.backbone, name == "DASR*", strategy, a.chunk, a.side,
-                                                a.images, str(a.data) if a.data else None, a.threads,
-                                                a.device, not a.no_warmup).result()
-        diff = max(float((s - b).abs().max()) if len(s) else 0.0
-                   for s, b in zip(results["sequential"]["maps"], results["batched"]["maps"]))
-        scale = max(float(s.abs().max()) if len(s) else 0.0 for s in results["sequential"]["maps"])
-        rows[name] = {k: {key: v for key, v in r.items() if key != "maps"} for k, r in results.items()}
-        rows[name]["max_abs_diff"] = diff
-        rows[name]["max_map_value"] = scale
-        rows[name]["speedup"] = results["batched"]["images_per_s"] / results["sequential"]["images_per_s"]
-        print(name, json.dumps(rows[name]), flush=True)
-    device = (torch.cuda.get_device_name() if a.device.startswith("cuda")
-              else f"CPU, {a.threads} thread(s) ({platform.processor() or platform.machine()})")
-    out = {"backbone": a.backbone, "side": a.side, "images": a.images, "chunk": a.chunk, "threads": a.threads,
-           "warmup": not a.no_warmup,
-           "device": device, "weights": "random", "data": str(a.data) if a.data else "noise", "results": rows}
+    for name, options in detectors.items():
+        net = DASR("resnet50", weights=a.weights, long_side=a.side, **options).eval()
+        net.load_state_dict(base.state_dict())
+        det = net.explain(image, keep_maps=False)
+        positions = det.peaks if a.max_peaks is None else det.peaks[:a.max_peaks]
+        row = {"peaks_per_image": len(det.peaks), "regions_after_nms": len(det.kept), "timed_peaks": len(positions)}
+        if not len(positions):
+            rows[name] = row
+            continue
+
+        def best(fn):
+            times, result = [], None
+            for _ in range(a.repeat):
+                start = time.perf_counter()
+                result = fn()
+                times.append(time.perf_counter() - start)
+            return min(times), result
+
+        public_s, reference = best(lambda: _PublicScheme(net.activation.as_sequential()).maps(x, positions))
+        row["public scheme"] = {"seconds": public_s, "per_peak_s": public_s / len(positions)}
+        for dtype in (torch.float32, torch.bfloat16):
+            reverse = ReversePass(sequential, dtype=dtype)
+            for strategy in ("sequential", "batched"):
+                def run():
+                    _, recorded = reverse.forward(x)
+                    chunk = 1 if strategy == "sequential" else chunk_for_budget(recorded, a.budget_mb)
+                    return peak_gradients(reverse, recorded, positions, chunk), chunk
+                seconds, (maps, chunk) = best(run)
+                key = f"{strategy} {str(dtype).removeprefix('torch.')}"
+                row[key] = {"seconds": seconds, "per_peak_s": seconds / len(positions), "chunk": chunk,
+                            "speedup_vs_public": public_s / seconds,
+                            "max_rel_diff": float((maps - reference).abs().max() / reference.abs().max())}
+        s32, b32 = row["sequential float32"]["seconds"], row["batched float32"]["seconds"]
+        row["batched_vs_sequential_float32"] = s32 / b32
+        rows[name] = row
+        print(name, json.dumps(row), flush=True)
+    out = {"image": str(a.image), "size": list(x.shape[-2:]), "backbone": "resnet50",
+           "weights": a.weights or "random", "threads": a.threads, "budget_mb": a.budget_mb,
+           "device": f"CPU ({platform.processor() or platform.machine()})", "results": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1))
-    print(json.dumps(out, indent=1))
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

@@ -199,6 +199,16 @@ class RegionSearchModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluator.process(self.search_step(batch))
+        self._show_progress_metrics()
+
+    def _show_progress_metrics(self) -> None:
+        """A network's running cost figures (``progress_metrics()``, e.g. DASR's peaks and seconds
+        per image) in the progress bar, not in the logs."""
+        metrics = getattr(getattr(self, "net", None), "progress_metrics", None)
+        if callable(metrics):
+            for name, value in metrics().items():
+                self.log(name, float(value), prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                         batch_size=1)
 
     def on_test_epoch_end(self) -> None:
         result = self._evaluator.compute()

@@ -429,6 +429,7 @@ def test_instsearch_test_runs_the_dasr_config_without_a_checkpoint(tmp_path, sma
     assert shipped["model"]["init_args"]["retrieval"]["whitening"] is True
     metrics, run = run_shipped_config("dasr_synthetic", tmp_path, small_benchmark, capsys, dict(long_side=96))
     assert metrics["num_queries"] == 4
+    assert not any(k in metrics for k in ("peaks/img", "s/img"))  # progress-bar figures, not metrics
     assert metrics["regions_per_image"] >= 1.0
     assert set(run["rankings"]) == {q["id"] for q in json.loads(small_benchmark.read_text())["queries"]}
 
@@ -441,3 +442,25 @@ def test_star_peaks_the_papers_above_mean_positions_or_the_public_local_maxima()
     assert _set(local) == {(0, 2, 2), (0, 3, 5), (0, 4, 1)}  # interior 3x3 maxima, no mean filter
     with pytest.raises(ValueError, match="star_peaks"):
         small_dasr(star=True, star_peaks="all")
+
+
+def test_progress_bar_shows_peaks_and_seconds_per_image():
+    import pytorch_lightning as pl
+
+    from instsearch.lightning_modules.training_free import TrainingFreeModule
+
+    net = small_dasr(star=True)
+    assert net.progress_metrics() == {"peaks/img": 0.0, "s/img": 0.0}
+    images = [planted_image(), planted_image().flip(-1)]
+    with torch.no_grad():
+        net.detect_regions(images)
+    peaks = sum(len(net.explain(im, keep_maps=False).peaks) for im in images) / 2
+    shown = net.progress_metrics()
+    assert shown["peaks/img"] == peaks > 0 and shown["s/img"] > 0
+    module = TrainingFreeModule(net)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    module.trainer = trainer
+    logged = []
+    module.log = lambda name, value, **kw: logged.append((name, value, kw["prog_bar"], kw["logger"]))
+    module._show_progress_metrics()
+    assert logged == [("peaks/img", peaks, True, False), ("s/img", shown["s/img"], True, False)]
