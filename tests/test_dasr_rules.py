@@ -1,0 +1,387 @@
+"""DASR's rules (Xiao & Zhao, "Deeply Activated Salient Region for Instance Search") checked by
+their behaviour: the probabilistic back-propagation through a bottleneck ResNet with batch norm,
+max pooling and residual sums against a reverse pass written out layer by layer, and the region
+defaults (tau = 0.1, ellipse axes of 2 standard deviations, NMS at 0.3 keeping the highest X̄
+first, regions described by conv5.0) against numpy recomputations and hand-built maps."""
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from instsearch.networks.dasr import DASR, ellipse_boxes, peak_response_maps, pixel_moments, threshold_maps
+from instsearch.networks.staged import FeatureInfo, StageInfo, StagedBackbone
+
+PAPER_DEFAULTS = dict(tau=0.1, ellipse_scale=2.0, nms_iou=0.3, describe_layer="conv5.0", threshold="relative")
+
+
+# ---------------------------------------------------------------------- back-propagation on a ResNet
+def _bn(channels: int, g: torch.Generator) -> nn.BatchNorm2d:
+    """An eval-mode batch norm with non-trivial affine parameters and running statistics."""
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(channels, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(channels, generator=g) * 0.2 + 0.1)
+        bn.running_mean.copy_(torch.randn(channels, generator=g) * 0.3)
+        bn.running_var.copy_(torch.rand(channels, generator=g) * 1.5 + 0.3)
+    return bn
+
+
+def _conv(cin: int, cout: int, k: int, g: torch.Generator, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.6)
+        if bias:
+            conv.bias.copy_(torch.randn(cout, generator=g) * 0.2)
+    return conv
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet bottleneck, small: 1x1 - 3x3 (stride) - 1x1 with batch norms, in-place
+    ReLUs, ``out += shortcut`` then ReLU; the shortcut a 1x1 strided convolution + batch norm when
+    ``downsample``, else the identity."""
+
+    def __init__(self, cin: int, mid: int, cout: int, g: torch.Generator, stride: int = 1,
+                 downsample: bool = False, bias: bool = False) -> None:
+        super().__init__()
+        self.conv_a, self.bn_a = _conv(cin, mid, 1, g, bias=bias), _bn(mid, g)
+        self.conv_b, self.bn_b = _conv(mid, mid, 3, g, stride=stride, bias=bias), _bn(mid, g)
+        self.conv_c, self.bn_c = _conv(mid, cout, 1, g, bias=bias), _bn(cout, g)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = nn.Sequential(_conv(cin, cout, 1, g, stride=stride), _bn(cout, g)) if downsample else None
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        out = self.relu(self.bn_a(self.conv_a(x)))
+        out = self.relu(self.bn_b(self.conv_b(out)))
+        out = self.bn_c(self.conv_c(out))
+        out += identity
+        return self.relu(out)
+
+
+class TinyBottleneckResNet(nn.Module):
+    """Stem (3x3 conv with bias, BN, ReLU, ResNet's overlapping 3x3 / 2 max-pool), a strided
+    bottleneck with a downsample shortcut and one with the identity shortcut (convolutions with
+    bias); X̄ = the channel mean of the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.conv1, self.bn1 = _conv(3, 4, 3, g, bias=True), _bn(4, g)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.block1 = Bottleneck(4, 3, 6, g, stride=2, downsample=True)
+        self.block2 = Bottleneck(6, 3, 6, g, bias=True)
+        self.eval()
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.block2(self.block1(x))
+        return x.mean(dim=1, keepdim=True)
+
+
+def _d(t):
+    return None if t is None else t.detach().double()
+
+
+def _conv64(conv: nn.Conv2d, a):
+    return F.conv2d(a, _d(conv.weight), _d(conv.bias), conv.stride, conv.padding)
+
+
+def _bn_scale(bn: nn.BatchNorm2d):
+    return (_d(bn.weight) / torch.sqrt(_d(bn.running_var) + bn.eps))[None, :, None, None]
+
+
+def _bn64(bn: nn.BatchNorm2d, x):
+    return (x - _d(bn.running_mean)[None, :, None, None]) * _bn_scale(bn) + _d(bn.bias)[None, :, None, None]
+
+
+def _excitation(conv: nn.Conv2d, a, g):
+    """The probabilistic rule, as written in the paper and the authors' code:
+    (A - min A) * conv_transpose(g / Z, W⁺), Z = conv(A - min A, W⁺), g / Z = 0 where Z < 1e-10."""
+    s = a - a.min()  # one image: the min over all its channels and pixels
+    wp = _d(conv.weight).clamp(min=0)  # W⁺; no bias
+    z = F.conv2d(s, wp, None, conv.stride, conv.padding)
+    ratio = torch.where(z < 1e-10, torch.zeros_like(z), g / torch.where(z < 1e-10, torch.ones_like(z), z))
+    k, st, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    extra = [a.shape[d] - ((z.shape[d] - 1) * st - 2 * p + k) for d in (2, 3)]  # stride > 1 drops rows
+    back = F.conv_transpose2d(ratio, wp, None, conv.stride, conv.padding, output_padding=tuple(extra))
+    assert back.shape == a.shape
+    return s * back
+
+
+def _block_reverse(block: Bottleneck, x, g):
+    """``x`` the block's input, ``g`` the gradient at its output: the gradient at its input."""
+    a1 = x
+    p_a = _bn64(block.bn_a, _conv64(block.conv_a, a1))
+    a2 = torch.relu(p_a)
+    p_b = _bn64(block.bn_b, _conv64(block.conv_b, a2))
+    a3 = torch.relu(p_b)
+    main = _bn64(block.bn_c, _conv64(block.conv_c, a3))
+    short = x if block.down is None else _bn64(block.down[1], _conv64(block.down[0], x))
+    g = g * (main + short > 0)  # the ReLU after the sum
+    gm = _excitation(block.conv_c, a3, g * _bn_scale(block.bn_c))
+    gm = _excitation(block.conv_b, a2, gm * (p_b > 0) * _bn_scale(block.bn_b))
+    gm = _excitation(block.conv_a, a1, gm * (p_a > 0) * _bn_scale(block.bn_a))
+    gs = g if block.down is None else _excitation(block.down[0], x, g * _bn_scale(block.down[1]))
+    return gm + gs  # the residual sum's two paths add
+
+
+def _block_forward(block: Bottleneck, x):
+    y = torch.relu(_bn64(block.bn_a, _conv64(block.conv_a, x)))
+    y = torch.relu(_bn64(block.bn_b, _conv64(block.conv_b, y)))
+    y = _bn64(block.bn_c, _conv64(block.conv_c, y))
+    return torch.relu(y + (x if block.down is None else _bn64(block.down[1], _conv64(block.down[0], x))))
+
+
+def resnet_reference_map(net: TinyBottleneckResNet, image: torch.Tensor, y: int, x: int) -> torch.Tensor:
+    """One peak of one image, in float64, without autograd: forward, then the reverse pass layer by
+    layer (channel mean, ReLU masks, BN scales, the rule at every convolution, max-unpooling,
+    residual sums)."""
+    with torch.no_grad():
+        a0 = image[None].double()
+        p0 = _bn64(net.bn1, _conv64(net.conv1, a0))
+        r0 = torch.relu(p0)
+        pooled, idx = F.max_pool2d(r0, 3, stride=2, padding=1, return_indices=True)
+        b1 = _block_forward(net.block1, pooled)
+        b2 = _block_forward(net.block2, b1)
+        g = torch.zeros_like(b2)
+        g[0, :, y, x] = 1.0 / b2.shape[1]  # X̄ is the channel mean
+        g = _block_reverse(net.block2, b1, g)
+        g = _block_reverse(net.block1, pooled, g)
+        # max pooling's ordinary gradient: each output's gradient to its argmax; ResNet's 3x3 / 2
+        # windows overlap, so one input can win several windows -- the gradients add (scatter_add;
+        # max_unpool2d would keep only one of them)
+        g = torch.zeros_like(r0).flatten(2).scatter_add(2, idx.flatten(2), g.flatten(2)).view_as(r0)
+        g = g * (p0 > 0) * _bn_scale(net.bn1)
+        g = _excitation(net.conv1, a0, g)
+        return g[0].sum(0).clamp(min=0)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    net = TinyBottleneckResNet()
+    images = torch.randn(2, 3, 20, 24, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        xbar = net(images)
+    h, w = xbar.shape[-2:]
+    b, yy, xx = torch.meshgrid(torch.arange(2), torch.arange(h), torch.arange(w), indexing="ij")
+    peaks = torch.stack([b.flatten(), yy.flatten(), xx.flatten()], 1)  # every position of both images
+    reference = torch.stack([resnet_reference_map(net, images[b], y, x) for b, y, x in peaks.tolist()])
+    return net, images, peaks, reference
+
+
+def test_the_resnet_reference_is_not_trivial(resnet):
+    """The checks below mean something: batch norms scale, most peaks reach the input, the
+    overlapping max-pool windows share winners, and the rule differs from the plain gradient."""
+    net, images, peaks, reference = resnet
+    assert peaks.shape == (2 * 5 * 6, 3)
+    assert (reference.flatten(1).amax(1) > 0).float().mean() > 0.7
+    scale = net.bn1.weight / torch.sqrt(net.bn1.running_var + net.bn1.eps)
+    assert (scale - 1).abs().min() > 0.01 and net.bn1.running_mean.abs().min() > 0.01
+    with torch.no_grad():
+        r0 = torch.relu(net.bn1(net.conv1(images)))
+        _, idx = F.max_pool2d(r0, 3, stride=2, padding=1, return_indices=True)
+    assert any(len(i.unique()) < i.numel() for i in idx.flatten(2).flatten(0, 1))
+    plain = peak_response_maps(net, images, peaks[:8], rule="gradient")
+    assert not torch.allclose(plain.double(), reference[:8], atol=1e-3)
+
+
+@pytest.mark.parametrize("strategy", ["batched", "sequential"])
+def test_peak_response_maps_on_a_bottleneck_resnet_equal_the_layer_by_layer_reference(resnet, strategy):
+    net, images, peaks, reference = resnet
+    order = torch.randperm(len(peaks), generator=torch.Generator().manual_seed(5))  # images interleaved
+    got = peak_response_maps(net, images, peaks[order], chunk_size=7, strategy=strategy)
+    assert got.dtype == torch.float32 and got.shape == (len(peaks), 20, 24)
+    torch.testing.assert_close(got.double(), reference[order], rtol=1e-5, atol=1e-6 * float(reference.amax()))
+    assert all("forward" not in vars(m) for m in net.modules())  # the modules are restored
+
+
+# ---------------------------------------------------------------------- the defaults, by behaviour
+def test_paper_defaults_in_the_signatures():
+    params = inspect.signature(DASR.__init__).parameters
+    assert {k: params[k].default for k in PAPER_DEFAULTS} == PAPER_DEFAULTS
+    assert inspect.signature(threshold_maps).parameters["tau"].default == 0.1
+    assert inspect.signature(ellipse_boxes).parameters["scale"].default == 2.0
+    net = DASR(backbone="small", long_side=64)
+    assert (net.tau, net.ellipse_scale, net.nms_iou, net.describe_layer, net.threshold) == tuple(PAPER_DEFAULTS.values())
+
+
+def test_threshold_maps_default_keeps_a_tenth_of_the_maximum_and_above():
+    maps = torch.tensor([[[0.0, 0.9, 1.1, 1.9], [2.1, 10.0, 0.5, -3.0]]])
+    assert threshold_maps(maps).tolist() == [[[False, False, True, True], [True, True, False, False]]]
+    assert threshold_maps(maps, tau=0.2).tolist() == [[[False, False, False, False], [True, True, False, False]]]
+
+
+def test_ellipse_boxes_default_is_two_standard_deviations():
+    mask = torch.zeros(1, 14, 18, dtype=torch.bool)
+    mask[0, 3:9, 4:7] = True  # an L: not symmetric, so the two axes differ
+    mask[0, 7:9, 7:15] = True
+    centre, cov, count = pixel_moments(mask)
+    ys, xs = np.nonzero(mask[0].numpy())
+    px, py = xs + 0.5, ys + 0.5
+    assert count.item() == len(xs)
+    np.testing.assert_allclose(centre[0].numpy(), [px.mean(), py.mean()])
+    half = 2 * np.sqrt([px.var(), py.var()])
+    expected = [px.mean() - half[0], py.mean() - half[1], px.mean() + half[0], py.mean() + half[1]]
+    np.testing.assert_allclose(ellipse_boxes(centre, cov)[0].numpy(), expected, rtol=0, atol=1e-5)
+
+
+def planted_image() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    image = torch.full((3, 72, 96), 0.2)
+    image[:, 10:40, 12:44] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]
+    image[:, 40:66, 60:90] = torch.tensor([0.1, 0.8, 0.2])[:, None, None]
+    return (image + 0.05 * torch.rand(image.shape, generator=g)).clamp(0, 1)
+
+
+def small_dasr(**kwargs) -> DASR:
+    """The ``small`` backbone (random, seeded) with every region parameter left at its default."""
+    torch.manual_seed(0)
+    return DASR(backbone="small", long_side=kwargs.pop("long_side", 128), **kwargs).eval()
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def numpy_regions(maps: np.ndarray, values: np.ndarray, size, tau=0.1, scale=2.0, beta=0.3, highest_first=True):
+    """The paper's regions from the peak response maps: pixels >= tau * max, box = centre ± scale
+    * sqrt(var) per axis (at least one pixel wide, clipped to the frame), greedy NMS at IoU beta in
+    the order of the peaks' X̄ values. Returns ``(boxes (n, 4), kept indices)``."""
+    h, w = size
+    boxes, valid = np.zeros((len(maps), 4)), []
+    for i, m in enumerate(maps.astype(np.float64)):
+        ys, xs = np.nonzero((m >= tau * m.max()) & (m > 0))
+        if len(xs) == 0:
+            continue
+        valid.append(i)
+        px, py = xs + 0.5, ys + 0.5
+        hx, hy = np.maximum(scale * np.sqrt([px.var(), py.var()]), 0.5)
+        boxes[i] = [np.clip(px.mean() - hx, 0, w), np.clip(py.mean() - hy, 0, h),
+                    np.clip(px.mean() + hx, 0, w), np.clip(py.mean() + hy, 0, h)]
+    order = sorted(valid, key=lambda i: -values[i] if highest_first else values[i])
+    kept = []
+    for i in order:
+        if all(_iou(boxes[i], boxes[j]) <= beta for j in kept):
+            kept.append(i)
+    return boxes, kept
+
+
+@pytest.mark.parametrize("star", [False, True])
+def test_default_regions_equal_the_numpy_reference(star):
+    """explain's boxes and kept regions with the default parameters are the paper's, recomputed
+    from its own maps; each default is shown to matter on this image (else the test could not tell)."""
+    det = small_dasr(star=star, long_side=192).explain(planted_image())  # X̄ 5 x 6: 12 DASR* peaks
+    maps, values = det.maps.numpy(), det.values.double().numpy()
+    assert len(np.unique(values)) == len(values)  # no ties: the NMS order is defined
+    boxes, kept = numpy_regions(maps, values, det.size)
+    assert len(kept) >= 1
+    np.testing.assert_allclose(det.boxes.numpy()[kept], boxes[kept], rtol=0, atol=1e-4)
+    assert det.kept.tolist() == kept
+    # each mutated default gives other regions here
+    assert not np.allclose(numpy_regions(maps, values, det.size, tau=0.2)[0][kept], boxes[kept], atol=1e-2)
+    assert not np.allclose(numpy_regions(maps, values, det.size, scale=1.0)[0][kept], boxes[kept], atol=1e-2)
+    if star:
+        assert numpy_regions(maps, values, det.size, highest_first=False)[1] != kept
+        assert numpy_regions(maps, values, det.size, beta=0.5)[1] != kept
+        assert 1 < len(kept) < len(values)  # NMS removed overlapping regions
+
+
+class BlurBackbone(StagedBackbone):
+    """One stage, ``conv5`` = [a 7x7 Gaussian convolution of the three colours (positive weights,
+    no bias), ReLU]: X̄ is the blurred image and, by the rule, the map of a peak at p is
+    ``sum_c A_c(q) W(q - p) / Z`` for q in p's window -- known in closed form."""
+
+    default_frozen_stages = 0
+    input_mean = (0.0, 0.0, 0.0)
+    input_std = (1.0, 1.0, 1.0)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feature_info = FeatureInfo([StageInfo("conv5", 1, 1)])
+        self.conv = nn.Conv2d(3, 1, 7, padding=3, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(self.kernel().expand(1, 3, 7, 7))
+        self.body = nn.Sequential(self.conv, nn.ReLU())
+
+    @staticmethod
+    def kernel() -> torch.Tensor:
+        r = torch.arange(7, dtype=torch.float32) - 3
+        return torch.exp(-(r[:, None] ** 2 + r[None] ** 2) / 8.0)
+
+    def stage_modules(self) -> "OrderedDict[str, nn.Module]":
+        return OrderedDict([("conv5", self.body)])
+
+
+def two_blobs() -> torch.Tensor:
+    """A bright blob at (y, x) = (11, 10) and a dimmer one at (12, 22), slightly asymmetric so
+    that no two positions of X̄ tie; background 0 (so min A = 0)."""
+    ys, xs = torch.meshgrid(torch.arange(24.0), torch.arange(32.0), indexing="ij")
+    blob = lambda cy, cx, a: a * torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / 8.0)
+    ramp = 1.0 + 0.01 * xs / 32 + 0.013 * ys / 24
+    return ((blob(11, 10, 1.0) + blob(12, 22, 0.7)) * ramp).expand(3, 24, 32).contiguous()
+
+
+def test_nms_keeps_the_higher_peak_of_overlapping_regions():
+    """DASR* on two blobs: every above-mean position is a peak and neighbouring peaks' regions
+    overlap; NMS must keep the brightest peak and suppress its neighbours, best first."""
+    det = DASR(BlurBackbone(), long_side=32, star=True).eval().explain(two_blobs())
+    values, peaks = det.values, det.peaks.tolist()
+    top, second = peaks.index([11, 10]), peaks.index([12, 22])
+    assert int(values.argmax()) == top
+    assert det.kept[0].item() == top and det.kept[1].item() == second
+    kept_values = values[det.kept]
+    assert (kept_values[:-1] > kept_values[1:]).all()
+    from torchvision.ops import box_iou
+
+    iou = box_iou(det.boxes, det.boxes)
+    for neighbour in ([11, 11], [12, 10], [10, 10], [11, 9], [12, 21]):
+        j = peaks.index(neighbour)
+        assert j not in det.kept.tolist()
+        assert iou[j, top if neighbour != [12, 21] else second] > 0.3  # suppressed by the higher peak
+
+
+def test_the_brightest_region_is_the_closed_form_one():
+    """The region of the brightest peak of :class:`BlurBackbone` with the default tau and ellipse
+    scale: pixels of its window with A(q) W(q - p) >= 0.1 * max, box = centre ± 2 sqrt(var)."""
+    image = two_blobs()
+    det = DASR(BlurBackbone(), long_side=32).eval().explain(image)
+    i = det.peaks.tolist().index([11, 10])
+    m = np.zeros((24, 32))
+    m[8:15, 7:14] = image[0, 8:15, 7:14].double().numpy() * BlurBackbone.kernel().double().numpy()
+    # the map itself, up to the normalisation by Z
+    np.testing.assert_allclose(det.maps[i].numpy() / det.maps[i].numpy().max(), m / m.max(), rtol=1e-5, atol=1e-7)
+    for tau, scale, same in ((0.1, 2.0, True), (0.2, 2.0, False), (0.1, 1.0, False)):
+        ys, xs = np.nonzero(m >= tau * m.max())
+        px, py = xs + 0.5, ys + 0.5
+        hx, hy = scale * np.sqrt([px.var(), py.var()])
+        box = np.array([px.mean() - hx, py.mean() - hy, px.mean() + hx, py.mean() + hy])
+        assert np.allclose(det.boxes[i].numpy(), box, atol=1e-4) == same, (tau, scale)
+
+
+def test_describe_layer_default_is_the_first_block_of_conv5():
+    """Regions are pooled from conv5.0 (ResNet-50's layer4.0, the paper's Block4_unit1), not the
+    end of conv5 nor another layer."""
+    image = planted_image()
+    net = small_dasr()
+    x = net.network_input(image)
+    with torch.no_grad():
+        first, stage = net.backbone.forward_layer(x, "conv5.0"), net.backbone.forward_layer(x, "conv5")
+        det = net.explain(image, keep_maps=False)
+        whole = [torch.tensor([[0.0, 0.0, 96.0, 72.0], [10.0, 8.0, 50.0, 44.0]])]
+        got = net.describe_boxes([image], whole)[0]
+        expected = small_dasr(describe_layer="conv5.0").describe_boxes([image], whole)[0]
+        at_stage = small_dasr(describe_layer="conv5").describe_boxes([image], whole)[0]
+    assert not torch.allclose(first, stage, atol=1e-3)
+    torch.testing.assert_close(det.describe_map, first)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, at_stage, atol=1e-3)
