@@ -202,6 +202,41 @@ def test_peak_response_maps_on_a_bottleneck_resnet_equal_the_layer_by_layer_refe
     assert all("forward" not in vars(m) for m in net.modules())  # the modules are restored
 
 
+class OneConv(nn.Module):
+    """A 3x3 convolution with positive weights and a bias, then the channel mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.fill_(0.5)
+            self.conv.bias.fill_(1.0)
+        self.eval()
+
+    def forward(self, x):
+        return self.conv(x).mean(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("strategy", ["batched", "sequential"])
+def test_a_peak_whose_z_is_below_1e_10_back_propagates_nothing(strategy):
+    """g / Z is 0 where Z < 1e-10: a peak over a pixel of 1e-12 (Z = 1.5e-12) gets an empty map,
+    one over a pixel of 1e-3 (Z = 1.5e-3) a map of 1 on that pixel, one over zeros (Z = 0) nothing."""
+    net = OneConv()
+    image = torch.zeros(1, 3, 9, 9)
+    image[0, :, 2, 2] = 1e-12
+    image[0, :, 6, 6] = 1e-3
+    peaks = torch.tensor([[0, 2, 2], [0, 6, 6], [0, 4, 4]])
+    got = peak_response_maps(net, image, peaks, strategy=strategy)
+    expected = torch.zeros(3, 9, 9)
+    expected[1, 6, 6] = 1.0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
+    for (_, y, x), m in zip(peaks.tolist(), got):  # the layer-by-layer rule agrees
+        g = torch.zeros(1, 1, 9, 9, dtype=torch.float64)
+        g[0, 0, y, x] = 1.0
+        torch.testing.assert_close(m.double(), _excitation(net.conv, image.double(), g)[0].sum(0).clamp(min=0),
+                                   rtol=1e-5, atol=1e-8)
+
+
 # ---------------------------------------------------------------------- the defaults, by behaviour
 def test_paper_defaults_in_the_signatures():
     params = inspect.signature(DASR.__init__).parameters
