@@ -14,7 +14,7 @@ per image of the maps (forward + every peak) and per peak, the ratio to the publ
 the largest relative difference of the maps from the public scheme's. Each engine is timed on
 the same images in the same process, best of ``--repeat``.
 
-    python benchmarks/dasr_throughput.py --image photo.jpg --threads 2 [--weights resnet50-0676ba61.pth]
+    python benchmarks/dasr_throughput.py --image photo.jpg --threads 2 [--weights resnet50-0676ba61.pth] [--device cuda]
 
 Without ``--weights`` the ResNet-50 runs randomly initialised (its peaks are not the trained
 network's, the cost per peak is).
@@ -89,6 +89,7 @@ def main() -> None:
     p.add_argument("--weights", default=None, help="ResNet-50 ImageNet state dict (default: random init)")
     p.add_argument("--side", type=int, default=512, help="long side (the paper's 512)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
     p.add_argument("--budget-mb", type=float, default=1024.0, help="memory budget of a batched chunk")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--max-peaks", type=int, default=None, help="time only the first N peaks of each detector")
@@ -107,12 +108,15 @@ def main() -> None:
     image = to_float_tensor(load_rgb(a.image))
     detectors = {"DASR": dict(star=False), "DASR* (above_mean)": dict(star=True),
                  "DASR* (local_max)": dict(star=True, star_peaks="local_max")}
-    base = DASR("resnet50", weights=a.weights, long_side=a.side).eval()
+    device = torch.device(a.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    base = DASR("resnet50", weights=a.weights, long_side=a.side).eval().to(device)
+    image = image.to(device)
     x = base.network_input(image)
     sequential = base.activation.as_sequential()
     rows = {}
     for name, options in detectors.items():
-        net = DASR("resnet50", weights=a.weights, long_side=a.side, **options).eval()
+        net = DASR("resnet50", weights=a.weights, long_side=a.side, **options).eval().to(device)
         net.load_state_dict(base.state_dict())
         det = net.explain(image, keep_maps=False)
         positions = det.peaks if a.max_peaks is None else det.peaks[:a.max_peaks]
@@ -124,8 +128,10 @@ def main() -> None:
         def best(fn):
             times, result = [], None
             for _ in range(a.repeat):
+                sync()
                 start = time.perf_counter()
                 result = fn()
+                sync()
                 times.append(time.perf_counter() - start)
             return min(times), result
 
@@ -149,7 +155,8 @@ def main() -> None:
         print(name, json.dumps(row), flush=True)
     out = {"image": str(a.image), "size": list(x.shape[-2:]), "backbone": "resnet50",
            "weights": a.weights or "random", "threads": a.threads, "budget_mb": a.budget_mb,
-           "device": f"CPU ({platform.processor() or platform.machine()})", "results": rows}
+           "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                      else f"CPU ({platform.processor() or platform.machine()})"), "results": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1))
     print(f"wrote {a.out}")
