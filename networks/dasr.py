@@ -107,6 +107,14 @@ def chunk_for_budget(recorded: dict, memory_budget_mb: float) -> int:
     return max(1, int(memory_budget_mb * 2 ** 20 // bytes_per_peak(recorded)))
 
 
+def _peaks_per_pass(strategy: str, device: torch.device, recorded: dict, chunk_size: Optional[int],
+                    memory_budget_mb: float) -> int:
+    """One peak per reverse pass (``sequential``), else ``chunk_size`` or what the budget holds."""
+    if resolve_strategy(strategy, device) == "sequential":
+        return 1
+    return chunk_size or chunk_for_budget(recorded, memory_budget_mb)
+
+
 def _reverse_pass(net: nn.Module, rule: Rule, dtype: torch.dtype) -> ReversePass:
     traced = net.as_sequential() if isinstance(net, MeanActivation) else net
     return ReversePass(traced, rule=rule, dtype=dtype)
@@ -137,7 +145,7 @@ def peak_response_maps(net: nn.Module, images: Tensor, peaks: Tensor, *, chunk_s
         ``(P, H, W)``: the input gradient summed over colour channels, clamped at 0.
     """
     _check_rule(rule)
-    strategy = resolve_strategy(strategy, images.device)
+    resolve_strategy(strategy, images.device)  # refuse an unknown one before any work
     if images.ndim != 4 or peaks.ndim != 2 or peaks.shape[-1] != 3:
         raise ValueError(f"expected images (B, 3, H, W) and peaks (P, 3), got {tuple(images.shape)} and "
                          f"{tuple(peaks.shape)}")
@@ -147,7 +155,7 @@ def peak_response_maps(net: nn.Module, images: Tensor, peaks: Tensor, *, chunk_s
     for b in peaks[:, 0].unique().tolist():  # one forward per image, not per peak
         rows = (peaks[:, 0] == b).nonzero().flatten()
         _, recorded = reverse.forward(images[b:b + 1].detach())
-        chunk = 1 if strategy == "sequential" else (chunk_size or chunk_for_budget(recorded, memory_budget_mb))
+        chunk = _peaks_per_pass(strategy, images.device, recorded, chunk_size, memory_budget_mb)
         out[rows] = peak_gradients(reverse, recorded, peaks[rows, 1:], chunk)
     return out
 
@@ -162,8 +170,9 @@ class MeanActivation(nn.Module):
     """``X̄``: the channel mean of a backbone stage (the last convolutional map), optionally
     max-pooled 2x2 first (VGG-16's pool5, where the paper starts the back-propagation).
 
-    :meth:`forward_capturing` also returns another layer's map of the same pass (the descriptor's
-    ``conv5.0`` lies on the way to ``conv5``), so that detection runs the backbone once.
+    :meth:`as_sequential` is the same function as one traceable module, and
+    :meth:`sequential_path` names another layer inside it (the descriptor's ``conv5.0`` lies on
+    the way to ``conv5``), so that detection runs the backbone once.
     """
 
     def __init__(self, backbone: StagedBackbone, layer: str, pool: bool = False) -> None:
@@ -176,7 +185,13 @@ class MeanActivation(nn.Module):
         self.pool = bool(pool)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_capturing(x, None)[0]
+        for name, module in self.backbone.stage_modules().items():
+            x = module(x)
+            if name == self.layer:
+                break
+        if self.pool:
+            x = F.max_pool2d(x, kernel_size=2, stride=2)
+        return x.mean(dim=1, keepdim=True)
 
     def as_sequential(self) -> nn.Sequential:
         """The same function as one ``nn.Sequential`` -- the stages up to :attr:`layer`, the
@@ -200,27 +215,6 @@ class MeanActivation(nn.Module):
         if index > names.index(self.layer):
             return None
         return f"{index}" if block is None else f"{index}.{block}"
-
-    def forward_capturing(self, x: Tensor, capture: Optional[str]) -> tuple[Tensor, Optional[Tensor]]:
-        """``(X̄ (B, 1, h, w), map of layer capture or None)``; the captured map is detached and is
-        ``None`` when ``capture`` comes after the activation layer."""
-        stage, block = self.backbone.parse_layer(capture) if capture is not None else (None, None)
-        captured = None
-        for name, module in self.backbone.stage_modules().items():
-            if name == stage and block is not None:
-                for j, child in enumerate(module.children()):
-                    x = child(x)
-                    if j == block:
-                        captured = x.detach()
-            else:
-                x = module(x)
-                if name == stage:
-                    captured = x.detach()
-            if name == self.layer:
-                break
-        if self.pool:
-            x = F.max_pool2d(x, kernel_size=2, stride=2)
-        return x.mean(dim=1, keepdim=True), captured
 
 
 # ---------------------------------------------------------------------- peaks
@@ -470,8 +464,7 @@ class DASR(nn.Module):
         if len(positions) == 0:
             maps = x.new_zeros(0, *size)
         else:
-            batched = resolve_strategy(self.strategy, x.device) == "batched"
-            chunk = (self.chunk_size or chunk_for_budget(recorded, self.memory_budget_mb)) if batched else 1
+            chunk = _peaks_per_pass(self.strategy, x.device, recorded, self.chunk_size, self.memory_budget_mb)
             maps = peak_gradients(reverse, recorded, positions, chunk)
         del recorded
         masks = threshold_maps(maps, self.tau, self.threshold, self.percentile)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -63,7 +63,6 @@ class _Step:
     node: fx.Node
     inputs: list[fx.Node]
     module: Optional[nn.Module] = None
-    saved: dict = field(default_factory=dict)
 
 
 class ReversePass:
@@ -93,11 +92,13 @@ class ReversePass:
         self.steps = [self._step(node) for node in self.graph.graph.nodes if node.op not in ("placeholder", "output")]
         self.input_node = next(n for n in self.graph.graph.nodes if n.op == "placeholder")
         self.output_node = next(n for n in self.graph.graph.nodes if n.op == "output").args[0]
-        users: dict[fx.Node, int] = {}
+        self._users: dict[fx.Node, int] = {}  # how many steps read each value
+        self._last_use: dict[fx.Node, fx.Node] = {}  # the last step reading it (then it is freed)
         for step in self.steps:
             for node in step.inputs:
-                users[node] = users.get(node, 0) + 1
-        self._users = users
+                self._users[node] = self._users.get(node, 0) + 1
+                self._last_use[node] = step.node
+        self._by_node = {step.node: step for step in self.steps}
 
     # ------------------------------------------------------------------ tracing
     def _step(self, node: fx.Node) -> _Step:
@@ -204,39 +205,26 @@ class ReversePass:
                 captured = out
             tape[step.node] = saved
             for node in step.inputs:  # free what no later step reads
-                self._release(node, env, step)
+                if self._last_use[node] is step.node and node is not self.output_node:
+                    env.pop(node, None)
         value = env[self.output_node]
         self._fold(tape)
         return value, {"tape": tape, "shapes": shapes, "device": image.device, "captured": captured}
-
-    def _release(self, node: fx.Node, env: dict, step: _Step) -> None:
-        last = getattr(self, "_last_use", None)
-        if last is None:
-            last = {}
-            for s in self.steps:
-                for n in s.inputs:
-                    last[n] = s.node
-            self._last_use = last
-        if last.get(node) is step.node and node is not self.output_node and node is not self.input_node:
-            env.pop(node, None)
 
     def _fold(self, tape: dict) -> None:
         """Multiply chains of elementwise factors into one: a ReLU mask, then the batch-norm scale
         before it, then the convolution's ``1/Z`` before that (each read by one step only) become
         the convolution's single ``pre`` factor, applied once to the reverse gradient."""
-        by_node = {s.node: s for s in self.steps}
         for step in reversed(self.steps):
             if step.kind not in ("relu", "bn") or "pre" not in tape[step.node]:
                 continue
             source = step.inputs[0]
-            below = by_node.get(source)
+            below = self._by_node.get(source)
             if below is None or self._users.get(source, 0) != 1 or below.kind not in ("bn", "conv"):
                 continue
-            saved_below = tape[source]
-            if below.kind == "conv" and self.rule == "gradient":
-                saved_below["pre"] = tape[step.node].pop("pre")
-            elif "pre" in saved_below:
-                saved_below["pre"] = saved_below["pre"] * tape[step.node].pop("pre")
+            saved_below, pre = tape[source], tape[step.node].pop("pre")
+            # a gradient-rule convolution has no factor of its own yet
+            saved_below["pre"] = saved_below["pre"] * pre if "pre" in saved_below else pre
 
     # ------------------------------------------------------------------ reverse
     @torch.no_grad()
@@ -277,7 +265,6 @@ class ReversePass:
 
     def _conv_transpose(self, g: Tensor, weight: Tensor, m: nn.Conv2d, in_shape: torch.Size) -> Tensor:
         """``conv_transpose(g, weight)`` back to the convolution's input size."""
-        out_h, out_w = g.shape[-2:]
         pads = []
         for i, size in enumerate(in_shape[-2:]):
             k = (weight.shape[2 + i] - 1) * m.dilation[i] + 1
