@@ -14,6 +14,12 @@ per image of the maps (forward + every peak) and per peak, the ratio to the publ
 the largest relative difference of the maps from the public scheme's. Each engine is timed on
 the same images in the same process, best of ``--repeat``.
 
+It also reports the multiply-accumulates of one peak's reverse pass (every convolution transposed
+once: the same count as the network's forward) and the rate each engine reaches, against the rate
+of a large matrix product on the same threads (``gemm_gmac_per_s``). When the per-peak engine is
+already near that rate, batching peaks cannot be much faster on that device: it runs the same
+multiply-accumulates, only with larger tensors.
+
     python benchmarks/dasr_throughput.py --image photo.jpg --threads 2 [--weights resnet50-0676ba61.pth] [--device cuda]
 
 Without ``--weights`` the ResNet-50 runs randomly initialised (its peaks are not the trained
@@ -83,6 +89,43 @@ class _PublicScheme:
                 vars(m).pop("forward", None)
 
 
+def reverse_macs(net: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of one reverse pass of one peak through ``net`` at input ``x``: each
+    convolution's transpose costs what the convolution costs."""
+    total = 0
+
+    def count(m, _inp, out):
+        nonlocal total
+        kh, kw = m.kernel_size
+        total += out.shape[-2] * out.shape[-1] * m.out_channels * (m.in_channels // m.groups) * kh * kw
+
+    handles = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def gemm_rate(dtype: torch.dtype, device: torch.device, n: int = 2048, repeat: int = 5) -> float:
+    """GMAC/s of an ``n x n`` matrix product: the device's practical peak for dense work."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return n ** 3 / best / 1e9
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", type=Path, required=True, help="a photograph (JPEG/PNG)")
@@ -114,6 +157,10 @@ def main() -> None:
     image = image.to(device)
     x = base.network_input(image)
     sequential = base.activation.as_sequential()
+    macs = reverse_macs(sequential, x)
+    gemm = {str(d).removeprefix("torch."): gemm_rate(d, device) for d in (torch.float32, torch.bfloat16)}
+    print(f"reverse pass: {macs / 1e9:.2f} GMAC per peak; matrix product: "
+          + ", ".join(f"{k} {v:.1f} GMAC/s" for k, v in gemm.items()), flush=True)
     rows = {}
     for name, options in detectors.items():
         net = DASR("resnet50", weights=a.weights, long_side=a.side, **options).eval().to(device)
@@ -148,13 +195,15 @@ def main() -> None:
                 key = f"{strategy} {str(dtype).removeprefix('torch.')}"
                 row[key] = {"seconds": seconds, "per_peak_s": seconds / len(positions), "chunk": chunk,
                             "speedup_vs_public": public_s / seconds,
+                            "gmac_per_s": macs * len(positions) / seconds / 1e9,
                             "max_rel_diff": float((maps - reference).abs().max() / reference.abs().max())}
         s32, b32 = row["sequential float32"]["seconds"], row["batched float32"]["seconds"]
         row["batched_vs_sequential_float32"] = s32 / b32
         rows[name] = row
         print(name, json.dumps(row), flush=True)
     out = {"image": str(a.image), "size": list(x.shape[-2:]), "backbone": "resnet50",
-           "weights": a.weights or "random", "threads": a.threads, "budget_mb": a.budget_mb,
+           "weights": a.weights or "random", "threads": a.threads,
+           "reverse_gmac_per_peak": macs / 1e9, "gemm_gmac_per_s": gemm, "budget_mb": a.budget_mb,
            "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                       else f"CPU ({platform.processor() or platform.machine()})"), "results": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
