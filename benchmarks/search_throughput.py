@@ -17,6 +17,7 @@ import torch
 from timing import best_of
 
 from instsearch.eval.search import RegionIndex, RegionStore, best_region_per_image
+from instsearch.eval.searchers import FaissSearcher
 from instsearch.structures import Regions
 
 
@@ -56,9 +57,7 @@ def main() -> None:
     a = p.parse_args()
     store = make_store(a.images, a.regions, a.dim, a.labels)
     index = RegionIndex(store)  # exact: torch
-    faiss_index = RegionIndex(store)
-    faiss_index.index = faiss.IndexFlatIP(a.dim)  # the same exact search through faiss
-    faiss_index.index.add(store.features)
+    faiss_index = RegionIndex(store, FaissSearcher(faiss.IndexFlatIP(a.dim)))  # the same exact search through faiss
     rng = np.random.default_rng(1)
     q = rng.standard_normal((a.queries, a.dim), dtype=np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -67,12 +66,12 @@ def main() -> None:
 
     t_top = best_of(lambda: index.search(q, top_images=a.top))
     t_faiss = best_of(lambda: faiss_index.search(q, top_images=a.top))
-    t_bare = best_of(lambda: faiss_index.index.search(q, 4 * a.top))
+    t_bare = best_of(lambda: faiss_index.searcher.index.search(q, 4 * a.top))
     same = all(np.array_equal(x.images, y.images) for x, y in zip(index.search(q, top_images=a.top),
                                                                   faiss_index.search(q, top_images=a.top)))
     t_all = best_of(lambda: index.search(q[:10], top_images=None), repeat=1) * a.queries / 10
     t_prune = best_of(lambda: index.search(q, top_images=a.top, query_labels=ql, prune_by_label=True))
-    d, ids = index.index.search(q[:20], 20 * a.top)
+    d, ids = index.searcher.search(q[:20], 20 * a.top)
     t_vec = best_of(lambda: best_region_per_image(d, ids, store.image_index, a.images))
     t_loop = best_of(lambda: loop_reduction(d, ids, store.image_index), repeat=1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; faiss {faiss.__version__}, "

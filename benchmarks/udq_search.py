@@ -8,7 +8,7 @@ clustered data of the same size and prints one table:
 (a) bare faiss ADC: the codebook's ``to_faiss_index()`` holding the codes, ``index.search`` for the
     ``k = max(4 * top_images, 64)`` regions the framework asks for - one batch of all queries, and
     one query at a time (ms/query);
-(b) the framework's whole search, ``RegionIndex(store, l2_index=...).search(queries, top_images)``
+(b) the framework's whole search, ``RegionIndex(store, FaissSearcher.adc(...)).search(queries, top_images)``
     (ADC + best proposal per image + ranking, with its retries when too few distinct images came
     back), in one batch and one query at a time, and its ratio to (a);
 (c) exact search over the uncompressed features: the framework's default ``RegionIndex(store)``
@@ -61,6 +61,7 @@ import torch
 from timing import best_of
 
 from instsearch.eval.search import ImageRanking, RegionIndex, RegionStore
+from instsearch.eval.searchers import FaissSearcher
 from instsearch.networks.product_quantizer import OPQCodebook, faiss_threads
 
 CHUNK = 1 << 16  # rows generated per step
@@ -159,7 +160,7 @@ def recall(found: list[ImageRanking], truth: list[ImageRanking]) -> float:
 
 def count_searches(region_index: RegionIndex, queries: np.ndarray, top: int) -> tuple[int, int]:
     """How many ``index.search`` calls one batch search makes, and how many query rows they scan."""
-    inner = region_index.index
+    inner = region_index.searcher
     calls, rows = [0], [0]
     original = inner.search
 
@@ -198,9 +199,9 @@ def measure_adc(name: str, store: RegionStore, train: np.ndarray, queries: np.nd
     codebook = OPQCodebook.fit(train, m, nbits, seed=a.seed)
     fit_s = time.perf_counter() - t
     t = time.perf_counter()
-    region_index = RegionIndex(store, l2_index=codebook.to_faiss_index(fast_scan=fast_scan))
+    region_index = RegionIndex(store, FaissSearcher.adc(codebook.to_faiss_index(fast_scan=fast_scan)))
     add_s = time.perf_counter() - t
-    faiss_index = region_index.index.index  # the same faiss index the framework searches
+    faiss_index = region_index.searcher.index  # the same faiss index the framework searches
     bare = best_of(lambda: faiss_index.search(queries, k), a.repeat)
     frame = best_of(lambda: region_index.search(queries, top_images=a.top_images), a.repeat)
     row = Row(name, m * nbits, fit_s, add_s, 1000 * bare / len(queries), 1000 * frame / len(queries),
@@ -295,7 +296,7 @@ def run(a: argparse.Namespace) -> None:
 
     # (c) exact: the L2 ground truth and the framework's default inner-product search
     exact_l2 = RegionIndex(store)
-    exact_l2.index = ExactL2Index(store.features)
+    exact_l2.searcher = ExactL2Index(store.features)
     truth = exact_l2.search(queries, top_images=a.top_images)
     exact_l2_s = best_of(lambda: exact_l2.search(queries, top_images=a.top_images), a.repeat)
     exact_ip = RegionIndex(store)
@@ -342,7 +343,7 @@ def run(a: argparse.Namespace) -> None:
     n = len(store)
     meta = store.image_index.nbytes + store.boxes.nbytes + store.scores.nbytes
     kept = main_index.store.features is features
-    in_faiss_wrapper = any(v is features for v in vars(main_index.index).values())
+    in_faiss_wrapper = any(v is features for v in vars(main_index.searcher).values())
     print()
     print(f"memory for {n} proposals:")
     for r in rows:
@@ -350,7 +351,7 @@ def run(a: argparse.Namespace) -> None:
     print(f"  metadata (image_index, boxes, scores) {mb(meta)}  ({meta / n:.0f} B/proposal)")
     print(f"  float features                        {mb(store.features.nbytes)}  ({store.features.nbytes / n:.0f} "
           f"B/proposal): {'kept alive by RegionIndex.store' if kept else 'released'}"
-          f"{', also by the faiss wrapper' if in_faiss_wrapper else ' (not by InverseDistanceIndex)'}")
+          f"{', also by the faiss wrapper' if in_faiss_wrapper else ' (not by the searcher)'}")
     with tempfile.TemporaryDirectory() as tmp:
         main_index.save(tmp)
         on_disk = sum(f.stat().st_size for f in os.scandir(tmp))

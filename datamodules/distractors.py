@@ -17,11 +17,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.functional import to_tensor
 
 from instsearch.datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport, load_rgb
+from instsearch.distributed import rank_and_world
 
 __all__ = ["IMAGE_EXTENSIONS", "iter_image_files", "count_image_files", "DistractorImages", "DEFAULT_ID_PREFIX"]
 
@@ -76,14 +76,6 @@ def count_image_files(root: str | os.PathLike[str], extensions: frozenset[str] =
     return sum(1 for _ in iter_image_files(root, extensions))
 
 
-def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class DistractorImages(IterableDataset):
     """Stream ``(image, image_id)`` from a distractor folder, sharded over workers and ranks.
 
@@ -120,7 +112,7 @@ class DistractorImages(IterableDataset):
 
     def shard(self) -> tuple[int, int]:
         """(this process's shard index, number of shards) for the current worker and rank."""
-        rank, world = _rank_and_world(self.rank, self.world_size)
+        rank, world = rank_and_world(self.rank, self.world_size)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return rank * workers + worker, world * workers

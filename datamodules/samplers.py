@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import BatchSampler, Dataset, DistributedSampler, Sampler
 
+from instsearch.distributed import is_distributed
 from instsearch.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ def shards_itself(trainer: Optional[pl.Trainer]) -> bool:
     Only where ``torch.distributed`` runs with several ranks and Lightning will not inject its
     ``DistributedSampler``: without a Trainer, or under one with ``use_distributed_sampler=False``.
     """
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return False
     if trainer is None:
         return True

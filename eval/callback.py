@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
-import torch.distributed as dist
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
+from instsearch.distributed import broadcast_from_rank0
 from instsearch.eval.evaluator import EvaluationResult, evaluate
 from instsearch.eval.metrics import json_ready, loggable
 from instsearch.eval.visualize import result_grid
@@ -41,12 +41,7 @@ def benchmark_of(trainer: pl.Trainer, required: bool = False) -> Optional[Benchm
 def _broadcast_metrics(result: Optional[EvaluationResult]) -> dict[str, float]:
     """Rank 0's defined scalar metrics on every rank: checkpointing and early stopping read them
     everywhere. Undefined ones (NaN: no box to judge) are not logged."""
-    scalars = loggable(result.metrics) if result else {}
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [scalars]
-        dist.broadcast_object_list(box, src=0)
-        scalars = box[0]
-    return scalars
+    return broadcast_from_rank0(loggable(result.metrics) if result else {})
 
 
 def publish(trainer: pl.Trainer, pl_module: pl.LightningModule, benchmark: Benchmark,

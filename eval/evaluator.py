@@ -20,11 +20,12 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from instsearch.distributed import gather_to_rank0
 from instsearch.eval.extract import QueryFeature, SearchBatch, extract_batch, model_device
 from instsearch.eval.metrics import recall_at_iou, retrieval_metrics
 from instsearch.eval.search import RegionIndex, RegionStore
+from instsearch.eval.searchers import Searcher, searcher_from_factory
 from instsearch.eval.whitening import PCAWhitening
 from instsearch.formats import Benchmark, Run
 from instsearch.structures import Regions
@@ -113,19 +114,17 @@ class RetrievalEvaluator:
     """Accumulates :class:`SearchBatch` es, then searches and scores them on rank 0."""
 
     def __init__(self, benchmark: Benchmark, config: Optional[RetrievalConfig] = None, method: str = "regions",
-                 device: torch.device | str = "cpu", quantizer=None):
+                 device: torch.device | str = "cpu", make_searcher: Optional[Callable[[int], Searcher]] = None):
         self.benchmark = benchmark
         self.config = config or RetrievalConfig()
         self.method = method
         self.device = device
-        #: a product quantiser from the model (UDQ's trained ``OPQCodebook``): when set, the database
-        #: is encoded with it and searched by asymmetric distance instead of ``index_factory``
-        self.quantizer = quantizer
+        #: ``dim -> an empty Searcher`` for the database (the model's choice,
+        #: ``RegionSearchModule.make_searcher``); default: ``config.index_factory`` on ``device``
+        self.make_searcher = make_searcher or (lambda dim: searcher_from_factory(self.config.index_factory, dim,
+                                                                                 device=self.device))
         #: the index of the last :meth:`compute` (rank 0), e.g. to write the encoded database
         self.index: Optional[RegionIndex] = None
-        if quantizer is not None and (self.config.whitening or self.config.prune_by_label):
-            raise ValueError("a model's quantizer searches its own feature space: whitening and category pruning "
-                             "do not apply (set retrieval.whitening=false, retrieval.prune_by_label=false)")
         self.reset()
 
     def reset(self) -> None:
@@ -150,12 +149,8 @@ class RetrievalEvaluator:
 
         Returns whether this process holds the merged data (always true without DDP).
         """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return True
-        rank = dist.get_rank()
-        parts: Optional[list[Any]] = [None] * dist.get_world_size() if rank == 0 else None
-        dist.gather_object((self.database, self.queries, self.bad_images), parts, dst=0)
-        if rank != 0:
+        parts = gather_to_rank0((self.database, self.queries, self.bad_images))
+        if parts is None:
             self.reset()
             return False
         self.reset()
@@ -180,10 +175,7 @@ class RetrievalEvaluator:
             log.warning("whitening skipped: the database has %d region(s), too few to fit it", len(store))
         if whitening is not None:
             store.features = whitening.transform(store.features)
-        if self.quantizer is not None:
-            index = RegionIndex(store, l2_index=self.quantizer.to_faiss_index())
-        else:
-            index = RegionIndex(store, index_factory=cfg.index_factory, device=self.device)
+        index = RegionIndex(store, self.make_searcher(store.dim), device=self.device)
         self.index = index
         query_ids = [q.id for q in bench.queries if q.id in self.queries]
         if query_ids:

@@ -1,11 +1,11 @@
 """Search over region features: image score = its best region, returned box = that region's box.
 
 Every method's database side ends up as one :class:`RegionStore` (features, owning image, box,
-score, label of every region, concatenated). :class:`RegionIndex` puts the features in a faiss
-index and answers a batch of queries with a ranking of *images*:
+score, label of every region, concatenated). :class:`RegionIndex` puts the features in a searcher
+and answers a batch of queries with a ranking of *images*:
 
-1. faiss returns, per query, the top ``k`` regions by inner product (cosine for l2-normalised
-   features), best first;
+1. the searcher returns, per query, the top ``k`` regions (by inner product -- cosine for
+   l2-normalised features -- or another score where higher is better), best first;
 2. the first time an image appears in that list is its best region, so image scores and boxes
    are read off with one ``np.unique`` over ``(query, image)`` keys - no loop over regions;
 3. if fewer than the wanted number of distinct images came back, ``k`` grows for those queries
@@ -14,10 +14,9 @@ index and answers a batch of queries with a ranking of *images*:
 The ranking of the images that appear is exact whatever ``k``: if any region of an image is in
 the top ``k``, its best region is too (it scores at least as high).
 
-Exact search (``index_factory="Flat"``, the default) runs as a torch matrix multiply + ``topk``
-(:class:`ExactInnerProductIndex`) on the CPU or GPU: on a 2-core CPU it answers 3-4x more queries
-per second than faiss's flat index for the same ranking (``benchmarks/search_throughput.py``).
-Any other factory string ("IVF…", "PQ…", "OPQ…") builds that faiss index.
+The regions' vectors live in a :class:`~instsearch.eval.searchers.Searcher` (exact inner product
+with torch by default, any faiss index, or a model's product quantiser): the model chooses it,
+this module only reduces its region hits to images.
 
 Category pruning (FCIS+XD, Zhan & Zhao): with ``prune_by_label`` a query is compared only with the
 regions whose predicted label equals the query's; one sub-index per label is built lazily.
@@ -28,10 +27,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-import faiss
 import numpy as np
 import torch
 
+from instsearch.eval.searchers import ExactInnerProductSearcher, Searcher, load_searcher
 from instsearch.formats import Hit, Run
 from instsearch.structures import Regions
 
@@ -61,8 +60,8 @@ class RegionStore:
 
         def cat(name: str, width: int | None, dtype) -> np.ndarray:
             parts = [getattr(r, name).detach().cpu().numpy() for r in regions if len(r)]
-            if not parts:
-                return np.zeros((0, width) if width else (0,), dtype=dtype)
+            if not parts:  # no region at all (e.g. an untrained detector): still (0, width)
+                return np.zeros((0, width) if width is not None else (0,), dtype=dtype)
             return np.ascontiguousarray(np.concatenate(parts).astype(dtype, copy=False))
 
         has_labels = len(regions) > 0 and all(r.labels is not None for r in regions if len(r))
@@ -124,128 +123,44 @@ def best_region_per_image(distances: np.ndarray, region_ids: np.ndarray, image_i
             for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-class ExactInnerProductIndex:
-    """Exact inner-product search with torch: ``scores = Q Fᵀ`` then ``topk``, on any device.
-
-    It answers faiss's ``search(queries, k) -> (scores, ids)`` (best first, ``-1`` padding never
-    needed since ``k <= ntotal``), so :class:`RegionIndex` treats both alike. Queries are scored in
-    chunks so that one chunk's score matrix stays under ``max_scores`` floats.
-    """
-
-    def __init__(self, features: np.ndarray, device: torch.device | str = "cpu", max_scores: int = 1 << 25):
-        self.device = torch.device(device)
-        self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
-        self.max_scores = int(max_scores)
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.features.shape[0])
-
-    @torch.no_grad()
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
-        k = min(int(k), self.ntotal)
-        chunk = max(1, self.max_scores // max(self.ntotal, 1))
-        scores, ids = [], []
-        for start in range(0, len(q), chunk):
-            s, i = torch.topk(q[start:start + chunk] @ self.features.T, k, dim=1, largest=True, sorted=True)
-            scores.append(s.cpu())
-            ids.append(i.cpu())
-        if not scores:
-            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        return torch.cat(scores).numpy(), torch.cat(ids).numpy().astype(np.int64)
-
-
-class InverseDistanceIndex:
-    """L2 search through a faiss index, scored ``1 / ‖f_q − φ(f)‖`` so that higher is better.
-
-    UDQ scores a proposal by the inverse of its asymmetric (ADC) distance to the query (its Eq. 5),
-    with ``φ`` the product-quantised database feature; an image's score is then its best proposal,
-    exactly what :class:`RegionIndex` does with inner products. The wrapped index is any trained,
-    empty faiss index with the L2 metric -- e.g. ``OPQCodebook.to_faiss_index()`` of
-    :mod:`instsearch.networks.product_quantizer`, whose codebooks come from the model, not from the
-    database -- and the database is added to it here.
-    """
-
-    def __init__(self, index, features: Optional[np.ndarray], eps: float = 1e-12):
-        if index.metric_type != faiss.METRIC_L2:
-            raise ValueError("InverseDistanceIndex wraps an L2 faiss index (e.g. OPQCodebook.to_faiss_index())")
-        if not index.is_trained:
-            raise ValueError("InverseDistanceIndex needs a trained index: its codebooks come from the model")
-        if features is not None and index.ntotal:
-            raise ValueError(f"InverseDistanceIndex adds the database to an empty index; this one holds "
-                             f"{index.ntotal} vectors (pass features=None to search a filled, e.g. reloaded, index)")
-        self.index = index
-        self.eps = float(eps)
-        if features is not None and len(features):
-            index.add(np.ascontiguousarray(features, dtype=np.float32))
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
-    @property
-    def d(self) -> int:
-        """Feature dimension, as faiss indexes name it."""
-        return int(self.index.d)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        distances, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), int(k))
-        # faiss returns squared L2, nearest first; the inverse distance keeps that order
-        return (1.0 / np.sqrt(np.maximum(distances, self.eps))).astype(np.float32), ids
-
-
 class RegionIndex:
-    """An index over a :class:`RegionStore` answering image-level queries.
+    """A :class:`RegionStore` in a :class:`~instsearch.eval.searchers.Searcher`, answering image-level queries.
 
-    ``index_factory`` is ``"Flat"`` (exact, torch on ``device``) or any other faiss factory string
-    over inner product ("IVF…", "PQ…", "OPQ…" trade accuracy for speed and memory and are trained
-    on the stored features). ``l2_index`` instead: a trained, empty faiss index with the L2 metric
-    whose quantiser comes from the model (UDQ's OPQ codebooks), searched by inverse distance
-    (:class:`InverseDistanceIndex`). ``index``: a searchable index that already holds the store's
-    regions in order (:meth:`load`); the store's features are then not needed. Category-pruning
-    sub-indexes are exact.
+    The searcher is the model's choice (``RegionSearchModule.make_searcher``; default: exact inner
+    product on ``device``); an empty one is filled with the store's features here, a filled one
+    (:meth:`load`) must hold the store's regions in order. A searcher that answers from its codes
+    alone (``codes_only``, e.g. UDQ's product quantiser) leaves the store without features.
+    Category-pruning sub-indexes are exact inner product over the store's features.
     """
 
-    def __init__(self, store: RegionStore, index_factory: str = "Flat", nprobe: int = 16,
-                 device: torch.device | str = "cpu", l2_index=None, index=None):
-        self.store = store
-        self.index_factory = index_factory
-        self.nprobe = nprobe
+    def __init__(self, store: RegionStore, searcher: Optional[Searcher] = None, device: torch.device | str = "cpu"):
         self.device = device
-        if index is not None:
-            self.index = index
-        elif l2_index is not None:
-            self.index = InverseDistanceIndex(l2_index, store.features)
-        else:
-            self.index = self._build(store.features)
-        self.dim = store.dim if index is None else int(index.d)
-        if l2_index is not None:
-            # the codes are all the search needs: do not keep 4·D bytes per region alive
-            self.store = replace(store, features=np.zeros((len(store), 0), np.float32))
-        self._label_indexes: dict[int, tuple[ExactInnerProductIndex, np.ndarray]] = {}
+        self.searcher = searcher if searcher is not None else ExactInnerProductSearcher(store.dim, device=device)
+        if self.searcher.ntotal == 0 and len(store):
+            self.searcher.add(store.features)
+        if self.searcher.ntotal != len(store):
+            raise ValueError(f"the searcher holds {self.searcher.ntotal} vectors for a store of {len(store)} regions")
+        self.dim = self.searcher.dim
+        if len(store) and store.features.shape[1] and store.dim != self.dim:
+            raise ValueError(f"the store's features are {store.dim}-D, the searcher's {self.dim}-D")
+        # the codes are all the search needs: do not keep 4·D bytes per region alive
+        self.store = replace(store, features=np.zeros((len(store), 0), np.float32)) if self.searcher.codes_only else store
+        self._label_indexes: dict[int, tuple[ExactInnerProductSearcher, np.ndarray]] = {}
 
     # -- writing and reloading -------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write the searchable database to ``directory``: ``index.faiss`` (``faiss.write_index``;
-        an exact torch index is written as the equivalent ``IndexFlatIP``) and ``regions.npz`` (image
-        ids, owning image, box, score and label of every region). :meth:`load` searches it again
-        without the network or the region features -- for UDQ the codes are all that is kept."""
+        """Write the searchable database to ``directory``: ``index.faiss`` (the searcher's own file)
+        and ``regions.npz`` (image ids, owning image, box, score and label of every region).
+        :meth:`load` searches it again without the network or the region features -- for a
+        product quantiser the codes are all that is kept."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if isinstance(self.index, InverseDistanceIndex):
-            kind, index = "inverse_l2", self.index.index
-        elif isinstance(self.index, ExactInnerProductIndex):
-            kind, index = "inner_product", faiss.IndexFlatIP(self.dim)
-            if self.index.ntotal:
-                index.add(self.index.features.cpu().numpy())
-        else:
-            kind, index = "inner_product", self.index
-        faiss.write_index(index, str(directory / "index.faiss"))
+        self.searcher.save(directory / "index.faiss")
         s = self.store
         extra = {} if s.labels is None else {"labels": s.labels}
-        np.savez(directory / "regions.npz", format=np.array("instsearch-region-index/1"), kind=np.array(kind),
-                 dim=np.array(self.dim), image_ids=np.array(s.image_ids, dtype=str), image_index=s.image_index,
+        np.savez(directory / "regions.npz", format=np.array("instsearch-region-index/1"),
+                 kind=np.array(self.searcher.score), dim=np.array(self.dim),
+                 image_ids=np.array(s.image_ids, dtype=str), image_index=s.image_index,
                  boxes=s.boxes, scores=s.scores, **extra)
         return directory
 
@@ -268,31 +183,18 @@ class RegionIndex:
                                 image_index=z["image_index"].astype(np.int64), boxes=z["boxes"].astype(np.float32),
                                 scores=z["scores"].astype(np.float32),
                                 labels=z["labels"].astype(np.int64) if "labels" in z else None)
-        faiss_index = faiss.read_index(str(files[0]))
-        if faiss_index.ntotal != len(store) or faiss_index.d != dim:
-            raise ValueError(f"{files[0]} holds {faiss_index.ntotal} vectors of {faiss_index.d}-D but {files[1]} "
+        searcher = load_searcher(files[0], kind)
+        if searcher.ntotal != len(store) or searcher.dim != dim:
+            raise ValueError(f"{files[0]} holds {searcher.ntotal} vectors of {searcher.dim}-D but {files[1]} "
                              f"lists {len(store)} regions of {dim}-D")
-        index = InverseDistanceIndex(faiss_index, None) if kind == "inverse_l2" else faiss_index
-        return cls(store, index_factory="saved", index=index)
+        return cls(store, searcher)
 
-    def _build(self, features: np.ndarray):
-        if self.index_factory == "Flat":
-            return ExactInnerProductIndex(features, device=self.device)
-        dim = features.shape[1] if features.ndim == 2 and features.shape[1] else 1
-        index = faiss.index_factory(dim, self.index_factory, faiss.METRIC_INNER_PRODUCT)
-        if len(features):
-            if not index.is_trained:
-                index.train(features)
-            index.add(features)
-        if hasattr(index, "nprobe"):
-            index.nprobe = self.nprobe
-        return index
-
-    def _label_index(self, label: int) -> tuple[ExactInnerProductIndex, np.ndarray]:
+    def _label_index(self, label: int) -> tuple[ExactInnerProductSearcher, np.ndarray]:
         if label not in self._label_indexes:
             members = np.flatnonzero(self.store.labels == label)
-            self._label_indexes[label] = (ExactInnerProductIndex(self.store.features[members], device=self.device),
-                                          members)
+            sub = ExactInnerProductSearcher(self.store.dim, device=self.device)
+            sub.add(self.store.features[members])
+            self._label_indexes[label] = (sub, members)
         return self._label_indexes[label]
 
     def search(self, queries: np.ndarray | torch.Tensor, top_images: int | None = None,
@@ -313,8 +215,10 @@ class RegionIndex:
             if self.store.labels is None or query_labels is None:
                 raise ValueError("category pruning needs labels on the database regions and the queries")
             if len(self.store) and self.store.features.shape[1] == 0:
-                raise ValueError("category pruning searches the region features, which a quantised (l2_index) or "
-                                 "reloaded index does not keep")
+                raise ValueError("category pruning searches the region features, which a searcher that answers from "
+                                 "codes alone (a product quantiser, a reloaded index) does not keep")
+            if self.searcher.score != "inner_product":
+                raise ValueError(f"category pruning ranks by inner product; this index scores by {self.searcher.score}")
             query_labels = np.asarray(query_labels, dtype=np.int64)
             results: list[ImageRanking | None] = [None] * len(queries)
             for label in np.unique(query_labels):  # loop over categories, not regions
@@ -323,7 +227,7 @@ class RegionIndex:
                 for row, ranking in zip(rows, self._search_index(index, members, queries[rows], top_images, batch_size)):
                     results[row] = ranking
             return results  # type: ignore[return-value]
-        return self._search_index(self.index, None, queries, top_images, batch_size)
+        return self._search_index(self.searcher, None, queries, top_images, batch_size)
 
     def _search_index(self, index, members: np.ndarray | None, queries: np.ndarray,
                       top_images: int | None, batch_size: int) -> list[ImageRanking]:

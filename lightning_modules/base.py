@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from instsearch.eval.callback import benchmark_of, publish
 from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator
 from instsearch.eval.extract import SearchBatch, extract_batch
+from instsearch.eval.searchers import Searcher, searcher_from_factory
 from instsearch.seeding import StepSeeding
 from instsearch.structures import Regions
 
@@ -88,8 +89,15 @@ class RegionSearchModule(pl.LightningModule):
         images, metas = batch
         return extract_batch(self.net, images, metas, with_labels=self.retrieval.prune_by_label, device=self.device)
 
+    def make_searcher(self, dim: int) -> Searcher:
+        """The engine the database is searched with (:mod:`instsearch.eval.searchers`): the retrieval
+        settings' ``index_factory`` (``Flat``: exact inner product on this module's device). A method
+        whose model brings its own index (a product quantiser) overrides it."""
+        return searcher_from_factory(self.retrieval.index_factory, dim, device=self.device)
+
     def make_evaluator(self, benchmark) -> RetrievalEvaluator:
-        return RetrievalEvaluator(benchmark, self.retrieval, method=type(self).__name__, device=self.device)
+        return RetrievalEvaluator(benchmark, self.retrieval, method=type(self).__name__, device=self.device,
+                                  make_searcher=self.make_searcher)
 
     # ------------------------------------------------------------ training
     def configure_callbacks(self) -> list[pl.Callback]:

@@ -111,7 +111,6 @@ from typing import Literal, Optional
 import faiss
 import numpy as np
 import torch
-import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
@@ -119,6 +118,8 @@ from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator
 from instsearch.eval.extract import SearchBatch
 from instsearch.lightning_modules.base import OptimizerConfig, RegionSearchModule
 from instsearch.losses.udq import UDQLoss, discriminability_loss, residual_scale, separability_from_logits
+from instsearch.distributed import all_gather_rows, broadcast_from_rank0
+from instsearch.eval.searchers import FaissSearcher, Searcher
 from instsearch.networks.product_quantizer import OPQCodebook, faiss_threads
 from instsearch.networks.udq import UDQNet, pca_projection
 from instsearch.networks.udq_refine import refine_bfr, refine_cbr, refine_pbr
@@ -126,7 +127,7 @@ from instsearch.structures import Regions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UDQModule", "ProposalBank", "ExactL2Search"]
+__all__ = ["UDQModule", "ProposalBank"]
 
 Refinement = Literal["none", "bfr", "pbr", "cbr"]
 
@@ -208,18 +209,6 @@ class ProposalBank:
                    state.get("codes"))
 
 
-class ExactL2Search:
-    """Eq. 2's exact search: an empty faiss ``IndexFlatL2`` for the evaluator's inverse-distance
-    search (``1/‖f_q − f_p‖``, :class:`~instsearch.eval.search.InverseDistanceIndex`), the role an
-    :class:`OPQCodebook` plays for ADC."""
-
-    def __init__(self, dim: int):
-        self.dim = int(dim)
-
-    def to_faiss_index(self) -> faiss.Index:
-        return faiss.IndexFlatL2(self.dim)
-
-
 def label_dtype(nbits: int) -> torch.dtype:
     """The smallest integer type holding codes of ``nbits`` bits."""
     return torch.uint8 if nbits <= 8 else torch.int16
@@ -229,37 +218,6 @@ def _scale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, 
     """Boxes from an ``(h, w)`` frame to another."""
     sy, sx = to_size[0] / from_size[0], to_size[1] / from_size[1]
     return boxes * boxes.new_tensor([sx, sy, sx, sy])
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_gather_rows(rows: Tensor, device: torch.device) -> list[Tensor]:
-    """Every rank's ``rows`` (the first dimension may differ between ranks), on the CPU, in rank
-    order: one all_gather of the counts, then one of the rows padded to the largest count (tensors,
-    not pickled objects: 4 bytes a float instead of a Python list's ~30)."""
-    if not _distributed():
-        return [rows]
-    world = dist.get_world_size()
-    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    padded = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype, device=device)
-    padded[: rows.shape[0]] = rows.to(device)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return [part[:n].cpu() for part, n in zip(parts, counts)]
-
-
-def _broadcast(obj):
-    """Rank 0's ``obj`` on every rank."""
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class UDQModule(RegionSearchModule):
@@ -475,7 +433,7 @@ class UDQModule(RegionSearchModule):
         ended = None
         if self.trainer.is_global_zero:
             ended = self._end_statistics(features)
-        ended = _broadcast(ended)
+        ended = broadcast_from_rank0(ended)
         self.round_stats[-1].update(ended)
         self._publish(ended, f"UDQ round {self.fitted_round} end")
         if not self.final_refit:
@@ -500,7 +458,7 @@ class UDQModule(RegionSearchModule):
             stats = {"round": float(r), "proposals": float(len(self.bank)),
                      "feature_norm": float(features.norm(dim=1).mean()) if len(features) else 0.0}
             fitted = self._fit(features.numpy(), self.seed + r if self.reseed_each_round else self.seed, stats)
-        ended = _broadcast(ended)
+        ended = broadcast_from_rank0(ended)
         if ended is not None:
             self.round_stats[-1].update(ended)
             self._publish(ended, f"UDQ round {self.fitted_round} end")
@@ -521,7 +479,7 @@ class UDQModule(RegionSearchModule):
         if self.trainer.is_global_zero:
             stats.update(self._label_statistics(features, "start"))
             stats.update(self._gradient_statistics(features))
-        self.round_stats[-1] = stats = _broadcast(stats)
+        self.round_stats[-1] = stats = broadcast_from_rank0(stats)
         self._publish(stats, title, skip=("L_sep_end", "L_dis_end", "label_accuracy_end"))
 
     def _init_classifiers(self) -> None:
@@ -585,7 +543,7 @@ class UDQModule(RegionSearchModule):
 
     def _adopt(self, fitted: Optional[dict]) -> None:
         """Rank 0's fit (:meth:`_fit`) becomes every rank's codebooks, labels and latest statistics."""
-        fitted = _broadcast(fitted)
+        fitted = broadcast_from_rank0(fitted)
         self.codebook = OPQCodebook.from_state(fitted["codebook"])
         self._label_codebook = (None if fitted["label_codebook"] is None
                                 else OPQCodebook.from_state(fitted["label_codebook"]))
@@ -711,7 +669,7 @@ class UDQModule(RegionSearchModule):
                 break
         device = self.device
         cat = lambda parts, shape: torch.cat(parts) if parts else torch.zeros(shape, device=device)  # noqa: E731
-        gathered = [_all_gather_rows(t, device) for t in (
+        gathered = [all_gather_rows(t, device) for t in (
             torch.tensor(positions, dtype=torch.int64, device=device), torch.tensor(counts, dtype=torch.int64,
                                                                                      device=device),
             cat(boxes, (0, 4)), cat(scores, (0,)), cat(samples, (0, self.net.representation_dim)))]
@@ -724,7 +682,7 @@ class UDQModule(RegionSearchModule):
                                              [merged[p][1] for p in ordered])
         projection = (pca_projection(torch.cat(gathered[4]), self.net.feature_dim, return_mean=True)
                       if self.trainer.is_global_zero else None)
-        self.net.set_projection(*_broadcast(projection))
+        self.net.set_projection(*broadcast_from_rank0(projection))
 
     def _stored_boxes(self, pairs) -> list[Tensor]:
         """Each image's stored proposals in the pixels of the served ``(image, meta)``."""
@@ -747,8 +705,8 @@ class UDQModule(RegionSearchModule):
             rows += [self.bank.row(m.image_id) for _, m in pairs]
             feats += self._stored_features(pairs)
         d = self.net.feature_dim
-        parts_rows = _all_gather_rows(torch.tensor(rows, dtype=torch.int64, device=self.device), self.device)
-        parts_feats = _all_gather_rows(torch.cat(feats).to(self.device) if feats else
+        parts_rows = all_gather_rows(torch.tensor(rows, dtype=torch.int64, device=self.device), self.device)
+        parts_feats = all_gather_rows(torch.cat(feats).to(self.device) if feats else
                                        torch.zeros(0, d, device=self.device), self.device)
         offsets = self.bank.offsets
         out = torch.zeros(len(self.bank), d)
@@ -783,7 +741,7 @@ class UDQModule(RegionSearchModule):
                          desc="UDQ baselines")
         if exact is None:  # not rank 0
             return
-        evaluator.quantizer = codebook
+        evaluator.make_searcher = lambda dim: FaissSearcher.adc(codebook.to_faiss_index())
         quantized = evaluator.compute(gather=False)
         for name, result in (("off_the_shelf", exact), ("off_the_shelf_opq", quantized)):
             self.baseline_results[name] = result.metrics
@@ -870,15 +828,29 @@ class UDQModule(RegionSearchModule):
                                             features=f, image_size=tuple(m.orig_size))))
         return out
 
-    def make_evaluator(self, benchmark, quantized: Optional[bool] = None) -> RetrievalEvaluator:
-        """ADC over the current codebooks when ``search="adc"`` (or ``quantized``), else the exact
-        inverse L2 distance of Eq. 2 (:class:`ExactL2Search`)."""
+    def make_searcher(self, dim: int, quantized: Optional[bool] = None) -> Searcher:
+        """UDQ searches by inverse L2 distance (Eq. 5): asymmetric distances to the current
+        codebooks' reconstructions when ``search="adc"`` (or ``quantized``), else exact distances
+        (Eq. 2). The codebooks are the model's, not fitted on the database."""
         quantized = self.search == "adc" if quantized is None else quantized
-        if quantized and self.codebook is None:
+        if not quantized:
+            return FaissSearcher.exact_l2(dim)
+        if self.codebook is None:
             raise RuntimeError("UDQ's ADC search needs trained codebooks: pass --ckpt_path of a UDQ training run "
                                "(its checkpoint holds them) or set model.search=exact")
+        return FaissSearcher.adc(self.codebook.to_faiss_index())
+
+    def make_evaluator(self, benchmark, quantized: Optional[bool] = None) -> RetrievalEvaluator:
+        """The evaluator of :meth:`make_searcher`'s search. UDQ ranks in its own feature space:
+        whitening and category pruning are refused."""
+        if self.retrieval.whitening or self.retrieval.prune_by_label:
+            raise ValueError("UDQ searches its own feature space (Eq. 2 / ADC): whitening and category pruning do "
+                             "not apply (set retrieval.whitening=false, retrieval.prune_by_label=false)")
+        quantized = self.search == "adc" if quantized is None else quantized
+        if quantized:
+            self.make_searcher(self.net.feature_dim, quantized)  # refuse a missing codebook before any extraction
         return RetrievalEvaluator(benchmark, self.retrieval, method=type(self).__name__, device=self.device,
-                                  quantizer=self.codebook if quantized else ExactL2Search(self.net.feature_dim))
+                                  make_searcher=lambda dim: self.make_searcher(dim, quantized))
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()

@@ -104,7 +104,9 @@ def test_rank_from_torch_distributed(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "r")
     fake = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True,
                                  get_rank=lambda: 1, get_world_size=lambda: 3)
-    monkeypatch.setattr(distractors, "dist", fake)
+    import instsearch.distributed
+
+    monkeypatch.setattr(instsearch.distributed, "dist", fake)
     ds = DistractorImages(root, id_prefix="")
     assert ds.shard() == (1, 3)
     assert [i for _, i in ds] == [TREE[1], TREE[4], TREE[7]]

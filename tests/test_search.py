@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from instsearch.eval.search import RegionIndex, RegionStore, best_region_per_image
+from instsearch.eval.searchers import FaissSearcher, searcher_from_factory
 from instsearch.structures import Regions
 
 
@@ -112,7 +113,7 @@ def test_dimension_mismatch_is_refused():
 def test_exact_torch_index_equals_faiss_flat_in_chunks():
     import faiss
 
-    from instsearch.eval.search import ExactInnerProductIndex
+    from instsearch.eval.searchers import ExactInnerProductSearcher
 
     rng = np.random.default_rng(3)
     feats = rng.normal(size=(500, 24)).astype(np.float32)
@@ -120,7 +121,9 @@ def test_exact_torch_index_equals_faiss_flat_in_chunks():
     ref = faiss.IndexFlatIP(24)
     ref.add(feats)
     d_ref, i_ref = ref.search(queries, 40)
-    index = ExactInnerProductIndex(feats, max_scores=2 * len(feats))  # two queries per chunk
+    index = ExactInnerProductSearcher(24, max_scores=2 * len(feats))  # two queries per chunk
+    index.add(feats[:200])
+    index.add(feats[200:])  # added in parts, in order
     d, i = index.search(queries, 40)
     np.testing.assert_array_equal(i, i_ref)
     np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-5)
@@ -133,8 +136,9 @@ def test_faiss_factory_indexes_still_serve_the_same_exact_ranking():
     store = RegionStore.from_regions(ids, regions)
     queries = rng.normal(size=(5, 16)).astype(np.float32)
     torch_rank = RegionIndex(store).search(queries, top_images=8)
-    faiss_rank = RegionIndex(store, index_factory="IVF1,Flat").search(queries, top_images=8)
-    assert "IVF" in type(RegionIndex(store, index_factory="IVF1,Flat").index).__name__  # a faiss index, exact with one list
+    faiss_index = RegionIndex(store, searcher_from_factory("IVF1,Flat", store.dim))
+    faiss_rank = faiss_index.search(queries, top_images=8)
+    assert "IVF" in type(faiss_index.searcher.index).__name__  # a faiss index, exact with one list
     for a, b in zip(torch_rank, faiss_rank):
         np.testing.assert_array_equal(a.images, b.images)
         np.testing.assert_array_equal(a.regions, b.regions)
@@ -152,11 +156,11 @@ def test_l2_index_ranks_images_by_their_nearest_quantised_proposal():
                        scores=torch.ones(n), features=f) for n, f in zip(sizes, feats)]
     store = RegionStore.from_regions([f"im{i}" for i in range(len(sizes))], regions)
     codebook = OPQCodebook.fit(torch.randn(300, 8, generator=g), num_subspaces=2, nbits=4, seed=0, num_threads=1)
-    index = RegionIndex(store, l2_index=codebook.to_faiss_index())
+    index = RegionIndex(store, FaissSearcher.adc(codebook.to_faiss_index()))
+    assert index.store.features.shape == (len(all_feats := torch.cat(feats)), 0)  # codes only: features dropped
     queries = torch.randn(3, 8, generator=g)
     rankings = index.search(queries.numpy())
 
-    all_feats = torch.cat(feats)
     dist = adc_distances(queries, codebook.encode(all_feats), codebook)  # (Q, N) squared L2
     owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     for q, ranking in enumerate(rankings):
@@ -168,16 +172,41 @@ def test_l2_index_ranks_images_by_their_nearest_quantised_proposal():
         assert np.allclose(ranking.scores, 1 / nearest[order].sqrt().numpy(), rtol=1e-4)
 
 
-def test_l2_index_refuses_an_inner_product_or_filled_index():
+def test_adc_searcher_refuses_an_inner_product_untrained_or_filled_index():
     import faiss
 
-    store = RegionStore.from_regions(["a"], [Regions(torch.zeros(1, 4), torch.ones(1), torch.ones(1, 8))])
     with pytest.raises(ValueError, match="L2"):
-        RegionIndex(store, l2_index=faiss.IndexFlatIP(8))
+        FaissSearcher.adc(faiss.IndexFlatIP(8))
+    with pytest.raises(ValueError, match="trained"):
+        FaissSearcher.adc(faiss.IndexPQ(8, 2, 4))
     filled = faiss.IndexFlatL2(8)
     filled.add(np.ones((2, 8), np.float32))
-    with pytest.raises(ValueError, match="empty"):
-        RegionIndex(store, l2_index=filled)
+    with pytest.raises(ValueError, match="already holds"):
+        FaissSearcher.adc(filled)
+
+
+def test_region_index_refuses_a_searcher_holding_other_regions():
+    store = RegionStore.from_regions(["a"], [Regions(torch.zeros(1, 4), torch.ones(1), torch.ones(1, 8))])
+    searcher = FaissSearcher.exact_l2(8)
+    searcher.add(np.ones((2, 8), np.float32))
+    with pytest.raises(ValueError, match="holds 2 vectors for a store of 1"):
+        RegionIndex(store, searcher)
+
+
+def test_exact_l2_searcher_scores_by_inverse_distance_nearest_first():
+    """Hand-computed: database points at distances 3, 1 and 2 from the query."""
+    searcher = FaissSearcher.exact_l2(2)
+    searcher.add(np.array([[3.0, 0.0], [0.0, 1.0], [-2.0, 0.0]], np.float32))
+    scores, ids = searcher.search(np.zeros((1, 2), np.float32), 3)
+    assert ids.tolist() == [[1, 2, 0]]
+    np.testing.assert_allclose(scores, [[1.0, 0.5, 1 / 3]], rtol=1e-6)
+
+
+def test_category_pruning_is_refused_on_an_l2_searcher():
+    regions = [Regions(torch.zeros(2, 4), torch.ones(2), torch.eye(2, 8), labels=torch.tensor([1, 2]))]
+    index = RegionIndex(RegionStore.from_regions(["a"], regions), FaissSearcher.exact_l2(8))
+    with pytest.raises(ValueError, match="inner product"):
+        index.search(np.ones((1, 8), np.float32), query_labels=[1], prune_by_label=True)
 
 
 @pytest.mark.parametrize("dense", [True, False])
@@ -198,3 +227,15 @@ def test_best_region_per_image_equals_a_per_hit_loop(dense, monkeypatch):
                 expected.append((image_index[r], r, s))
         assert [(int(i), int(r)) for i, r in zip(ranking.images, ranking.regions)] == [(i, r) for i, r, _ in expected]
         np.testing.assert_array_equal(ranking.scores, np.array([s for *_, s in expected], np.float32))
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF1,Flat"])
+def test_a_database_without_any_region_ranks_nothing(factory):
+    """An untrained detector may keep no region in any image: every query gets an empty ranking
+    (not a crash on the empty feature matrix)."""
+    regions = [Regions(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 8)) for _ in range(3)]
+    store = RegionStore.from_regions(["a", "b", "c"], regions)
+    assert store.features.shape == (0, 0)
+    index = RegionIndex(store, searcher_from_factory(factory, store.dim))
+    rankings = index.search(np.ones((2, 8), np.float32), top_images=5)
+    assert [len(r.images) for r in rankings] == [0, 0]

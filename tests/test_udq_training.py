@@ -14,6 +14,7 @@ from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, evalu
 from instsearch.eval.search import RegionIndex, RegionStore
 from instsearch.lightning_modules.base import OptimizerConfig
 from instsearch.lightning_modules.udq import ProposalBank, UDQModule
+from instsearch.eval.searchers import FaissSearcher
 from instsearch.networks.product_quantizer import OPQCodebook
 from instsearch.networks.udq import UDQNet, pca_projection
 
@@ -310,9 +311,11 @@ def test_adc_search_needs_codebooks_and_refuses_whitening(small_benchmark):
     bench = Benchmark.load(small_benchmark)
     with pytest.raises(RuntimeError, match="ckpt_path"):
         make_module().make_evaluator(bench)
-    codebook = OPQCodebook.fit(np.random.default_rng(0).normal(size=(500, 8)).astype(np.float32), 2, 4)
+    module = make_module()
+    module.codebook = OPQCodebook.fit(np.random.default_rng(0).normal(size=(500, 8)).astype(np.float32), 2, 4)
+    module.retrieval = RetrievalConfig(whitening=True)
     with pytest.raises(ValueError, match="whitening"):
-        RetrievalEvaluator(bench, RetrievalConfig(whitening=True), quantizer=codebook)
+        module.make_evaluator(bench)
 
 
 def test_encoded_database_written_and_reloaded_ranks_the_same(tmp_path):
@@ -322,9 +325,10 @@ def test_encoded_database_written_and_reloaded_ranks_the_same(tmp_path):
                         image_index=np.repeat(np.arange(60), 10), boxes=rng.uniform(0, 50, (600, 4)).astype(np.float32),
                         scores=rng.uniform(size=600).astype(np.float32))
     queries = rng.normal(size=(5, 16)).astype(np.float32)
-    for l2_index in (OPQCodebook.fit(features, 4, 4, seed=0).to_faiss_index(), None):
-        index = RegionIndex(store, l2_index=l2_index)
-        saved = index.save(tmp_path / ("adc" if l2_index is not None else "exact"))
+    adc = FaissSearcher.adc(OPQCodebook.fit(features, 4, 4, seed=0).to_faiss_index())
+    for name, searcher in (("adc", adc), ("exact", None)):
+        index = RegionIndex(store, searcher)
+        saved = index.save(tmp_path / name)
         again = RegionIndex.load(saved)
         for a, b in zip(index.search(queries, top_images=20), again.search(queries, top_images=20)):
             np.testing.assert_array_equal(a.images, b.images)
