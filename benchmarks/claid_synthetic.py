@@ -25,7 +25,7 @@ from instsearch.console import quiet_framework_noise
 from instsearch.datamodules.benchmark import benchmark_dataloader
 from instsearch.datamodules.image_io import load_rgb
 from instsearch.datamodules.transforms import to_float_tensor
-from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, evaluate
+from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, extract_and_score
 from instsearch.eval.visualize import region_hierarchy_figure
 from instsearch.formats import Benchmark
 from instsearch.networks.bisecting import output_nodes
@@ -51,7 +51,7 @@ def scores(model, bench: Benchmark) -> dict[str, float]:
     """One extraction, scored under both AP normalisations (the evaluator keeps what it processed)."""
     out = {}
     evaluator = RetrievalEvaluator(bench, RetrievalConfig(grid_queries=0))
-    evaluate(model, [benchmark_dataloader(bench, batch_size=4)], evaluator, progress=False)
+    extract_and_score(model, [benchmark_dataloader(bench, batch_size=4)], evaluator, progress=False)
     for norm in ("min", "relevant"):
         evaluator.config = RetrievalConfig(normalization=norm, grid_queries=0)
         metrics = evaluator.compute(gather=False).metrics

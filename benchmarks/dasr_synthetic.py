@@ -25,7 +25,7 @@ from instsearch.console import quiet_framework_noise
 from instsearch.datamodules.benchmark import benchmark_dataloader
 from instsearch.datamodules.image_io import load_rgb
 from instsearch.datamodules.transforms import to_float_tensor
-from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, evaluate
+from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, extract_and_score
 from instsearch.formats import Benchmark
 from instsearch.networks.dasr import DASR
 from instsearch.networks.global_model import GlobalDescriptorModel
@@ -41,7 +41,7 @@ def scores(model, bench: Benchmark, whitening: tuple[bool, ...] = (False,)) -> d
     """One extraction, scored once per whitening setting (the evaluator keeps what it processed)."""
     evaluator = RetrievalEvaluator(bench, RetrievalConfig(normalization="relevant", grid_queries=0))
     start = time.perf_counter()
-    evaluate(model, [benchmark_dataloader(bench, batch_size=4)], evaluator, progress=False)
+    extract_and_score(model, [benchmark_dataloader(bench, batch_size=4)], evaluator, progress=False)
     seconds = time.perf_counter() - start
     out = {}
     for white in whitening:

@@ -9,7 +9,7 @@ and how regions are described (RoI features of the detection pass, or the paper'
 
 The network options come from the run's ``config.yaml`` (next to the ``checkpoints/`` folder by
 default), the weights from the checkpoint; ``fusion``, ``top_k`` and ``region_feature`` are varied.
-Every setting is one :func:`~instsearch.eval.evaluator.evaluate` over the benchmark. Crop-FC7
+Every setting is one :func:`~instsearch.eval.evaluator.extract_and_score` over the benchmark. Crop-FC7
 features are memoised by crop pixels across settings, so each distinct crop passes VGG-16 once
 (exact: the same pixels give the same feature; the detections do not depend on K).
 """
@@ -27,7 +27,7 @@ import yaml
 from torch import Tensor
 
 from instsearch.datamodules.benchmark import benchmark_dataloader
-from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, evaluate
+from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, extract_and_score
 from instsearch.formats import Benchmark
 from instsearch.lightning_modules.deep_region_cnn import DeepRegionCNNModule
 from instsearch.networks.deep_region_cnn import DeepRegionCNN
@@ -94,7 +94,7 @@ def main() -> None:
         for fusion, k in settings + ([("none", demo_k)] if feature == "roi" and demo_k not in TOP_K else []):
             net.fusion, net.top_k = fusion, k
             start = time.perf_counter()
-            result = evaluate(net, loaders, RetrievalEvaluator(bench, RetrievalConfig(), method=f"{feature}/{fusion}/K{k}"),
+            result = extract_and_score(net, loaders, RetrievalEvaluator(bench, RetrievalConfig(), method=f"{feature}/{fusion}/K{k}"),
                               progress=False)
             m = result.metrics
             rows.append((feature, fusion, k, net.feature_dim, m["mAP@all"], m["mAP@10"], m["mIoU"],

@@ -33,7 +33,7 @@ from instsearch.datamodules.benchmark import benchmark_dataloader
 from instsearch.datamodules.synthetic import SyntheticDataModule
 from instsearch.console import quiet_framework_noise
 from instsearch.eval.callback import RetrievalEvaluation
-from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, evaluate
+from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, extract_and_score
 from instsearch.eval.search import RegionIndex, RegionStore
 from instsearch.formats import Benchmark
 from instsearch.lightning_modules.base import OptimizerConfig
@@ -55,7 +55,7 @@ def validate(module: FCISModule, dm: SyntheticDataModule, accelerator: str, prec
 
 def retrieval(model, bench: Benchmark, prune: bool = False) -> tuple[dict, RetrievalEvaluator]:
     evaluator = RetrievalEvaluator(bench, RetrievalConfig(prune_by_label=prune))
-    result = evaluate(model, [benchmark_dataloader(bench, batch_size=4)], evaluator, progress=False)
+    result = extract_and_score(model, [benchmark_dataloader(bench, batch_size=4)], evaluator, progress=False)
     return result.metrics, evaluator
 
 

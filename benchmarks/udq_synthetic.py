@@ -33,7 +33,7 @@ import pytorch_lightning as pl
 from instsearch.cli import lightning_cli
 from instsearch.console import quiet_framework_noise
 from instsearch.eval.callback import RetrievalEvaluation, benchmark_of
-from instsearch.eval.evaluator import evaluate
+from instsearch.eval.evaluator import extract_and_score
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "udq_synthetic.yaml"
 
@@ -90,7 +90,7 @@ def run_variant(name: str, overrides: list[str], args, seed: int) -> dict:
     module = cli.model
     benchmark = benchmark_of(cli.trainer, required=True)
     loaders = cli.datamodule.benchmark_dataloaders()
-    exact = evaluate(module, loaders, module.make_evaluator(benchmark, quantized=False), step=module.search_step,
+    exact = extract_and_score(module, loaders, module.make_evaluator(benchmark, quantized=False), step=module.search_step,
                      progress=False)
     return {"name": name, "seed": seed, "baselines": module.baseline_results, "rounds": recorder.per_epoch,
             "exact": exact.metrics, "stats": module.round_stats, "seconds": seconds,

@@ -20,7 +20,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from instsearch.distributed import broadcast_from_rank0
-from instsearch.eval.evaluator import EvaluationResult, evaluate
+from instsearch.eval.evaluator import EvaluationResult, extract_and_score
 from instsearch.eval.metrics import json_ready, loggable
 from instsearch.eval.visualize import result_grid
 from instsearch.formats import Benchmark
@@ -100,11 +100,11 @@ class RetrievalEvaluation(pl.Callback):
         self._evaluated_epoch: Optional[int] = None
         self._warned = False
 
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+    def run_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                  benchmark: Benchmark) -> Optional[EvaluationResult]:
         """Run the module over this rank's shard of ``benchmark``; the result on rank 0 only."""
         loaders = trainer.datamodule.benchmark_dataloaders(rank=trainer.global_rank, world_size=trainer.world_size)
-        return evaluate(pl_module, loaders, pl_module.make_evaluator(benchmark), step=pl_module.search_step,
+        return extract_and_score(pl_module, loaders, pl_module.make_evaluator(benchmark), step=pl_module.search_step,
                         progress=self.progress and trainer.is_global_zero)
 
     def _due(self, trainer: pl.Trainer) -> bool:
@@ -132,7 +132,7 @@ class RetrievalEvaluation(pl.Callback):
                 rank_zero_info(f"RetrievalEvaluation: {reason}; retrieval metrics are skipped")
                 self._warned = True
             return
-        result = self.evaluate(trainer, pl_module, benchmark)
+        result = self.run_evaluation(trainer, pl_module, benchmark)
         self.last_result = result
         publish(trainer, pl_module, benchmark, result, self.prefix, pl_module.retrieval.grid_queries)
         if result is not None:

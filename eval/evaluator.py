@@ -1,8 +1,8 @@
 """Retrieval evaluation: accumulate what a network produced on a benchmark, then search and score.
 
 One code path serves the per-epoch callback, ``instsearch test`` and the demo. The network runs
-elsewhere (:func:`~instsearch.eval.extract.extract_batch`, called from the LightningModule's
-step); :class:`RetrievalEvaluator` only ``process``-es the resulting :class:`SearchBatch` es and
+elsewhere (:mod:`instsearch.eval.extraction`, called from the LightningModule's step);
+:class:`RetrievalEvaluator` only ``process``-es the resulting :class:`SearchBatch` es and
 ``compute``-s the metrics of the README's Metrics section, as detectron2's ``DatasetEvaluator``.
 
 Under DDP every rank processes a shard; ``compute`` gathers the shards **to rank 0 only**, which
@@ -21,10 +21,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from instsearch.distributed import gather_to_rank0
-from instsearch.eval.extract import QueryFeature, SearchBatch, extract_batch, model_device
+from instsearch.eval.extraction import QueryFeature, RegionCollection, SearchBatch, Step, extract
 from instsearch.eval.metrics import recall_at_iou, retrieval_metrics
-from instsearch.eval.search import RegionIndex, RegionStore
+from instsearch.eval.search import RegionIndex
 from instsearch.eval.searchers import Searcher, searcher_from_factory
 from instsearch.eval.whitening import PCAWhitening
 from instsearch.formats import Benchmark, Run
@@ -128,20 +127,23 @@ class RetrievalEvaluator:
         self.reset()
 
     def reset(self) -> None:
-        self.database: dict[str, Regions] = {}
-        self.queries: dict[str, QueryFeature] = {}
-        self.bad_images: list[dict] = []
+        self.collection = RegionCollection(regions_per_image=self.config.regions_per_image)
+
+    # what was extracted so far (this rank's part until :meth:`gather`)
+    @property
+    def database(self) -> dict[str, Regions]:
+        return self.collection.database
+
+    @property
+    def queries(self) -> dict[str, QueryFeature]:
+        return self.collection.queries
+
+    @property
+    def bad_images(self) -> list[dict]:
+        return self.collection.bad_images
 
     def process(self, batch: SearchBatch) -> None:
-        cap = self.config.regions_per_image
-        for meta, regions in batch.database:
-            self.database[meta.image_id] = regions.top_k(cap) if cap is not None and len(regions) > cap else regions
-        for query in batch.queries:
-            self.queries[query.meta.query_id] = query
-        for m in batch.bad:
-            entry = {"path": m.extra.get("path"), "image": m.image_id, "query": m.query_id, "reason": m.extra.get("error")}
-            if entry not in self.bad_images:
-                self.bad_images.append(entry)
+        self.collection.add(batch)
 
     # ------------------------------------------------------------------ scoring
     def gather(self) -> bool:
@@ -149,16 +151,7 @@ class RetrievalEvaluator:
 
         Returns whether this process holds the merged data (always true without DDP).
         """
-        parts = gather_to_rank0((self.database, self.queries, self.bad_images))
-        if parts is None:
-            self.reset()
-            return False
-        self.reset()
-        for database, queries, bad in parts:
-            self.database.update(database)
-            self.queries.update(queries)
-            self.bad_images += [e for e in bad if e not in self.bad_images]
-        return True
+        return self.collection.gather_to_rank0()
 
     def compute(self, gather: bool = True) -> Optional[EvaluationResult]:
         """The metrics on rank 0 (``None`` on the other ranks)."""
@@ -169,7 +162,7 @@ class RetrievalEvaluator:
         if bench.distractors:
             listed = set(bench.database)
             image_ids += sorted(i for i in self.database if i not in listed and bench.is_distractor(i))
-        store = RegionStore.from_regions(image_ids, [self.database[i] for i in image_ids])
+        store = self.collection.store(image_ids)
         whitening = cfg.fit_whitening(store.features) if len(store) > 1 else None
         if cfg.whitening and whitening is None:
             log.warning("whitening skipped: the database has %d region(s), too few to fit it", len(store))
@@ -218,28 +211,13 @@ class RetrievalEvaluator:
         return {"thresholds": [float(t) for t in out["thresholds"]], "recall": [float(r) for r in out["recall"]]}
 
 
-Step = Callable[[Any], SearchBatch]
-
-
-def evaluate(model: torch.nn.Module, loaders: Iterable, evaluator: RetrievalEvaluator, step: Optional[Step] = None,
-             progress: bool = True, desc: str = "retrieval evaluation") -> Optional[EvaluationResult]:
-    """Run ``step`` (default: :func:`extract_batch` on ``model``) over every batch of ``loaders``
-    with ``model`` in eval mode, then :meth:`RetrievalEvaluator.compute` (``None`` off rank 0)."""
-    from tqdm.auto import tqdm
-
-    if step is None:
-        with_labels, device = evaluator.config.prune_by_label, model_device(model)
-
-        def step(batch):
-            return extract_batch(model, *batch, with_labels=with_labels, device=device)
-
-    was_training = model.training
-    model.eval()
+def extract_and_score(model: torch.nn.Module, loaders: Iterable, evaluator: RetrievalEvaluator,
+                      step: Optional[Step] = None, progress: bool = True,
+                      desc: str = "retrieval evaluation") -> Optional[EvaluationResult]:
+    """:func:`~instsearch.eval.extraction.extract` ``model`` over ``loaders`` (``step``: e.g. a
+    module's ``search_step``) into ``evaluator``, then :meth:`RetrievalEvaluator.compute`
+    (``None`` off rank 0)."""
     evaluator.reset()
-    try:
-        for loader in loaders:
-            for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-                evaluator.process(step(batch))
-    finally:
-        model.train(was_training)
+    evaluator.collection = extract(model, loaders, step=step, with_labels=evaluator.config.prune_by_label,
+                                   regions_per_image=evaluator.config.regions_per_image, progress=progress, desc=desc)
     return evaluator.compute()

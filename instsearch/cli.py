@@ -11,9 +11,10 @@ from pytorch_lightning.cli import LightningCLI
 TOOLS: dict[str, tuple[str, str]] = {
     "synth": ("instsearch.synthetic:main", "generate the synthetic instance-search benchmark"),
     "convert": ("instsearch.datamodules.converters:main", "convert a public benchmark (INSTRE, Oxford, Paris, Holidays, ...) to benchmark.json"),
-    "evaluate": ("instsearch.eval.evaluate:main", "score a run.json against a benchmark.json (mAP@k, mIoU)"),
+    "evaluate": ("instsearch.eval.score_run:main", "score a run.json against a benchmark.json (mAP@k, mIoU)"),
     "whitening": ("instsearch.whitening_cli:main", "fit the PCA-whitening on another benchmark's database and save it (.npz)"),
     "demo": ("instsearch.demo:main", "synthetic benchmark -> untrained vs trained vs global GeM, end to end"),
+    "vlad-vocabulary": ("instsearch.vlad_vocabulary:main", "fit DASR's VLAD* vocabulary (words, LCS, PCA) on another benchmark's database"),
     "dasr-figure": ("instsearch.networks.dasr:figure_main", "DASR's picture of one image: mean activation, peak maps, ellipses"),
     "claid-figure": ("instsearch.claid_figure:figure_main", "CLAID's picture of one image: the region hierarchy by depth, dummies, kept regions"),
 }

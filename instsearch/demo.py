@@ -71,8 +71,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from instsearch.synthetic import generate
     from instsearch.eval.callback import RetrievalEvaluation
-    from instsearch.eval.evaluate import format_metrics_table
-    from instsearch.eval.evaluator import RetrievalEvaluator, evaluate
+    from instsearch.eval.score_run import format_metrics_table
+    from instsearch.eval.evaluator import RetrievalEvaluator, extract_and_score
     from instsearch.eval.visualize import save_result_grid
     from instsearch.eval.metrics import json_ready
     from instsearch.networks.global_model import GlobalDescriptorModel
@@ -101,7 +101,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("[2/5] evaluating the untrained model")
     torch.manual_seed(args.seed)
     model.to(device)
-    untrained = evaluate(model, datamodule.benchmark_dataloaders(), model.make_evaluator(benchmark),
+    untrained = extract_and_score(model, datamodule.benchmark_dataloaders(), model.make_evaluator(benchmark),
                          step=model.search_step, desc="untrained")
     print(f"[3/5] training for {args.epochs} epochs on {trainer.strategy.root_device}")
     trainer.fit(model, datamodule=datamodule)
@@ -110,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     trained = cb.last_result
     # same trained backbone and image preprocessing, whole-image GeM descriptor
     gem = GlobalDescriptorModel.from_detector(model.net, layer="conv5", pooling="gem").to(device)
-    global_gem = evaluate(gem, datamodule.benchmark_dataloaders(),
+    global_gem = extract_and_score(gem, datamodule.benchmark_dataloaders(),
                           RetrievalEvaluator(benchmark, model.retrieval, method="global_gem", device=device),
                           desc="global GeM")
 

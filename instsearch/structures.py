@@ -13,6 +13,13 @@ import torch
 from torch import Tensor
 
 
+def scale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> Tensor:
+    """``(N, 4)`` xyxy boxes from a ``(height, width)`` frame to another of the same image, resized
+    (per-axis scale; what torchvision's ``resize_boxes`` does)."""
+    (h0, w0), (h1, w1) = from_size, to_size
+    return boxes * boxes.new_tensor([w1 / w0, h1 / h0, w1 / w0, h1 / h0])
+
+
 @dataclass
 class Regions:
     """The regions of one image.
@@ -75,14 +82,13 @@ class Regions:
         (h0, w0), (h1, w1) = self.image_size, size
         if (h0, w0) == (h1, w1):
             return self
-        scale = self.boxes.new_tensor([w1 / w0, h1 / h0, w1 / w0, h1 / h0])
         masks = self.masks
         if masks is not None and len(masks):
             masks = torch.nn.functional.interpolate(masks[:, None].float(), size=(h1, w1), mode="bilinear",
                                                     align_corners=False)[:, 0]
         elif masks is not None:
             masks = masks.new_zeros((0, h1, w1))
-        return replace(self, boxes=self.boxes * scale, masks=masks, image_size=(int(h1), int(w1)))
+        return replace(self, boxes=scale_boxes(self.boxes, (h0, w0), (h1, w1)), masks=masks, image_size=(int(h1), int(w1)))
 
     def top_k(self, k: int) -> "Regions":
         """The ``k`` highest-scoring regions, best first; equal scores keep the order the network
@@ -127,7 +133,7 @@ class RegionSearchModel(Protocol):
       :class:`Regions` carry that frame as ``image_size``; the caller maps them to original pixels
       with :meth:`Regions.rescaled`, and maps query boxes into the served frame before the call.
     * The caller puts the network in eval mode and calls under ``torch.no_grad()``
-      (:func:`instsearch.eval.extract.extract_batch` does both); a network never switches modes.
+      (:func:`instsearch.eval.extraction.extract_batch` does both); a network never switches modes.
     * ``feature_dim`` is the length of every feature it returns (database and query side).
     * ``predicts_labels`` says whether :meth:`classify_boxes` exists; category pruning needs it.
     """

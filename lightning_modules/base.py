@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from instsearch.eval.callback import benchmark_of, publish
 from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator
-from instsearch.eval.extract import SearchBatch, extract_batch
+from instsearch.eval.extraction import SearchBatch, extract_batch
 from instsearch.eval.searchers import Searcher, searcher_from_factory
 from instsearch.seeding import StepSeeding
 from instsearch.structures import Regions
@@ -224,7 +224,7 @@ class RegionSearchModule(pl.LightningModule):
         written = publish(self.trainer, self, self._evaluator.benchmark, result, prefix="test/",
                           grid_queries=self.retrieval.grid_queries, write_files=True)
         if self.trainer.is_global_zero:
-            from instsearch.eval.evaluate import format_metrics_table
+            from instsearch.eval.score_run import format_metrics_table
 
             print(format_metrics_table({"test": result.metrics}))
             for name in ("run", "metrics", "grid"):

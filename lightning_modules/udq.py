@@ -115,7 +115,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator
-from instsearch.eval.extract import SearchBatch
+from instsearch.eval.extraction import SearchBatch, iterate_batches, to_original_frame, to_served_frame
 from instsearch.lightning_modules.base import OptimizerConfig, RegionSearchModule
 from instsearch.losses.udq import UDQLoss, discriminability_loss, residual_scale, separability_from_logits
 from instsearch.distributed import all_gather_rows, broadcast_from_rank0
@@ -212,12 +212,6 @@ class ProposalBank:
 def label_dtype(nbits: int) -> torch.dtype:
     """The smallest integer type holding codes of ``nbits`` bits."""
     return torch.uint8 if nbits <= 8 else torch.int16
-
-
-def _scale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> Tensor:
-    """Boxes from an ``(h, w)`` frame to another."""
-    sy, sx = to_size[0] / from_size[0], to_size[1] / from_size[1]
-    return boxes * boxes.new_tensor([sx, sy, sx, sy])
 
 
 class UDQModule(RegionSearchModule):
@@ -631,13 +625,8 @@ class UDQModule(RegionSearchModule):
                 optimizer.state.pop(p, None)
 
     def _round_batches(self, dm, rank: int, world: int, desc: str):
-        from tqdm.auto import tqdm
-
-        loader = dm.round_dataloader(rank, world)
-        for n, (images, metas) in enumerate(tqdm(loader, desc=desc, disable=not (self.progress and rank == 0),
-                                                 leave=False)):
-            if self._pass_batches is not None and n >= self._pass_batches:
-                break
+        for images, metas in iterate_batches([dm.round_dataloader(rank, world)], progress=self.progress and rank == 0,
+                                             desc=desc, max_batches=self._pass_batches):
             pairs = [(im.to(self.device), m) for im, m in zip(images, metas) if im is not None]
             if pairs:
                 yield pairs
@@ -660,7 +649,7 @@ class UDQModule(RegionSearchModule):
             for (b, s, reps), (im, meta) in zip(out, pairs):
                 positions.append(position[meta.image_id])
                 counts.append(len(b))
-                boxes.append(_scale_boxes(b, tuple(im.shape[-2:]), meta.orig_size).float())
+                boxes.append(to_original_frame(b, meta, im).float())
                 scores.append(s.float())
                 if meta.image_id in for_pca or dev_batches:
                     samples.append(reps.float())
@@ -686,7 +675,7 @@ class UDQModule(RegionSearchModule):
 
     def _stored_boxes(self, pairs) -> list[Tensor]:
         """Each image's stored proposals in the pixels of the served ``(image, meta)``."""
-        return [_scale_boxes(self.bank.boxes_of(m.image_id), m.orig_size, tuple(im.shape[-2:])).to(im)
+        return [to_served_frame(self.bank.boxes_of(m.image_id), m, im).to(im)
                 for im, m in pairs]
 
     @torch.no_grad()
@@ -728,7 +717,7 @@ class UDQModule(RegionSearchModule):
     def _evaluate_baselines(self, codebook: OPQCodebook) -> None:
         """Off-the-shelf and Off-the-shelf-OPQ on the benchmark, from one extraction."""
         from instsearch.eval.callback import benchmark_of
-        from instsearch.eval.evaluator import evaluate
+        from instsearch.eval.evaluator import extract_and_score
 
         benchmark = benchmark_of(self.trainer)
         if benchmark is None or not benchmark.queries:
@@ -737,7 +726,7 @@ class UDQModule(RegionSearchModule):
         evaluator = self.make_evaluator(benchmark, quantized=False)
         loaders = self.trainer.datamodule.benchmark_dataloaders(rank=self.trainer.global_rank,
                                                                 world_size=self.trainer.world_size)
-        exact = evaluate(self, loaders, evaluator, step=self.search_step, progress=self.progress,
+        exact = extract_and_score(self, loaders, evaluator, step=self.search_step, progress=self.progress,
                          desc="UDQ baselines")
         if exact is None:  # not rank 0
             return

@@ -26,7 +26,7 @@ The variant this module computed before, kept as an option, is "VLAD with intra-
 The learnt parts -- the k-means vocabulary, the per-word LCS rotations and the final PCA -- are
 fitted together by :func:`fit_vocabulary` on region features of an independent image set and saved
 as one ``.npz`` file (:class:`VladVocabulary`); a vocabulary-only ``(k, D)`` ``.npy`` file
-(:func:`fit_codebook`) still loads. ``python -m instsearch.networks.vlad`` fits one on another
+(:func:`fit_codebook`) still loads. ``instsearch vlad-vocabulary`` fits one on another
 benchmark's database images.
 
 Everything is batched: the regions of every image are assigned and accumulated with one
@@ -304,7 +304,7 @@ class DASRVLAD(nn.Module):
         if use_lcs:
             if vocabulary.lcs is None:
                 raise ValueError(f"local_coordinate_system: no LCS rotations{where}; fit the file with "
-                                 "fit_vocabulary (python -m instsearch.networks.vlad --out FILE.npz)")
+                                 "fit_vocabulary (instsearch vlad-vocabulary --benchmark B.json --out FILE.npz)")
             if fitted.get("residual_normalisation", self.residual_normalisation) != self.residual_normalisation:
                 raise ValueError(f"the LCS rotations{where} were fitted with residual_normalisation="
                                  f"{fitted['residual_normalisation']}, not {self.residual_normalisation}")
@@ -314,7 +314,7 @@ class DASRVLAD(nn.Module):
         if use_pca:
             if vocabulary.pca_axes is None:
                 raise ValueError(f"pca_rotation: no PCA rotation{where}; fit the file with fit_vocabulary "
-                                 "(python -m instsearch.networks.vlad --out FILE.npz)")
+                                 "(instsearch vlad-vocabulary --benchmark B.json --out FILE.npz)")
             used = dict(residual_normalisation=self.residual_normalisation, local_coordinate_system=use_lcs,
                         power=self.power, intra=self.intra)
             differ = {name: (fitted[name], value) for name, value in used.items()
@@ -366,79 +366,3 @@ class DASRVLAD(nn.Module):
     def classify_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
         """VLAD predicts no category (``predicts_labels`` is ``False``)."""
         raise TypeError(f"{type(self).__name__} predicts no categories (predicts_labels is False)")
-
-
-def region_features_from_images(dasr: DASR, images: list[Tensor], batch_size: int = 8) -> tuple[Tensor, Tensor]:
-    """The DASR region features ``(N, D)`` of ``images`` and the index ``(N,)`` of their image."""
-    dasr.eval()
-    with torch.no_grad():
-        regions = [r for s in range(0, len(images), batch_size) for r in dasr.detect_regions(images[s:s + batch_size])]
-    features = torch.cat([r.features.cpu() for r in regions])
-    owner = torch.repeat_interleave(torch.arange(len(regions)), torch.tensor([len(r) for r in regions]))
-    return features, owner
-
-
-def codebook_from_images(dasr: DASR, images: list[Tensor], k: int = 4, seed: int = 0,
-                         batch_size: int = 8) -> np.ndarray:
-    """A vocabulary-only codebook fitted on the DASR region features of ``images`` (another set
-    than the one searched)."""
-    features, _ = region_features_from_images(dasr, images, batch_size)
-    return fit_codebook(features, k=k, seed=seed)
-
-
-def vocabulary_from_images(dasr: DASR, images: list[Tensor], k: int = 4, seed: int = 0, batch_size: int = 8,
-                           **options) -> VladVocabulary:
-    """:func:`fit_vocabulary` on the DASR region features of ``images`` (another set than the one
-    searched); ``options``: those of :func:`fit_vocabulary` (default: VLAD*)."""
-    features, owner = region_features_from_images(dasr, images, batch_size)
-    return fit_vocabulary(features, owner, len(images), k=k, seed=seed, **options)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m instsearch.networks.vlad --benchmark B.json --out vocabulary.npz``: fit a DASR
-    VLAD* vocabulary (k-means words, per-word LCS rotations, final PCA rotation) on the database
-    images of a benchmark (an independent one from the one searched). An ``--out`` ending in
-    ``.npy`` writes the k-means words only."""
-    import argparse
-
-    from instsearch.datamodules.image_io import load_rgb
-    from instsearch.datamodules.transforms import to_float_tensor
-    from instsearch.formats import Benchmark
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--benchmark", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True, help=".npz: the whole vocabulary; .npy: the words only")
-    p.add_argument("--backbone", default="resnet50")
-    p.add_argument("--weights", default=None)
-    p.add_argument("--star", action="store_true", help="DASR* regions")
-    p.add_argument("--long-side", type=int, default=512, help="DASR's image size (as the config searched)")
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--max-images", type=int, default=1000)
-    p.add_argument("--no-residual-normalisation", action="store_true")
-    p.add_argument("--no-local-coordinate-system", action="store_true")
-    p.add_argument("--no-pca-rotation", action="store_true")
-    p.add_argument("--power", type=float, default=0.5)
-    p.add_argument("--intra", action="store_true", help="intra-normalisation (for the PCA fitted here)")
-    a = p.parse_args(argv)
-    bench = Benchmark.load(a.benchmark)
-    images = [to_float_tensor(load_rgb(bench.image_path(i))) for i in bench.database[: a.max_images]]
-    dasr = DASR(a.backbone, weights=a.weights, star=a.star, long_side=a.long_side)
-    if a.out.suffix == ".npy":
-        codebook = codebook_from_images(dasr, images, k=a.k)
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(a.out, codebook)
-        print(f"codebook {codebook.shape} -> {a.out}")
-        return 0
-    vocabulary = vocabulary_from_images(
-        dasr, images, k=a.k, residual_normalisation=not a.no_residual_normalisation,
-        local_coordinate_system=not a.no_local_coordinate_system, power=a.power, intra=a.intra,
-        pca_rotation=not a.no_pca_rotation)
-    out = vocabulary.save(a.out)
-    pca = "none" if vocabulary.pca_axes is None else f"{vocabulary.pca_axes.shape[0]} axes"
-    print(f"vocabulary {vocabulary.codebook.shape}, LCS {'yes' if vocabulary.lcs is not None else 'no'}, "
-          f"PCA {pca} ({len(images)} images) -> {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -236,13 +236,13 @@ def global_net():
 
 def test_unjudged_queries_are_ranked_and_score_zero(tmp_path, global_net):
     from instsearch.datamodules.benchmark import BenchmarkDataModule
-    from instsearch.eval.evaluator import RetrievalEvaluator, evaluate
+    from instsearch.eval.evaluator import RetrievalEvaluator, extract_and_score
 
     root = make_folder(tmp_path / "photos")
     queries = text(tmp_path / "q.txt", "a/b c/2 x.PNG 1 2 20 25\nz.jpg 0 0 40 30\n")
     bench = load(convert("folder", root, tmp_path / "b.json", queries=queries))
     dm = BenchmarkDataModule(benchmark=str(bench.root / "b.json"), batch_size=4)
-    result = evaluate(global_net, dm.benchmark_dataloaders(), RetrievalEvaluator(bench), progress=False)
+    result = extract_and_score(global_net, dm.benchmark_dataloaders(), RetrievalEvaluator(bench), progress=False)
     assert set(result.run.rankings) == {"001", "002"}
     assert all({h.image for h in hits} == set(IMAGES) for hits in result.run.rankings.values())
     Run.from_dict(result.run.to_dict(), benchmark=bench)  # a valid run.json of this benchmark

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from instsearch.datamodules.benchmark import benchmark_dataloader
-from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, evaluate
+from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, extract_and_score
 from instsearch.cli import main
 from instsearch.formats import Benchmark, Run
 
@@ -37,7 +37,7 @@ def test_unknown_command_fails(capsys):
 
 def test_evaluation_of_a_region_model(small_benchmark, num_classes):
     bench = Benchmark.load(small_benchmark)
-    result = evaluate(small_net(num_classes), [benchmark_dataloader(bench, batch_size=8)],
+    result = extract_and_score(small_net(num_classes), [benchmark_dataloader(bench, batch_size=8)],
                       RetrievalEvaluator(bench), progress=False)
     assert METRIC_KEYS <= set(result.metrics)
     assert result.metrics["num_queries"] == 4

@@ -10,7 +10,7 @@ import torch
 
 from instsearch.datamodules.unlabelled import DatabaseImagesDataModule
 from instsearch.eval.callback import RetrievalEvaluation
-from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, evaluate
+from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, extract_and_score
 from instsearch.eval.search import RegionIndex, RegionStore
 from instsearch.lightning_modules.base import OptimizerConfig
 from instsearch.lightning_modules.udq import ProposalBank, UDQModule
@@ -252,7 +252,7 @@ def test_baselines_and_checkpoint_restores_codebooks_and_rankings(small_benchmar
     loaders = [DatabaseImagesDataModule(str(small_benchmark)).benchmark_dataloaders()[0]]
     runs = []
     for m in (module, restored):
-        result = evaluate(m, loaders, m.make_evaluator(bench), step=m.search_step, progress=False)
+        result = extract_and_score(m, loaders, m.make_evaluator(bench), step=m.search_step, progress=False)
         runs.append({q: [(h.image, h.score) for h in hits] for q, hits in result.run.rankings.items()})
     assert runs[0] == runs[1] and len(runs[0]) == 4
 
@@ -416,7 +416,7 @@ def test_shipped_config_fits_tests_and_writes_a_reloadable_index(small_benchmark
 
     from instsearch.cli import main
     from instsearch.datamodules.benchmark import benchmark_dataloader
-    from instsearch.eval.extract import extract_batch
+    from instsearch.eval.extraction import extract_batch
     from instsearch.formats import Benchmark, Run
     from config_runs import CONFIGS
 
@@ -481,7 +481,7 @@ def test_exact_search_ranks_by_l2_distance_as_eq_2(small_benchmark):
     """``search: exact`` scores a proposal by ``1/‖f_q − f_p‖`` (Eq. 2) and an image by its best
     proposal (Eq. 1); on features that are not unit-norm this differs from the inner product. The
     evaluator's ranking equals an independent numpy L2 ranking."""
-    from instsearch.eval.extract import QueryFeature, SearchBatch
+    from instsearch.eval.extraction import QueryFeature, SearchBatch
     from instsearch.formats import Benchmark
     from instsearch.structures import ImageMeta, Regions
 

@@ -257,7 +257,7 @@ def test_the_command_line_fits_a_vocabulary_the_holidays_config_searches_with(tm
     import yaml
 
     from config_runs import CONFIGS, run_shipped_config
-    from instsearch.networks.vlad import main
+    from instsearch.vlad_vocabulary import main
 
     shipped = yaml.safe_load((CONFIGS / "dasr_holidays.yaml").read_text())
     net = shipped["model"]["init_args"]["net"]["init_args"]

@@ -62,7 +62,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def _evaluate(tmp_path, db_features: np.ndarray, query_features: np.ndarray, **config):
     from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator
-    from instsearch.eval.extract import QueryFeature, SearchBatch
+    from instsearch.eval.extraction import QueryFeature, SearchBatch
     from instsearch.formats import Benchmark
     from instsearch.structures import ImageMeta, Regions
 
@@ -307,7 +307,7 @@ def test_whitening_command_fits_another_benchmarks_database_and_the_evaluator_lo
     from instsearch.cli import main
     from instsearch.datamodules.benchmark import benchmark_dataloader
     from instsearch.eval.evaluator import RetrievalConfig
-    from instsearch.eval.extract import extract_batch
+    from instsearch.eval.extraction import extract_batch
     from instsearch.networks.dasr import DASR
     from tests.config_runs import CONFIGS
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from instsearch.eval.evaluate import format_metrics_table, main
+from instsearch.eval.score_run import format_metrics_table, main
 
 METRIC_KEYS = {"mAP@10", "mAP@20", "mAP@50", "mAP@100", "mAP@all", "mIoU", "num_queries", "normalization", "protocol"}
 

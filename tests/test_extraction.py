@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator
-from instsearch.eval.extract import extract_batch
+from instsearch.eval.extraction import extract_batch
 from instsearch.formats import Benchmark
 from instsearch.structures import ImageMeta, RegionSearchModel, Regions
 
@@ -92,7 +92,7 @@ def test_evaluator_caps_regions_and_lists_each_bad_image_once(tmp_path):
     regions = Regions(boxes=torch.tensor([[0.0, 0, 5, 5], [20, 40, 60, 80]]), scores=torch.tensor([0.1, 0.9]),
                       features=torch.tensor([[0.0, 1.0], [1.0, 0.0]]), image_size=(100, 200))
     bad = ImageMeta("b", (10, 10), extra={"error": "truncated", "path": "b.jpg"})
-    from instsearch.eval.extract import QueryFeature, SearchBatch
+    from instsearch.eval.extraction import QueryFeature, SearchBatch
 
     ev.process(SearchBatch(database=[(ImageMeta("a", (100, 200)), regions)],
                            queries=[QueryFeature(ImageMeta("c", (100, 200), "q1", (20, 40, 60, 80)),
@@ -109,8 +109,8 @@ def test_recall_without_ground_truth_boxes_is_undefined_not_zero(tmp_path):
     import json
     import math
 
-    from instsearch.eval.evaluate import format_metrics_table
-    from instsearch.eval.extract import QueryFeature, SearchBatch
+    from instsearch.eval.score_run import format_metrics_table
+    from instsearch.eval.extraction import QueryFeature, SearchBatch
     from instsearch.eval.metrics import json_ready, loggable
 
     bench = Benchmark.from_dict({
@@ -137,3 +137,35 @@ def test_recall_without_ground_truth_boxes_is_undefined_not_zero(tmp_path):
     table = format_metrics_table({"test": m})
     header, row = table.splitlines()[0].split(), table.splitlines()[2].split()
     assert row[header.index("recall@IoU0.5")] == "n/a"
+
+
+def test_box_frames_map_between_original_and_served_pixels_by_hand():
+    """An original 200 x 100 (h x w) image served at 50 x 40: x scales by 0.4, y by 0.25."""
+    from instsearch.eval.extraction import to_original_frame, to_served_frame
+
+    meta = ImageMeta("a", (200, 100))
+    served = torch.zeros(3, 50, 40)
+    box = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
+    torch.testing.assert_close(to_served_frame(box, meta, served), torch.tensor([[4.0, 5.0, 12.0, 10.0]]))
+    torch.testing.assert_close(to_original_frame(torch.tensor([[4.0, 5.0, 12.0, 10.0]]), meta, served), box)
+
+
+def test_a_collection_keeps_the_best_regions_and_collapses_repeated_images():
+    """A padded sampler serves an image twice: it is kept once; regions_per_image keeps the
+    highest-scoring ones; the store concatenates in the order asked."""
+    from instsearch.eval.extraction import RegionCollection, SearchBatch
+
+    def regions(scores):
+        n = len(scores)
+        return Regions(boxes=torch.arange(4.0).repeat(n, 1), scores=torch.tensor(scores),
+                       features=torch.tensor(scores)[:, None].repeat(1, 2))
+
+    collection = RegionCollection(regions_per_image=2)
+    a, b = ImageMeta("a", (10, 10)), ImageMeta("b", (10, 10))
+    collection.add(SearchBatch(database=[(a, regions([0.1, 0.9, 0.5])), (b, regions([0.3]))]))
+    collection.add(SearchBatch(database=[(a, regions([0.1, 0.9, 0.5]))]))
+    assert sorted(collection.database) == ["a", "b"]
+    store = collection.store(["b", "a"])
+    assert store.image_ids == ["b", "a"]
+    assert store.scores.tolist() == pytest.approx([0.3, 0.9, 0.5])
+    assert store.image_index.tolist() == [0, 1, 1]
