@@ -10,10 +10,11 @@ import torch
 
 from instsearch.datamodules.unlabelled import DatabaseImagesDataModule
 from instsearch.eval.callback import RetrievalEvaluation
-from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, extract_and_score
+from instsearch.eval.evaluator import RetrievalConfig, extract_and_score
 from instsearch.eval.search import RegionIndex, RegionStore
 from instsearch.lightning_modules.base import OptimizerConfig
-from instsearch.lightning_modules.udq import ProposalBank, UDQModule
+from instsearch.lightning_modules.udq import UDQModule
+from instsearch.lightning_modules.udq_bank import ProposalBank
 from instsearch.eval.searchers import FaissSearcher
 from instsearch.networks.product_quantizer import OPQCodebook
 from instsearch.networks.udq import UDQNet, pca_projection
@@ -379,7 +380,7 @@ def test_rpn_phase_fit_changes_only_the_rpn(synthetic_root):
 
 
 def test_label_dtype_holds_9_bit_codes():
-    from instsearch.lightning_modules.udq import label_dtype
+    from instsearch.lightning_modules.udq_bank import label_dtype
 
     codebook = OPQCodebook.fit(np.random.default_rng(0).normal(size=(1200, 8)).astype(np.float32), 2, 9, seed=0)
     codes = codebook.encode(np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32))
