@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from instsearch.console import quiet_framework_noise
+from instsearch.dasr_figure import dasr_figure
 from instsearch.datamodules.benchmark import benchmark_dataloader
 from instsearch.datamodules.image_io import load_rgb
 from instsearch.datamodules.transforms import to_float_tensor
@@ -88,7 +89,7 @@ def main() -> None:
     torch.manual_seed(0)
     net = DASR(a.backbone, weights=weights, star=True, long_side=a.long_side).eval()
     image_id = a.figure_image or bench.database[0]
-    net.figure(to_float_tensor(load_rgb(bench.image_path(image_id)))).save(a.out / "dasr_regions.png")
+    dasr_figure(net, to_float_tensor(load_rgb(bench.image_path(image_id)))).save(a.out / "dasr_regions.png")
 
     result = {"ckpt": weights, "weights": "checkpoint" if weights else "random initialisation",
               "backbone": a.backbone, "long_side": a.long_side, "describe_layer": a.describe_layer, "threads": a.threads, "benchmark": bench.name,

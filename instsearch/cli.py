@@ -15,7 +15,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "whitening": ("instsearch.whitening_cli:main", "fit the PCA-whitening on another benchmark's database and save it (.npz)"),
     "demo": ("instsearch.demo:main", "synthetic benchmark -> untrained vs trained vs global GeM, end to end"),
     "vlad-vocabulary": ("instsearch.vlad_vocabulary:main", "fit DASR's VLAD* vocabulary (words, LCS, PCA) on another benchmark's database"),
-    "dasr-figure": ("instsearch.networks.dasr:figure_main", "DASR's picture of one image: mean activation, peak maps, ellipses"),
+    "dasr-figure": ("instsearch.dasr_figure:figure_main", "DASR's picture of one image: mean activation, peak maps, ellipses"),
     "claid-figure": ("instsearch.claid_figure:figure_main", "CLAID's picture of one image: the region hierarchy by depth, dummies, kept regions"),
 }
 LIGHTNING = {

@@ -64,8 +64,7 @@ from instsearch.networks.backbones import StagedBackbone, build_backbone
 from instsearch.networks.bisecting import (RegionNode, bisect_regions, build_hierarchy, output_nodes, regions_to_boxes,
                                            upsample_masks)
 from instsearch.networks.region_features import RoIFeaturePooler
-from instsearch.networks.region_search import require_eval_mode
-from instsearch.networks.transform import check_box_lists, check_images
+from instsearch.networks.contract import ClassAgnostic, check_box_lists, check_images, require_eval_mode
 from instsearch.structures import Regions
 
 __all__ = ["CLAID", "bisect_regions", "build_hierarchy", "regions_to_boxes", "upsample_masks", "RegionNode",
@@ -130,7 +129,7 @@ def rank_nodes(nodes: Sequence[RegionNode]) -> list[RegionNode]:
     return sorted(nodes, key=key)
 
 
-class CLAID(nn.Module):
+class CLAID(ClassAgnostic, nn.Module):
     """CLAID regions and features as a :class:`~instsearch.structures.RegionSearchModel`.
 
     Args:
@@ -163,8 +162,6 @@ class CLAID(nn.Module):
         whole_image_fallback: an image with no region keeps its whole frame as one region.
         return_masks: attach the upsampled region masks to the returned regions.
     """
-
-    predicts_labels = False
 
     def __init__(self, patch_backbone: BackboneArg = "vit_base_patch8_224.dino", patch_layer: Optional[str] = None,
                  patch_weights: Union[str, Path, None] = None, patch_backbone_options: Optional[dict[str, Any]] = None,
@@ -331,11 +328,6 @@ class CLAID(nn.Module):
         check_images(images)
         boxes = check_box_lists(images, boxes)
         return list(self._describe(images, boxes).split([len(b) for b in boxes]))
-
-    def classify_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
-        """CLAID is class-agnostic (``predicts_labels`` is ``False``): category pruning does not apply."""
-        raise TypeError(f"{type(self).__name__} is class-agnostic: it predicts no categories (predicts_labels is False)")
-
 
 def _backbone(backbone: BackboneArg, weights: Union[str, Path, None], options: Optional[dict[str, Any]],
               role: str) -> StagedBackbone:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from instsearch.networks.backbones import STAGES, build_backbone
-from instsearch.networks.transform import resized_crops
+from instsearch.networks.crops import resized_crops
 
 __all__ = ["CropFC7"]
 
@@ -27,7 +27,7 @@ __all__ = ["CropFC7"]
 class CropFC7(nn.Module):
     """Post-ReLU FC7 (4096-D, l2-normalised) of ImageNet VGG-16 on 224 x 224 box crops.
 
-    All crops of a call are resized together (:func:`~instsearch.networks.transform.resized_crops`)
+    All crops of a call are resized together (:func:`~instsearch.networks.crops.resized_crops`)
     and run through the network ``batch_size`` at a time (a bound on activation memory).
 
     The network is fixed (never trained) and comes from its own file, so it stays out of the

@@ -70,13 +70,13 @@ from torch import Tensor, nn
 from torchvision.ops import nms
 
 from instsearch.networks.backbones import StagedBackbone, build_backbone
+from instsearch.networks.contract import (ClassAgnostic, check_box_lists, check_images, require_eval_mode,
+                                          whole_frame_box)
 from instsearch.networks.excitation_backprop import (Z_EPS, MeanChannels, ReversePass, bytes_per_peak,
                                                       peak_gradients)
 from instsearch.networks.region_features import RoIFeaturePooler
-from instsearch.networks.region_search import require_eval_mode
-from instsearch.networks.transform import check_box_lists, check_images
 from instsearch.networks.vgg import VGG16Backbone
-from instsearch.structures import Regions
+from instsearch.structures import Regions, scale_boxes
 
 __all__ = ["DASR", "MeanActivation", "DASRDetection", "peak_response_maps", "resolve_strategy", "chunk_for_budget",
            "local_maxima", "above_mean_positions", "threshold_maps", "pixel_moments", "ellipse_boxes",
@@ -343,7 +343,7 @@ class DASRDetection:
 
 
 # ---------------------------------------------------------------------- the network
-class DASR(nn.Module):
+class DASR(ClassAgnostic, nn.Module):
     """DASR / DASR* regions and features as a :class:`~instsearch.structures.RegionSearchModel`.
 
     Args:
@@ -369,8 +369,6 @@ class DASR(nn.Module):
             (:func:`peak_response_maps`; ``backprop_dtype`` ``"float32"`` or ``"bfloat16"``).
         whole_image_fallback: an image without regions keeps its whole frame (score 0).
     """
-
-    predicts_labels = False
 
     def __init__(self, backbone: Union[str, StagedBackbone] = "resnet50", weights: Union[str, Path, None] = None,
                  star: bool = False, long_side: int = 512, activation_layer: Optional[str] = None,
@@ -504,7 +502,7 @@ class DASR(nn.Module):
             fmap = det.describe_map if det.describe_map is not None else self._describe_map(self.network_input(image))
             boxes, scores = det.boxes[det.kept], det.values[det.kept].float()
             if len(boxes) == 0 and self.whole_image_fallback:
-                boxes = torch.tensor([[0.0, 0.0, det.size[1], det.size[0]]], device=image.device)
+                boxes = whole_frame_box(det.size[0], det.size[1], det.boxes)
                 scores = torch.zeros(1, device=image.device)
             features = self._pool(fmap, boxes.to(fmap), det.size)
             regions = Regions(boxes=boxes.to(image.device), scores=scores.to(image.device),
@@ -527,57 +525,7 @@ class DASR(nn.Module):
         for image, b in zip(images, check_box_lists(images, boxes)):
             x = self.network_input(image)
             size = (int(x.shape[-2]), int(x.shape[-1]))
-            scale = b.new_tensor([size[1] / image.shape[-1], size[0] / image.shape[-2]] * 2)
             fmap = self._describe_map(x)
-            out.append(self._pool(fmap, (b * scale).to(fmap), size).to(image.device))
+            boxes = scale_boxes(b, (int(image.shape[-2]), int(image.shape[-1])), size)
+            out.append(self._pool(fmap, boxes.to(fmap), size).to(image.device))
         return out
-
-    def figure(self, image: Tensor, max_maps: int = 7, panel: int = 192):
-        """The paper's Fig. 3 for one ``(3, H, W)`` image as a PIL image: ``X̄`` with its peaks, the
-        kept regions' peak response maps with their ellipses, and every ellipse and box."""
-        from PIL import Image
-
-        from instsearch.eval.visualize import salient_region_figure
-
-        with torch.no_grad():
-            det = self.explain(image, keep_maps=True)
-            shown = F.interpolate(image[None].float(), size=det.size, mode="bilinear", align_corners=False,
-                                  antialias=True)[0]
-        rgb = Image.fromarray((shown.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
-        k = det.kept
-        return salient_region_figure(rgb, det.xbar, det.maps[k], det.centres[k], det.covs[k], det.boxes[k],
-                                     peaks=det.peaks[k], ellipse_scale=self.ellipse_scale, max_maps=max_maps,
-                                     panel=panel)
-
-    def classify_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
-        """DASR is class-agnostic (``predicts_labels`` is ``False``): category pruning does not apply."""
-        raise TypeError(f"{type(self).__name__} is class-agnostic: it predicts no categories (predicts_labels is False)")
-
-
-def figure_main(argv: Optional[list[str]] = None) -> int:
-    """``instsearch dasr-figure IMAGE --out fig.png``: X̄, the peak response maps and the fitted
-    ellipses / boxes of one image (the DASR paper's Fig. 3)."""
-    import argparse
-
-    from instsearch.datamodules.image_io import BadImageError, load_rgb
-    from instsearch.datamodules.transforms import to_float_tensor
-
-    p = argparse.ArgumentParser(prog="instsearch dasr-figure", description=figure_main.__doc__)
-    p.add_argument("image", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="PNG to write")
-    p.add_argument("--backbone", default="resnet50")
-    p.add_argument("--weights", default=None, help="ImageNet state dict or an instsearch checkpoint")
-    p.add_argument("--star", action="store_true", help="DASR* instead of DASR")
-    p.add_argument("--long-side", type=int, default=512)
-    p.add_argument("--max-maps", type=int, default=7)
-    a = p.parse_args(argv)
-    try:
-        image = load_rgb(a.image)
-    except BadImageError as err:
-        p.error(str(err))  # the file and what is wrong with it, no traceback
-    net = DASR(a.backbone, weights=a.weights, star=a.star, long_side=a.long_side).eval()
-    fig = net.figure(to_float_tensor(image), max_maps=a.max_maps)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.save(a.out)
-    print(f"wrote {a.out}")
-    return 0

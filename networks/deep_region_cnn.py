@@ -57,8 +57,8 @@ from instsearch.networks.backbones import IMAGENET_MEAN, IMAGENET_STD, StagedBac
 from instsearch.networks.crop_features import CropFC7
 from instsearch.networks.faster_rcnn import build_faster_rcnn
 from instsearch.networks.region_features import RoIFeaturePooler, fuse_top_regions, l2_concat
-from instsearch.networks.region_search import require_eval_mode
-from instsearch.networks.transform import check_box_lists, check_boxes, check_images, crop_boxes
+from instsearch.networks.contract import check_box_lists, check_boxes, check_images, require_eval_mode, whole_frame_box
+from instsearch.networks.crops import crop_boxes
 from instsearch.networks.weights import load_weights
 from instsearch.structures import Regions
 
@@ -332,7 +332,7 @@ class DeepRegionCNN(nn.Module):
             order = torch.argsort(det["scores"], descending=True)[: self.top_k]
             b, s, l = det["boxes"][order], det["scores"][order], det["labels"][order]
             if len(b) == 0:  # nothing detected at all: keep the image searchable by its whole frame
-                b = b.new_tensor([[0.0, 0.0, float(w), float(h)]])
+                b = whole_frame_box(h, w, b)
                 s, l = s.new_zeros(1), l.new_zeros(1)
             boxes_net.append(b)
             scores.append(s)

@@ -17,7 +17,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from instsearch.networks.backbones import IMAGENET_MEAN, IMAGENET_STD
 from instsearch.networks.staged import StagedBackbone
-from instsearch.networks.transform import DetectionTransform
+from instsearch.networks.detection_transform import DetectionTransform
 
 __all__ = ["build_faster_rcnn"]
 

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from instsearch.networks.backbones import StagedBackbone, build_backbone
 from instsearch.networks.global_descriptors import build_global_pooling, valid_mask
-from instsearch.networks.region_search import require_eval_mode
-from instsearch.networks.transform import DetectionTransform, check_box_lists, check_images, crop_boxes
+from instsearch.networks.contract import ClassAgnostic, check_box_lists, check_images, require_eval_mode
+from instsearch.networks.crops import crop_boxes
+from instsearch.networks.detection_transform import DetectionTransform
 from instsearch.structures import Regions
 
 __all__ = ["GlobalDescriptorModel"]
@@ -26,7 +27,7 @@ __all__ = ["GlobalDescriptorModel"]
 PoolingName = Literal["gem", "mac", "spoc", "rmac"]
 
 
-class GlobalDescriptorModel(nn.Module):
+class GlobalDescriptorModel(ClassAgnostic, nn.Module):
     """A global descriptor (``pooling`` over ``layer`` of ``backbone``) as a search network.
 
     Args:
@@ -38,14 +39,12 @@ class GlobalDescriptorModel(nn.Module):
         pooling: ``"gem"``, ``"mac"``, ``"spoc"`` or ``"rmac"``.
         p: the GeM exponent (3, Radenovic et al.).
         weights: weights file of a backbone given by name.
-        min_size / max_size / max_upscale: image resizing (:class:`~instsearch.networks.transform.DetectionTransform`):
+        min_size / max_size / max_upscale: image resizing (:class:`~instsearch.networks.detection_transform.DetectionTransform`):
             short side to ``min_size``, long side at most ``max_size``; the default 1024 / 1024
             resizes the long side to 1024 px, the usual retrieval setting.
         image_mean / image_std: input normalisation; ``None`` = what the backbone's weights expect.
         crop_batch_size: query crops encoded per backbone batch (bounds memory).
     """
-
-    predicts_labels = False
 
     def __init__(self, backbone: Union[str, StagedBackbone] = "resnet50", layer: Optional[str] = None,
                  pooling: PoolingName = "gem", p: float = 3.0, weights: Union[str, Path, None] = None,
@@ -115,8 +114,3 @@ class GlobalDescriptorModel(nn.Module):
                for s in range(0, len(crops), self.crop_batch_size)]
         features = torch.cat(out) if out else images[0].new_zeros(0, self.feature_dim)
         return list(features.split([len(b) for b in boxes]))
-
-    def classify_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
-        """A global descriptor predicts no category (``predicts_labels`` is ``False``): category
-        pruning does not apply to it."""
-        raise TypeError(f"{type(self).__name__} predicts no categories (predicts_labels is False)")

@@ -38,8 +38,7 @@ from torchvision.ops import clip_boxes_to_image
 
 from instsearch.networks.backbones import IMAGENET_MEAN, IMAGENET_STD, StagedBackbone, build_backbone
 from instsearch.networks.faster_rcnn import build_faster_rcnn
-from instsearch.networks.region_search import require_eval_mode
-from instsearch.networks.transform import check_box_lists, check_images
+from instsearch.networks.contract import ClassAgnostic, check_box_lists, check_images, require_eval_mode, whole_frame_box
 from instsearch.networks.weights import load_weights
 from instsearch.structures import Regions
 
@@ -75,7 +74,7 @@ def pca_projection(samples: Tensor, dim: int, return_mean: bool = False):
     return axes.float(), (-(axes @ mean)).float()
 
 
-class UDQNet(nn.Module):
+class UDQNet(ClassAgnostic, nn.Module):
     """Faster R-CNN proposals and the FC_S feature of UDQ; implements
     :class:`instsearch.structures.RegionSearchModel`.
 
@@ -103,8 +102,6 @@ class UDQNet(nn.Module):
             "### UDQ"). Distances stay L2, as the paper's search.
         image_mean / image_std: input normalisation.
     """
-
-    predicts_labels = False
 
     def __init__(
         self,
@@ -306,8 +303,7 @@ class UDQNet(nn.Module):
         out = []
         for (boxes, scores, reps), img in zip(self.proposals_with_representations(images), images):
             if len(boxes) == 0:  # degenerate image: keep it searchable by its whole frame
-                h, w = img.shape[-2:]
-                boxes = boxes.new_tensor([[0.0, 0.0, float(w), float(h)]])
+                boxes = whole_frame_box(int(img.shape[-2]), int(img.shape[-1]), boxes)
                 scores = scores.new_zeros(1)
                 reps = self.box_features([img], [boxes], representation=True)
             out.append(Regions(boxes=boxes.float(), scores=scores.float(), features=self.embed(reps).float(),

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from instsearch.networks.dasr import DASR
-from instsearch.networks.region_search import require_eval_mode
-from instsearch.networks.transform import check_box_lists, check_images, crop_boxes
+from instsearch.networks.contract import ClassAgnostic, check_box_lists, check_images, require_eval_mode
+from instsearch.networks.crops import crop_boxes
 from instsearch.structures import Regions
 
 __all__ = ["VLAD_STAR", "VLAD_INTRA_NORMALISATION", "VladVocabulary", "fit_codebook", "fit_vocabulary",
@@ -262,7 +262,7 @@ def fit_vocabulary(features: ArrayLike, image_index: ArrayLike, num_images: Opti
     return vocabulary
 
 
-class DASRVLAD(nn.Module):
+class DASRVLAD(ClassAgnostic, nn.Module):
     """The image-level DASR descriptor as a :class:`~instsearch.structures.RegionSearchModel`: each
     image is one whole-frame region described by the VLAD of its DASR (or DASR*) region features;
     a query box is described by the VLAD of the regions found in its crop.
@@ -280,8 +280,6 @@ class DASRVLAD(nn.Module):
     ``VLAD_INTRA_NORMALISATION`` is ``residual_normalisation=False, local_coordinate_system=False,
     intra=True, pca_rotation=False``.
     """
-
-    predicts_labels = False
 
     def __init__(self, dasr: DASR, codebook: Union[str, Path, np.ndarray, Tensor, VladVocabulary],
                  power: float = 0.5, intra: bool = False, residual_normalisation: bool = True,
@@ -362,7 +360,3 @@ class DASRVLAD(nn.Module):
         crops = crop_boxes(images, boxes)
         features = self.encode(crops) if crops else self.codebook.new_zeros(0, self.feature_dim)
         return list(features.split([len(b) for b in boxes]))
-
-    def classify_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
-        """VLAD predicts no category (``predicts_labels`` is ``False``)."""
-        raise TypeError(f"{type(self).__name__} predicts no categories (predicts_labels is False)")

@@ -15,7 +15,7 @@ from torchvision.models import vgg16
 from smooth_images import smooth_image
 
 from instsearch.networks.deep_region_cnn import DeepRegionCNN
-from instsearch.networks.transform import resized_crops
+from instsearch.networks.crops import resized_crops
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)

@@ -347,16 +347,18 @@ def test_an_image_without_peaks_keeps_its_whole_frame_only_with_the_fallback():
 
 
 def test_figure_has_one_panel_per_shown_map():
+    from instsearch.dasr_figure import dasr_figure
+
     net = small_dasr(star=True, nms_iou=None)
     det = net.explain(planted_image())
     assert len(det.kept) == 2
     for max_maps, panels in ((1, 3), (5, 4)):  # X̄, all regions, then one panel per map shown
-        figure = net.figure(planted_image(), max_maps=max_maps, panel=64)
+        figure = dasr_figure(net, planted_image(), max_maps=max_maps, panel=64)
         assert figure.size == (panels * (64 + 4) + 4, round(det.size[0] * 64 / det.size[1]) + 14 + 4)
 
 
 def test_figure_command_names_an_unreadable_image_without_a_traceback(tmp_path, capsys):
-    from instsearch.networks.dasr import figure_main
+    from instsearch.dasr_figure import figure_main
 
     broken = tmp_path / "broken.jpg"
     broken.write_text("not an image")

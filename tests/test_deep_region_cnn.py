@@ -16,7 +16,7 @@ from smooth_images import smooth_image
 from instsearch.structures import RegionSearchModel, Regions
 from instsearch.networks.deep_region_cnn import DeepRegionCNN
 from instsearch.networks.global_model import GlobalDescriptorModel
-from instsearch.networks.transform import DetectionTransform
+from instsearch.networks.detection_transform import DetectionTransform
 from instsearch.networks.weights import reset_random_init_warnings
 
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}

@@ -13,7 +13,7 @@ module                 what it holds
 =====================  =============================================================================
 
 The search interface both detectors share is
-:class:`~instsearch.networks.region_search.RegionSearchMixin`.
+:class:`~instsearch.networks.detector_search.DetectorSearchMixin`.
 """
 from instsearch.networks.fcis.heads import FCISHeadOutput, FCISRPNHead, PositionSensitiveHead, fcis_scores
 from instsearch.networks.fcis.mask_rcnn import MaskRCNNSearch, build_mask_rcnn

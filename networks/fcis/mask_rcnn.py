@@ -17,7 +17,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from instsearch.networks.backbones import StagedBackbone, build_backbone
 from instsearch.networks.region_features import RoIFeaturePooler
-from instsearch.networks.region_search import RegionSearchMixin
+from instsearch.networks.detector_search import DetectorSearchMixin
 
 __all__ = ["MaskRCNNSearch", "SingleLevelBackbone", "build_mask_rcnn"]
 
@@ -35,7 +35,7 @@ class SingleLevelBackbone(nn.Module):
         return OrderedDict([("0", self.body.forward_stages(x)[self.level])])
 
 
-class MaskRCNNSearch(RegionSearchMixin, nn.Module):
+class MaskRCNNSearch(DetectorSearchMixin, nn.Module):
     """torchvision's Mask R-CNN on a single-level (conv4 or dilated conv5) ResNet/ResNeXt, with the
     same instance-search interface as :class:`~instsearch.networks.fcis.FCIS` (for comparing the
     detectors under one feature).

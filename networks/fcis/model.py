@@ -9,7 +9,7 @@ class-wise NMS survivors with voted masks (:mod:`.inference`).
 The instance-search paper adds a second path: every detected instance is described by RoI
 max-pooling of conv3 and conv4 (l2 each, concatenated, l2: 512 + 1024 = 1536-D), with its predicted
 category used to prune the search. :class:`FCIS` implements
-:class:`~instsearch.structures.RegionSearchModel` (:class:`~instsearch.networks.region_search.RegionSearchMixin`)
+:class:`~instsearch.structures.RegionSearchModel` (:class:`~instsearch.networks.detector_search.DetectorSearchMixin`)
 so one backbone pass serves detection and description.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from instsearch.networks.fcis.heads import FCISHeadOutput, FCISRPNHead, Position
 from instsearch.networks.fcis.inference import clip_boxes_per_roi, postprocess_candidates
 from instsearch.networks.fcis.roi_sampling import FCISRoISampler, RoISampling, TrainingRoIs
 from instsearch.networks.region_features import RoIFeaturePooler, boxes_to_rois
-from instsearch.networks.region_search import RegionSearchMixin
+from instsearch.networks.detector_search import DetectorSearchMixin
 from instsearch.networks.resnet import ResNetBackbone
 
 __all__ = ["FCIS", "VARIANTS", "build_fcis"]
@@ -47,7 +47,7 @@ VARIANTS: dict[str, tuple[str, bool]] = {
 }
 
 
-class FCIS(RegionSearchMixin, nn.Module):
+class FCIS(DetectorSearchMixin, nn.Module):
     """Fully convolutional instance-aware semantic segmentation, with instance features.
 
     ``forward(images, targets=None)`` works like torchvision's detectors: ``images`` a list of

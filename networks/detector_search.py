@@ -1,7 +1,7 @@
 """The instance-search side shared by detectors that segment: detected instances become searchable
 regions, given boxes get the same feature and a predicted category.
 
-:class:`RegionSearchMixin` implements :class:`~instsearch.structures.RegionSearchModel` on top of
+:class:`DetectorSearchMixin` implements :class:`~instsearch.structures.RegionSearchModel` on top of
 three detector hooks, so FCIS and the Mask R-CNN comparison network (and any other detector that
 can expose them) serve search the same way from one backbone pass per batch.
 """
@@ -10,23 +10,16 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
+from instsearch.networks.contract import require_eval_mode
 from instsearch.networks.region_features import RoIFeaturePooler
 from instsearch.structures import Regions
 
-__all__ = ["RegionSearchMixin", "require_eval_mode", "select_regions"]
-
-
-def require_eval_mode(module: nn.Module, method: str) -> None:
-    """Refuse to run a search method in training mode: the caller switches modes, never the network
-    (in training mode an RPN samples training targets and batch norms use batch statistics)."""
-    if module.training:
-        raise RuntimeError(f"{type(module).__name__}.{method} needs eval mode (in train mode the RPN and box "
-                           f"head sample training targets and batch norms use batch statistics); call .eval() first")
+__all__ = ["DetectorSearchMixin", "select_regions"]
 
 
 def select_regions(det: dict[str, Tensor], score_thresh: float, min_regions: int) -> dict[str, Tensor]:
@@ -38,7 +31,7 @@ def select_regions(det: dict[str, Tensor], score_thresh: float, min_regions: int
     return {k: v[keep] for k, v in det.items()}
 
 
-class RegionSearchMixin:
+class DetectorSearchMixin:
     """The instance-search interface on top of a detector (an ``nn.Module``).
 
     The detector provides
@@ -54,6 +47,7 @@ class RegionSearchMixin:
     """
 
     predicts_labels = True
+    predicts_masks = True  # validation scores mask AP too (DetectorModule)
     training: bool
     pooler: RoIFeaturePooler
     pool_in_mask: bool
