@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from instsearch.datamodules.converters.common import measure_images
-from instsearch.datamodules.detection_dataset import DetectionTarget, InstanceDataset
+from instsearch.datamodules.instance_dataset import DetectionTarget, InstanceDataset
 from instsearch.datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport
 from instsearch.formats import parse_box
 

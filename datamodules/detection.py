@@ -20,8 +20,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from instsearch.checkpointing import ResumesTrainingPosition
 from instsearch.datamodules.benchmark import ServesBenchmark
-from instsearch.datamodules.coco_instances import CocoInstances
-from instsearch.datamodules.detection_dataset import InstanceDataset, detection_collate
+from instsearch.datamodules.coco_format import CocoInstances
+from instsearch.datamodules.instance_dataset import InstanceDataset, detection_collate
 from instsearch.datamodules.image_io import BadImageReport
 from instsearch.datamodules.samplers import (GroupedBatchSampler, TrainingBatchSampler, aspect_ratio_groups,
                                              training_sampler)
@@ -36,7 +36,7 @@ class DetectionDataModule(ServesBenchmark, ResumesTrainingPosition, pl.Lightning
     * training: multi-scale shortest-edge resize (``train_short_sides``, long side ≤ ``max_size``)
       and horizontal flips; images without a non-crowd target skipped; crowd regions left out;
     * validation: one scale (``test_short_side``), every image, crowd regions kept and flagged;
-    * batches are lists (:func:`~instsearch.datamodules.detection_dataset.detection_collate`); with
+    * batches are lists (:func:`~instsearch.datamodules.instance_dataset.detection_collate`); with
       ``group_by_aspect_ratio`` a :class:`~instsearch.datamodules.samplers.GroupedBatchSampler` puts
       images of similar shape together so the detector's padding to the largest image in the batch
       wastes little;

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from instsearch.datamodules.detection import DetectionDataModule
-from instsearch.datamodules.detection_dataset import InstanceDataset
+from instsearch.datamodules.instance_dataset import InstanceDataset
 
 __all__ = ["SyntheticDataModule"]
 

@@ -1,7 +1,7 @@
 """PASCAL VOC training data: VOC 2007 boxes and VOC 2012 + SBD instance masks.
 
 Both datasets serve the item every instance dataset serves (a
-:class:`~instsearch.datamodules.detection_dataset.DetectionTarget`, labels ``1..20`` in the official
+:class:`~instsearch.datamodules.instance_dataset.DetectionTarget`, labels ``1..20`` in the official
 class order, 0 = background), and both DataModules are
 :class:`~instsearch.datamodules.detection.DetectionDataModule` s that only change where the items come
 from, so batching, multi-scale resizing, DDP sampling and bad-image handling are shared.
@@ -38,7 +38,7 @@ from torch import Tensor
 from torchvision.ops import masks_to_boxes
 
 from instsearch.datamodules.detection import DetectionDataModule, require_path
-from instsearch.datamodules.detection_dataset import DetectionTarget, InstanceDataset
+from instsearch.datamodules.instance_dataset import DetectionTarget, InstanceDataset
 from instsearch.datamodules.image_io import MAX_PIXELS, BadImageError, BadImageReport, image_size
 from instsearch.formats import FormatError
 

@@ -11,7 +11,7 @@ from torch.utils.data import DistributedSampler
 
 from coco_files import make_coco
 from instsearch.datamodules.detection import DetectionDataModule
-from instsearch.datamodules.detection_dataset import detection_collate
+from instsearch.datamodules.instance_dataset import detection_collate
 from instsearch.datamodules.samplers import GroupedBatchSampler
 
 

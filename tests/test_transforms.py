@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from coco_files import make_coco
-from instsearch.datamodules.coco_instances import CocoInstances
+from instsearch.datamodules.coco_format import CocoInstances
 from instsearch.datamodules.transforms import (Compose, RandomHorizontalFlip, RandomResize, Resize, ToTensor, hflip_sample,
                                                resize_sample, shortest_edge_size)
 

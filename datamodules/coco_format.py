@@ -35,7 +35,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 
-from instsearch.datamodules.detection_dataset import DetectionTarget, InstanceDataset
+from instsearch.datamodules.instance_dataset import DetectionTarget, InstanceDataset
 from instsearch.datamodules.image_io import MAX_PIXELS, BadImageReport
 from instsearch.formats import FormatError
 
@@ -96,7 +96,7 @@ def _numeric_column(entries: list[dict], key: str, where: str, default: Any = No
 class CocoInstances(InstanceDataset):
     """A COCO-format instances file as a detection / instance segmentation dataset.
 
-    Item: ``(image, target)`` with a :class:`~instsearch.datamodules.detection_dataset.DetectionTarget`:
+    Item: ``(image, target)`` with a :class:`~instsearch.datamodules.instance_dataset.DetectionTarget`:
     ``masks`` when ``masks=True``, ``area`` the file's (scaled with any resize), ``image_id`` the
     file's image id, ``instance_ids`` the annotations' ``instance_id`` (-1 without).
 

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from coco_files import make_coco, rect_mask
-from instsearch.datamodules.coco_instances import CocoInstances
-from instsearch.datamodules.detection_dataset import DetectionTarget
+from instsearch.datamodules.coco_format import CocoInstances
+from instsearch.datamodules.instance_dataset import DetectionTarget
 from instsearch.datamodules.image_io import BadImageReport
 from instsearch.formats import FormatError
 
