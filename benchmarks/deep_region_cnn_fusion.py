@@ -29,7 +29,7 @@ from torch import Tensor
 from instsearch.datamodules.benchmark import benchmark_dataloader
 from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, extract_and_score
 from instsearch.formats import Benchmark
-from instsearch.lightning_modules.deep_region_cnn import DeepRegionCNNModule
+from instsearch.lightning_modules.detector import DetectorModule
 from instsearch.networks.deep_region_cnn import DeepRegionCNN
 
 FUSIONS = ("none", "concat", "mean", "max")
@@ -63,7 +63,7 @@ def load_net(ckpt: Path, config: Path, region_feature: str, crop_weights: Option
     options = {k: v for k, v in options.items() if k in known}
     options.update(region_feature=region_feature, crop_weights=crop_weights)
     torch.manual_seed(0)  # the crop-FC7 VGG-16 is randomly initialised without --crop-weights
-    module = DeepRegionCNNModule.load_from_checkpoint(ckpt, net=DeepRegionCNN(**options), map_location="cpu")
+    module = DetectorModule.load_from_checkpoint(ckpt, net=DeepRegionCNN(**options), map_location="cpu")
     net = module.net.eval()
     if net.crop_fc7 is not None:
         net.crop_fc7.describe = MemoisedDescribe(net.crop_fc7.describe)

@@ -37,7 +37,7 @@ from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, extra
 from instsearch.eval.search import RegionIndex, RegionStore
 from instsearch.formats import Benchmark
 from instsearch.lightning_modules.base import OptimizerConfig
-from instsearch.lightning_modules.fcis import FCISModule
+from instsearch.lightning_modules.detector import DetectorModule
 from instsearch.networks.fcis import FCIS, VARIANTS
 from instsearch.networks.global_model import GlobalDescriptorModel
 from instsearch.networks.region_features import RoIFeaturePooler
@@ -45,7 +45,7 @@ from instsearch.networks.region_features import RoIFeaturePooler
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def validate(module: FCISModule, dm: SyntheticDataModule, accelerator: str, precision: str) -> dict[str, float]:
+def validate(module: DetectorModule, dm: SyntheticDataModule, accelerator: str, precision: str) -> dict[str, float]:
     trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[RetrievalEvaluation(progress=False)])
@@ -117,7 +117,7 @@ def main() -> None:
     optim["milestones"] = sorted({max(1, round(m * scale)) for m in optim.get("milestones", [])})
     if a.lr is not None:
         optim["lr"] = a.lr
-    module = FCISModule(FCIS(**net_args), optim=OptimizerConfig(**optim),
+    module = DetectorModule(FCIS(**net_args), optim=OptimizerConfig(**optim),
                         retrieval=RetrievalConfig(grid_queries=0))
     tag = ("X" if arch.startswith("resnext") else "") + ("D" if deformable else "")
     name = f"FCIS{'+' + tag if tag else ''} on {arch}"

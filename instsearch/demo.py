@@ -28,7 +28,7 @@ def build_args(out: Path, data: Path, accelerator: str, epochs: int, seed: int, 
         loggers.append({"class_path": "instsearch.loggers.WandbLogger", "init_args": {"save_dir": str(out)}})
     return [
         f"--seed_everything={seed}",
-        "--model=instsearch.lightning_modules.deep_region_cnn.DeepRegionCNNModule",
+        "--model=instsearch.lightning_modules.detector.DetectorModule",
         "--model.net=instsearch.networks.deep_region_cnn.DeepRegionCNN",
         "--model.net.backbone=small",
         f"--model.net.num_classes={num_classes}",

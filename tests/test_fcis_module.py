@@ -1,4 +1,4 @@
-"""FCISModule: a short fit on the synthetic set, mask / box AP logging, the configs."""
+"""DetectorModule: a short fit on the synthetic set, mask / box AP logging, the configs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from instsearch.lightning_modules.base import COCO_IOU_THRESHOLDS, ap_at_threshold
-from instsearch.lightning_modules.fcis import FCISModule
+from instsearch.lightning_modules.detector import DetectorModule
 from instsearch.networks.fcis import FCIS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -26,7 +26,7 @@ def test_fit_logs_losses_and_mask_ap(tmp_path, synthetic_root, num_classes):
     from instsearch.datamodules.synthetic import SyntheticDataModule
 
     pl.seed_everything(0)
-    model = FCISModule(_tiny_fcis(num_classes))
+    model = DetectorModule(_tiny_fcis(num_classes))
     before = {k: v.clone() for k, v in model.net.head.state_dict().items()}
     dm = SyntheticDataModule(root=synthetic_root, batch_size=2, num_workers=0)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
@@ -59,7 +59,7 @@ def test_fit_logs_losses_and_mask_ap(tmp_path, synthetic_root, num_classes):
 def test_fit_refuses_a_class_count_mismatch(tmp_path, synthetic_root, num_classes):
     from instsearch.datamodules.synthetic import SyntheticDataModule
 
-    model = FCISModule(_tiny_fcis(num_classes + 1))
+    model = DetectorModule(_tiny_fcis(num_classes + 1))
     dm = SyntheticDataModule(root=synthetic_root, batch_size=2, num_workers=0)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, accelerator="cpu", devices=1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
@@ -103,7 +103,7 @@ def test_synthetic_configs_parse(variant, arch, deformable, tmp_path):
     cli = lightning_cli(["--config", str(path), "--model.init_args.net.init_args.backbone=resnet26",
                          "--trainer.logger=false", "--trainer.accelerator=cpu", "--trainer.devices=1",
                          f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.root={tmp_path}"], run=False)
-    assert isinstance(cli.model, FCISModule) and isinstance(cli.model.net, FCIS)
+    assert isinstance(cli.model, DetectorModule) and isinstance(cli.model.net, FCIS)
     net = cli.model.net
     assert net.num_classes == 7 and net.roi_sampling == "ohem" and net.feature_dim == 1536
     assert any(type(m).__name__ == "DeformableConv2d" for m in net.backbone.modules()) == deformable

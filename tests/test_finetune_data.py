@@ -242,12 +242,12 @@ def test_an_unreadable_query_image_is_reported_and_skipped(tmp_path):
 def test_fit_smoke(tmp_path):
     import pytorch_lightning as pl
 
-    from instsearch.lightning_modules.deep_region_cnn import DeepRegionCNNModule
+    from instsearch.lightning_modules.detector import DetectorModule
     from instsearch.networks.deep_region_cnn import DeepRegionCNN
 
     dm = instre_module(make_instre(tmp_path / "INSTRE"), train_short_sides=[60], max_size=80, test_short_side=60,
                        val_images_per_class=0)
-    model = DeepRegionCNNModule(DeepRegionCNN("small", num_classes=dm.num_classes, min_size=60, max_size=80))
+    model = DetectorModule(DeepRegionCNN("small", num_classes=dm.num_classes, min_size=60, max_size=80))
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, limit_val_batches=0, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)

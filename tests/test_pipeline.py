@@ -89,7 +89,7 @@ def _fit_config(tmp_path: Path, root: Path, num_classes: int, benchmark: Path) -
                                 "init_args": {"save_dir": str(tmp_path), "name": "logs"}}],
                     "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
                                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
-        "model": {"class_path": "instsearch.lightning_modules.deep_region_cnn.DeepRegionCNNModule",
+        "model": {"class_path": "instsearch.lightning_modules.detector.DetectorModule",
                   "init_args": {"net": {"class_path": "instsearch.networks.deep_region_cnn.DeepRegionCNN",
                                         "init_args": {"backbone": "small", "num_classes": num_classes, "top_k": 5,
                                                       "feature_layers": ["conv4"]}}}},
@@ -140,10 +140,10 @@ def test_fit_checkpoint_test_evaluate(tmp_path, synthetic_root, small_benchmark,
 def _validate(devices: int, root: Path, benchmark: Path, num_classes: int, tmp_path: Path) -> dict:
     from instsearch.datamodules.synthetic import SyntheticDataModule
     from instsearch.eval.callback import RetrievalEvaluation
-    from instsearch.lightning_modules.deep_region_cnn import DeepRegionCNNModule
+    from instsearch.lightning_modules.detector import DetectorModule
 
     pl.seed_everything(0)
-    model = DeepRegionCNNModule(small_net(num_classes), retrieval=RetrievalConfig(grid_queries=0))
+    model = DetectorModule(small_net(num_classes), retrieval=RetrievalConfig(grid_queries=0))
     dm = SyntheticDataModule(root=root, benchmark=str(benchmark), batch_size=2, num_workers=0)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
                          limit_val_batches=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
@@ -164,13 +164,13 @@ def test_wandb_offline_run_receives_metrics_and_image(tmp_path, synthetic_root, 
     from instsearch.datamodules.synthetic import SyntheticDataModule
     from instsearch.eval.callback import RetrievalEvaluation
     from instsearch.loggers import WandbLogger
-    from instsearch.lightning_modules.deep_region_cnn import DeepRegionCNNModule
+    from instsearch.lightning_modules.detector import DetectorModule
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = WandbLogger(save_dir=str(tmp_path), project="instsearch-test")
-    model = DeepRegionCNNModule(small_net(num_classes))
+    model = DetectorModule(small_net(num_classes))
     dm = SyntheticDataModule(root=synthetic_root, benchmark=str(small_benchmark), batch_size=2, num_workers=0)
     trainer = pl.Trainer(accelerator="cpu", devices=1, limit_val_batches=1, logger=logger, enable_progress_bar=False,
                          enable_checkpointing=False, callbacks=[RetrievalEvaluation(progress=False)],
@@ -242,10 +242,10 @@ def test_retrieval_is_evaluated_every_epoch_even_without_validation_data(tmp_pat
     per-epoch retrieval metrics, at the end of the training epoch, before checkpoints are saved."""
     from instsearch.datamodules.synthetic import SyntheticDataModule
     from instsearch.eval.callback import RetrievalEvaluation
-    from instsearch.lightning_modules.deep_region_cnn import DeepRegionCNNModule
+    from instsearch.lightning_modules.detector import DetectorModule
 
     pl.seed_everything(0)
-    model = DeepRegionCNNModule(small_net(num_classes), retrieval=RetrievalConfig(grid_queries=0))
+    model = DetectorModule(small_net(num_classes), retrieval=RetrievalConfig(grid_queries=0))
     dm = SyntheticDataModule(root=synthetic_root, benchmark=str(small_benchmark), batch_size=2, num_workers=0)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)

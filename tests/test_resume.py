@@ -174,7 +174,7 @@ def _config(tmp_path: Path, root: Path, benchmark: Path, num_classes: int, name:
                     "logger": [{"class_path": "pytorch_lightning.loggers.CSVLogger",
                                 "init_args": {"save_dir": str(out), "name": "logs", "flush_logs_every_n_steps": 1}}],
                     "callbacks": callbacks},
-        "model": {"class_path": "instsearch.lightning_modules.deep_region_cnn.DeepRegionCNNModule",
+        "model": {"class_path": "instsearch.lightning_modules.detector.DetectorModule",
                   "init_args": {"net": {"class_path": "instsearch.networks.deep_region_cnn.DeepRegionCNN",
                                         "init_args": {"backbone": "small", "num_classes": num_classes, "top_k": 5,
                                                       "feature_layers": ["conv4"], "min_size": 96, "max_size": 160}},
