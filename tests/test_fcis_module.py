@@ -108,3 +108,24 @@ def test_synthetic_configs_parse(variant, arch, deformable, tmp_path):
     assert net.num_classes == 7 and net.roi_sampling == "ohem" and net.feature_dim == 1536
     assert any(type(m).__name__ == "DeformableConv2d" for m in net.backbone.modules()) == deformable
     assert cli.model.retrieval.prune_by_label
+
+
+def test_detector_module_scores_masks_only_for_a_network_that_segments():
+    from torch import nn
+
+    from instsearch.lightning_modules.detector import DetectorModule
+    from instsearch.networks.fcis import FCIS
+    from instsearch.networks.fcis.mask_rcnn import MaskRCNNSearch
+
+    class Boxes(nn.Module):
+        pass
+
+    class Segments(nn.Module):
+        predicts_masks = True
+
+    assert FCIS.predicts_masks and MaskRCNNSearch.predicts_masks  # both segment: mask AP is scored
+    assert DetectorModule(Boxes()).box_iou_types == ("bbox",)
+    assert DetectorModule(Segments()).box_iou_types == ("bbox", "segm")
+    assert DetectorModule(Segments(), box_iou_types=["bbox"]).box_iou_types == ("bbox",)
+    with pytest.raises(ValueError, match="keypoints"):
+        DetectorModule(Boxes(), box_iou_types=["keypoints"])
