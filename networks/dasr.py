@@ -58,7 +58,6 @@ Choices where the paper is ambiguous (each a parameter):
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,97 +71,18 @@ from torchvision.ops import nms
 from instsearch.networks.backbones import StagedBackbone, build_backbone
 from instsearch.networks.contract import (ClassAgnostic, check_box_lists, check_images, require_eval_mode,
                                           whole_frame_box)
-from instsearch.networks.excitation_backprop import (Z_EPS, MeanChannels, ReversePass, bytes_per_peak,
-                                                      peak_gradients)
+from instsearch.networks.excitation_backprop import (Z_EPS, MeanChannels, Rule, Strategy, check_rule,
+                                                      chunk_for_budget, peak_gradients, peak_response_maps,
+                                                      peaks_per_pass, resolve_strategy, reverse_pass_of)
 from instsearch.networks.region_features import RoIFeaturePooler
+from instsearch.networks.salient_regions import (above_mean_positions, ellipse_boxes, local_maxima, pixel_moments,
+                                                 resize_long_side, threshold_maps)
 from instsearch.networks.vgg import VGG16Backbone
 from instsearch.structures import Regions, scale_boxes
 
 __all__ = ["DASR", "MeanActivation", "DASRDetection", "peak_response_maps", "resolve_strategy", "chunk_for_budget",
            "local_maxima", "above_mean_positions", "threshold_maps", "pixel_moments", "ellipse_boxes",
            "resize_long_side", "Z_EPS"]
-
-Strategy = Literal["auto", "batched", "sequential"]
-Rule = Literal["probabilistic", "gradient"]
-
-
-# ---------------------------------------------------------------------- probabilistic back-propagation
-def resolve_strategy(strategy: str, device: torch.device) -> str:
-    """``"auto"`` -> ``"batched"`` on an accelerator, ``"sequential"`` on the CPU.
-
-    On a GPU one peak's reverse pass is far too small to fill the device, so batching the peaks is
-    what pays. On a CPU one peak at a time measured faster: a chunk of peaks makes the large early
-    maps (``P x 256 x 128 x 96`` floats at 512 px) stream through memory, which costs more than the
-    deep layers' better matrix shapes gain (README "### DASR"; ``benchmarks/dasr_throughput.py``).
-    """
-    if strategy not in ("auto", "batched", "sequential"):
-        raise ValueError(f"strategy must be 'auto', 'batched' or 'sequential', got {strategy!r}")
-    if strategy == "auto":
-        return "sequential" if torch.device(device).type == "cpu" else "batched"
-    return strategy
-
-
-def chunk_for_budget(recorded: dict, memory_budget_mb: float) -> int:
-    """Peaks per reverse pass that fit ``memory_budget_mb`` MiB (at least one)."""
-    return max(1, int(memory_budget_mb * 2 ** 20 // bytes_per_peak(recorded)))
-
-
-def _peaks_per_pass(strategy: str, device: torch.device, recorded: dict, chunk_size: Optional[int],
-                    memory_budget_mb: float) -> int:
-    """One peak per reverse pass (``sequential``), else ``chunk_size`` or what the budget holds."""
-    if resolve_strategy(strategy, device) == "sequential":
-        return 1
-    return chunk_size or chunk_for_budget(recorded, memory_budget_mb)
-
-
-def _reverse_pass(net: nn.Module, rule: Rule, dtype: torch.dtype) -> ReversePass:
-    traced = net.as_sequential() if isinstance(net, MeanActivation) else net
-    return ReversePass(traced, rule=rule, dtype=dtype)
-
-
-def peak_response_maps(net: nn.Module, images: Tensor, peaks: Tensor, *, chunk_size: Optional[int] = None,
-                       strategy: Strategy = "auto", rule: Rule = "probabilistic",
-                       dtype: torch.dtype = torch.float32, memory_budget_mb: float = 1024.0) -> Tensor:
-    """Back-propagate each peak of ``X̄`` to the input: ``(P, H, W)`` maps, in the order of ``peaks``.
-
-    Args:
-        net: a :class:`MeanActivation`, or any ``nn.Module`` of convolutions, batch norms, ReLUs,
-            max pooling and residual sums ending in the channel mean, mapping ``(B, 3, H, W)``
-            (normalised) images to ``X̄`` ``(B, 1, h, w)``; in eval mode
-            (:class:`~instsearch.networks.excitation_backprop.ReversePass`).
-        images: ``(B, 3, H, W)``.
-        peaks: ``(P, 3)`` integer ``(batch index, y, x)`` on ``X̄``.
-        chunk_size: peaks per reverse pass with ``"batched"``; ``None``: as many as fit
-            ``memory_budget_mb`` (:func:`chunk_for_budget`).
-        strategy: ``"batched"`` -- one forward per image, its peaks through the reverse pass in
-            chunks; ``"sequential"`` -- one forward per image, one peak per reverse pass;
-            ``"auto"`` -- batched on an accelerator, sequential on the CPU (:func:`resolve_strategy`).
-        rule: ``"probabilistic"`` (see the module docstring) or ``"gradient"`` (plain gradients).
-        dtype: the reverse convolutions' dtype (``torch.bfloat16``: about half the time on CPUs
-            with AVX-512 BF16 and on GPUs, maps within ~0.3 %).
-
-    Returns:
-        ``(P, H, W)``: the input gradient summed over colour channels, clamped at 0.
-    """
-    _check_rule(rule)
-    resolve_strategy(strategy, images.device)  # refuse an unknown one before any work
-    if images.ndim != 4 or peaks.ndim != 2 or peaks.shape[-1] != 3:
-        raise ValueError(f"expected images (B, 3, H, W) and peaks (P, 3), got {tuple(images.shape)} and "
-                         f"{tuple(peaks.shape)}")
-    out = images.new_zeros(len(peaks), *images.shape[-2:])
-    peaks = peaks.long()
-    reverse = _reverse_pass(net, rule, dtype)
-    for b in peaks[:, 0].unique().tolist():  # one forward per image, not per peak
-        rows = (peaks[:, 0] == b).nonzero().flatten()
-        _, recorded = reverse.forward(images[b:b + 1].detach())
-        chunk = _peaks_per_pass(strategy, images.device, recorded, chunk_size, memory_budget_mb)
-        out[rows] = peak_gradients(reverse, recorded, peaks[rows, 1:], chunk)
-    return out
-
-
-def _check_rule(rule: str) -> None:
-    if rule not in ("probabilistic", "gradient"):
-        raise ValueError(f"rule must be 'probabilistic' or 'gradient', got {rule!r}")
 
 
 # ---------------------------------------------------------------------- the activation map
@@ -215,110 +135,6 @@ class MeanActivation(nn.Module):
         if index > names.index(self.layer):
             return None
         return f"{index}" if block is None else f"{index}.{block}"
-
-
-# ---------------------------------------------------------------------- peaks
-def _border(h: int, w: int, width: int, device) -> Tensor:
-    inner = torch.zeros(h, w, dtype=torch.bool, device=device)
-    if h > 2 * width and w > 2 * width:
-        inner[width:h - width, width:w - width] = True
-    return inner
-
-
-def _as_peaks(keep: Tensor, xbar: Tensor) -> tuple[Tensor, Tensor]:
-    peaks = keep.nonzero()  # (P, 3) = (b, y, x), row-major per image
-    return peaks, xbar[keep]
-
-
-def local_maxima(xbar: Tensor, window: int = 3, exclude_border: bool = True,
-                 above_mean: bool = True) -> tuple[Tensor, Tensor]:
-    """DASR's peaks: positions of ``xbar`` ``(B, h, w)`` that equal the maximum of their
-    ``window x window`` neighbourhood (ties all count), optionally also above the map's mean,
-    never ``<= 0``, and outside the ``window // 2`` border when ``exclude_border``.
-
-    Returns ``(peaks (P, 3) int64 = (b, y, x), values (P,))``, image by image in row-major order.
-    """
-    if window % 2 != 1:
-        raise ValueError(f"the peak window must be odd, got {window}")
-    pooled = F.max_pool2d(xbar[:, None], kernel_size=window, stride=1, padding=window // 2)[:, 0]
-    keep = (xbar >= pooled) & (xbar > 0)
-    if above_mean:
-        keep &= xbar > xbar.mean(dim=(1, 2), keepdim=True)
-    if exclude_border:
-        keep &= _border(*xbar.shape[-2:], window // 2, xbar.device)
-    return _as_peaks(keep, xbar)
-
-
-def above_mean_positions(xbar: Tensor, exclude_border: bool = True) -> tuple[Tensor, Tensor]:
-    """DASR*'s peaks: every position of ``xbar`` ``(B, h, w)`` strictly above its image's mean
-    (and above 0), optionally outside the one-cell border. Same return as :func:`local_maxima`."""
-    keep = (xbar > xbar.mean(dim=(1, 2), keepdim=True)) & (xbar > 0)
-    if exclude_border:
-        keep &= _border(*xbar.shape[-2:], 1, xbar.device)
-    return _as_peaks(keep, xbar)
-
-
-# ---------------------------------------------------------------------- regions
-def _row_percentile(values: Tensor, q: float) -> Tensor:
-    """Per row of ``(n, N)``, numpy's default (linear) ``percentile(q)``; sorting per row has no
-    size limit, unlike ``torch.quantile``."""
-    ordered = values.sort(dim=1).values
-    pos = (values.shape[1] - 1) * q / 100.0
-    lo, hi = int(math.floor(pos)), int(math.ceil(pos))
-    return ordered[:, lo] + (ordered[:, hi] - ordered[:, lo]) * (pos - lo)
-
-
-def threshold_maps(maps: Tensor, tau: float = 0.1, rule: Literal["relative", "percentile"] = "relative",
-                   percentile: float = 95.0) -> Tensor:
-    """The activated pixels of each ``(n, H, W)`` map: ``M >= tau * max M`` (``relative``, the
-    paper's normalised map and threshold) or ``M >= its percentile`` (``percentile``, the public
-    code's top 5 %); zero pixels are never activated, so an all-zero map activates nothing."""
-    if rule == "relative":
-        floor = tau * maps.amax(dim=(1, 2), keepdim=True)
-    elif rule == "percentile":
-        floor = _row_percentile(maps.flatten(1), percentile)[:, None, None]
-    else:
-        raise ValueError(f"threshold rule must be 'relative' or 'percentile', got {rule!r}")
-    return (maps >= floor) & (maps > 0)
-
-
-def pixel_moments(masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Centre ``(n, 2)`` = ``(cx, cy)`` and covariance ``(n, 2, 2)`` (x, y order) of each mask's
-    pixels (pixel ``(i, j)`` at ``(j + 0.5, i + 0.5)``), unweighted as Eqn. 4, in float64 (the
-    squares of 512 px coordinates lose the variance of a small region in float32); and the pixel
-    counts ``(n,)``. An empty mask has count 0 and undefined (NaN) moments."""
-    m = masks.to(torch.float64)
-    h, w = masks.shape[-2:]
-    ys = torch.arange(h, dtype=torch.float64, device=masks.device) + 0.5
-    xs = torch.arange(w, dtype=torch.float64, device=masks.device) + 0.5
-    count = m.sum(dim=(1, 2))
-    row, col = m.sum(dim=2), m.sum(dim=1)  # (n, h), (n, w) marginals
-    cx, cy = (col * xs).sum(1) / count, (row * ys).sum(1) / count
-    sxx = (col * xs ** 2).sum(1) / count - cx ** 2
-    syy = (row * ys ** 2).sum(1) / count - cy ** 2
-    sxy = torch.einsum("nij,i,j->n", m, ys, xs) / count - cx * cy
-    cov = torch.stack([torch.stack([sxx, sxy], -1), torch.stack([sxy, syy], -1)], -2)
-    return torch.stack([cx, cy], -1), cov, count
-
-
-def ellipse_boxes(centre: Tensor, cov: Tensor, scale: float = 2.0,
-                  size: Optional[tuple[int, int]] = None) -> Tensor:
-    """``(n, 4)`` float32 ``[x1, y1, x2, y2]``: the circumscribed rectangle of each ellipse with
-    axes ``scale * sqrt(eigenvalues of cov)`` -- exactly ``centre ± scale * sqrt(diag cov)`` --
-    at least one pixel wide, clipped to ``size`` = (H, W) when given."""
-    half = (scale * cov.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()).clamp_min(0.5)
-    boxes = torch.cat([centre - half, centre + half], dim=-1)
-    if size is not None:
-        h, w = size
-        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                             boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], -1)
-    return boxes.float()
-
-
-def resize_long_side(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """The size with the long side at ``long_side`` (up or down, as the paper), aspect kept."""
-    scale = long_side / max(height, width)
-    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
 @dataclass
@@ -387,7 +203,7 @@ class DASR(ClassAgnostic, nn.Module):
             backbone = build_backbone(backbone, weights=weights, frozen_stages=0)
         elif weights is not None:
             raise ValueError("weights only apply to a backbone given by name; load them into the instance")
-        _check_rule(rule)
+        check_rule(rule)
         resolve_strategy(strategy, torch.device("cpu"))  # refuse an unknown one now
         if threshold not in ("relative", "percentile"):
             raise ValueError(f"threshold must be 'relative' or 'percentile', got {threshold!r}")
@@ -454,7 +270,7 @@ class DASR(ClassAgnostic, nn.Module):
         """Detection of one ``(3, H, W)`` image with every intermediate (network pixels)."""
         x = self.network_input(image)
         size = (int(x.shape[-2]), int(x.shape[-1]))
-        reverse = _reverse_pass(self.activation, self.rule, self.backprop_dtype)
+        reverse = reverse_pass_of(self.activation, self.rule, self.backprop_dtype)
         xbar, recorded = reverse.forward(x, capture=self.activation.sequential_path(self.describe_layer))
         fmap = recorded["captured"]
         peaks, values = self.find_peaks(xbar[:, 0])
@@ -462,7 +278,7 @@ class DASR(ClassAgnostic, nn.Module):
         if len(positions) == 0:
             maps = x.new_zeros(0, *size)
         else:
-            chunk = _peaks_per_pass(self.strategy, x.device, recorded, self.chunk_size, self.memory_budget_mb)
+            chunk = peaks_per_pass(self.strategy, x.device, recorded, self.chunk_size, self.memory_budget_mb)
             maps = peak_gradients(reverse, recorded, positions, chunk)
         del recorded
         masks = threshold_maps(maps, self.tau, self.threshold, self.percentile)
