@@ -95,8 +95,14 @@ class RegionSearchModule(pl.LightningModule):
         whose model brings its own index (a product quantiser) overrides it."""
         return searcher_from_factory(self.retrieval.index_factory, dim, device=self.device)
 
+    @property
+    def method_name(self) -> str:
+        """The run's ``method``: the network's class (``FCIS``, ``DeepRegionCNN``, ``CLAID``, ...),
+        which says more than the module's."""
+        return type(self.net).__name__ if isinstance(getattr(self, "net", None), nn.Module) else type(self).__name__
+
     def make_evaluator(self, benchmark) -> RetrievalEvaluator:
-        return RetrievalEvaluator(benchmark, self.retrieval, method=type(self).__name__, device=self.device,
+        return RetrievalEvaluator(benchmark, self.retrieval, method=self.method_name, device=self.device,
                                   make_searcher=self.make_searcher)
 
     # ------------------------------------------------------------ training

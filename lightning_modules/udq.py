@@ -757,7 +757,7 @@ class UDQModule(RegionSearchModule):
         quantized = self.search == "adc" if quantized is None else quantized
         if quantized:
             self.make_searcher(self.net.feature_dim, quantized)  # refuse a missing codebook before any extraction
-        return RetrievalEvaluator(benchmark, self.retrieval, method=type(self).__name__, device=self.device,
+        return RetrievalEvaluator(benchmark, self.retrieval, method=self.method_name, device=self.device,
                                   make_searcher=lambda dim: self.make_searcher(dim, quantized))
 
     def on_test_epoch_end(self) -> None:

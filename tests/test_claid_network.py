@@ -162,6 +162,7 @@ def test_instsearch_test_runs_the_claid_config_without_a_checkpoint(tmp_path, sm
     assert metrics["num_queries"] == 4
     assert metrics["regions_per_image"] >= 1.0  # every image keeps at least its whole frame
     assert set(run["rankings"]) == {q["id"] for q in json.loads(small_benchmark.read_text())["queries"]}
+    assert run["method"] == "CLAID"  # the network, not the generic TrainingFreeModule
 
 
 # ------------------------------------------------------------------ paper defaults, public options
