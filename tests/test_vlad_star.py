@@ -131,8 +131,24 @@ def test_each_step_alone_against_its_equation():
 def test_the_named_variants():
     assert VLAD_STAR == dict(residual_normalisation=True, local_coordinate_system=True, power=0.5, intra=False,
                              pca_rotation=True)
-    assert VLAD_INTRA_NORMALISATION["intra"] and not VLAD_INTRA_NORMALISATION["residual_normalisation"]
-    assert not VLAD_INTRA_NORMALISATION["local_coordinate_system"] and not VLAD_INTRA_NORMALISATION["pca_rotation"]
+    assert VLAD_INTRA_NORMALISATION == dict(residual_normalisation=False, local_coordinate_system=False, power=0.5,
+                                            intra=True, pca_rotation=False)
+
+
+def test_vlad_defaults_are_power_law_and_intra_normalisation_by_hand():
+    """Words (1, 0) and (-1, 0); two features of one image with residuals (0.64, 0.36) and
+    (0, 0.01): square root -> (0.8, 0.6), (0, 0.1); each word's block to unit length -> (0.8, 0.6),
+    (0, 1); the whole vector to unit length -> [0.8, 0.6, 0, 1] / sqrt(2). Every option left out."""
+    from instsearch.networks.vlad import vlad
+
+    codebook = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    features = torch.tensor([[1.64, 0.36], [-1.0, 0.01]])
+    out = vlad(features, torch.tensor([0, 0]), 1, codebook)
+    expected = torch.tensor([[0.8, 0.6, 0.0, 1.0]]) / 2 ** 0.5
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    named = {k: v for k, v in VLAD_INTRA_NORMALISATION.items() if k not in ("local_coordinate_system", "pca_rotation")}
+    torch.testing.assert_close(vlad(features, torch.tensor([0, 0]), 1, codebook, **named), expected, atol=1e-6,
+                               rtol=1e-6)
 
 
 # ---------------------------------------------------------------- the learnt parts
