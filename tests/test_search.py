@@ -239,3 +239,43 @@ def test_a_database_without_any_region_ranks_nothing(factory):
     index = RegionIndex(store, searcher_from_factory(factory, store.dim))
     rankings = index.search(np.ones((2, 8), np.float32), top_images=5)
     assert [len(r.images) for r in rankings] == [0, 0]
+
+
+def test_every_searcher_saves_and_loads_to_the_same_ranking(tmp_path):
+    """Exact torch inner product (written as a faiss IndexFlatIP), a faiss factory index and exact
+    L2: a save -> load round trip answers with the same ids and scores."""
+    from instsearch.eval.searchers import ExactInnerProductSearcher, load_searcher
+
+    rng = np.random.default_rng(7)
+    feats = rng.normal(size=(200, 12)).astype(np.float32)
+    queries = rng.normal(size=(4, 12)).astype(np.float32)
+    for name, searcher in (("ip", ExactInnerProductSearcher(12)), ("ivf", searcher_from_factory("IVF2,Flat", 12, nprobe=2)),
+                           ("l2", FaissSearcher.exact_l2(12))):
+        searcher.add(feats)
+        searcher.save(tmp_path / f"{name}.faiss")
+        again = load_searcher(tmp_path / f"{name}.faiss", searcher.score)
+        assert again.codes_only  # a loaded index answers from its file alone
+        s0, i0 = searcher.search(queries, 10)
+        s1, i1 = again.search(queries, 10)
+        np.testing.assert_array_equal(i0, i1)
+        np.testing.assert_allclose(s0, s1, rtol=1e-5)
+    with pytest.raises(ValueError, match="inverse_l2 index"):
+        load_searcher(tmp_path / "l2.faiss", "inner_product")
+
+
+def test_factory_searcher_trains_on_the_first_add_and_sets_nprobe():
+    searcher = searcher_from_factory("IVF4,Flat", 8, nprobe=3)
+    assert not searcher.index.is_trained and searcher.index.nprobe == 3
+    searcher.add(np.random.default_rng(0).normal(size=(100, 8)).astype(np.float32))
+    assert searcher.index.is_trained and searcher.ntotal == 100 and not searcher.codes_only
+    assert searcher_from_factory("Flat", 8).score == "inner_product"
+
+
+def test_exact_inner_product_scores_are_the_dot_products_best_first():
+    from instsearch.eval.searchers import ExactInnerProductSearcher
+
+    searcher = ExactInnerProductSearcher(2)
+    searcher.add(np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]], np.float32))
+    scores, ids = searcher.search(np.array([[1.0, -1.0], [0.0, 1.0]], np.float32), 2)
+    assert ids.tolist() == [[0, 2], [2, 1]]
+    np.testing.assert_allclose(scores, [[1.0, 0.0], [3.0, 2.0]])
