@@ -279,3 +279,14 @@ def test_exact_inner_product_scores_are_the_dot_products_best_first():
     scores, ids = searcher.search(np.array([[1.0, -1.0], [0.0, 1.0]], np.float32), 2)
     assert ids.tolist() == [[0, 2], [2, 1]]
     np.testing.assert_allclose(scores, [[1.0, 0.0], [3.0, 2.0]])
+
+
+def test_category_pruning_is_refused_on_a_searcher_that_keeps_codes_only():
+    from instsearch.networks.product_quantizer import OPQCodebook
+
+    g = torch.Generator().manual_seed(0)
+    regions = [Regions(torch.zeros(4, 4), torch.ones(4), torch.randn(4, 8, generator=g), labels=torch.tensor([1, 1, 2, 2]))]
+    codebook = OPQCodebook.fit(torch.randn(200, 8, generator=g), num_subspaces=2, nbits=4, seed=0, num_threads=1)
+    index = RegionIndex(RegionStore.from_regions(["a"], regions), FaissSearcher.adc(codebook.to_faiss_index()))
+    with pytest.raises(ValueError, match="codes alone"):
+        index.search(np.ones((1, 8), np.float32), query_labels=[1], prune_by_label=True)
