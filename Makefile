@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.instsearch-installed
 OUT    ?= demo_out
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench mutation clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/search_throughput.py
+
+# mutmut over the modules listed in pyproject.toml [tool.instsearch.mutation], each with its own
+# tests; prints the kill rate per module (docs/mutation.md). MODULES="eval/metrics.py" runs one.
+mutation: $(STAMP)
+	$(BIN)/python tools/mutation.py --fresh $(foreach m,$(MODULES),--module $(m))
 
 clean:
 	rm -rf $(VENV) $(OUT) runs lightning_logs

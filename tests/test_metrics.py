@@ -397,3 +397,134 @@ def test_recall_at_iou_edge_cases():
     assert out["num_gt"] == 0 and np.isnan(out["recall"]).all()
     with pytest.raises(ValueError, match="images"):
         recall_at_iou([np.zeros((0, 4))], [])
+
+
+# --------------------------------------------------------------------------- inputs refused, by message
+def test_bad_choices_name_the_parameter_and_the_choices(bench):
+    msg_norm = "unknown normalization 'mean'; expected one of relevant, min, retrieved"
+    msg_proto = "unknown protocol 'paris'; expected one of standard, oxford"
+    with pytest.raises(ValueError, match=msg_norm):
+        average_precision([1], 1, normalization="mean")
+    with pytest.raises(ValueError, match=msg_proto):
+        average_precision_at_ks([1], 1, (None,), protocol="paris")
+    run = make_run({"q1": RANKING_Q1})
+    with pytest.raises(ValueError, match=msg_norm):
+        retrieval_metrics(bench, run, normalization="mean")
+    with pytest.raises(ValueError, match=msg_proto):
+        retrieval_metrics(bench, run, protocol="paris")
+
+
+def test_cut_offs_must_be_positive_integers_not_flags_or_floats():
+    for k in (True, 2.5, -1):
+        with pytest.raises(ValueError, match=f"cut-off k must be a positive integer or None, got {k!r}"):
+            average_precision_at_ks([1, 0], 1, (k,))
+    np.testing.assert_allclose(average_precision_at_ks([0, 1], 1, (np.int64(2),)), [0.5])  # numpy ints are fine
+
+
+def test_counts_of_positives_are_checked_with_a_message():
+    with pytest.raises(ValueError, match="num_relevant must be >= 0, got -1"):
+        average_precision([], -1)
+    with pytest.raises(ValueError, match="^the ranking holds 3 positives but num_relevant is 2; "
+                                         "R must count every positive in the database$"):
+        average_precision([1, 1, 1], 2)
+    with pytest.raises(ValueError, match="3 ranked positives but num_positives is 2"):
+        oxford_average_precision([0, 1, 2], 2)
+
+
+def test_oxford_ap_of_a_single_positive():
+    # nres 1: one trapezoid; at rank 0 its height is 1, at rank 1 it is (0/1 + 1/2)/2 = 1/4
+    assert oxford_average_precision([0], 1) == pytest.approx(1.0)
+    assert oxford_average_precision([1], 1) == pytest.approx(official_compute_ap([1], 1)) == pytest.approx(0.25)
+
+
+# --------------------------------------------------------------------------- judging: corner cases
+def test_unknown_query_is_a_key_error_naming_it(bench):
+    with pytest.raises(KeyError, match="benchmark 'tiny' has no query 'nope'"):
+        judge_ranking(bench, "nope", ["d1"])
+
+
+def test_query_without_ground_truth_scores_zero():
+    gt = {q: {"positives": [{"image": "a"}], "junk": []} for q in ("q", "r")}
+    bench = make_benchmark(["a", "b"], [("q", "c"), ("r", "c")], gt)
+    del bench.ground_truth["q"]  # a Benchmark built in code may leave a query without ground truth
+    j = judge_ranking(bench, "q", ["a", "b"])
+    assert j.rel.tolist() == [False, False] and j.num_relevant == 0
+    aps = per_query_average_precision(bench, make_run({"q": ["a", "b"], "r": ["b", "a"]}), (None,))
+    np.testing.assert_allclose(aps["q"], [0.0])
+    np.testing.assert_allclose(aps["r"], [0.5])  # default normalization 'relevant': (1/2) / R, R = 1
+
+
+def test_image_outside_the_database_never_takes_a_database_image_place(bench):
+    # x is not in the database: dropped, so d2 (positive) is the first kept image
+    j = judge_ranking(bench, "q1", ["x", "d2", "d1"])
+    assert j.kept.tolist() == [1, 2] and j.rel.tolist() == [True, True]
+    assert j.db_index.tolist() == [2, 1]
+    assert j.kept.dtype == np.int64 and j.db_index.dtype == np.int64  # as JudgedRanking documents
+
+
+def test_distractors_stay_in_the_ranking_as_distinct_negatives(bench):
+    """Distractors are database images by reference: kept (first copy), never positive; an image
+    that is neither listed nor a distractor is dropped. Ranking dA d1 dB dA d2 y d3 -> cleaned
+    dA d1 dB d2 d3, rel 0 1 0 1 1, R = 4 (d1 d2 d3 d9): AP = (1/2 + 2/4 + 3/5) / 4 = 0.4."""
+    bench.extra["distractors"] = [{"root": "distractors", "count": 2, "id_prefix": "distractor:"}]
+    ranking = ["distractor:a", "d1", "distractor:b", "distractor:a", "d2", "y", "d3"]
+    j = judge_ranking(bench, "q1", ranking)
+    assert j.rel.tolist() == [False, True, False, True, True]
+    assert j.kept.tolist() == [0, 1, 2, 4, 6]
+    assert j.db_index[[1, 3, 4]].tolist() == [1, 2, 3]
+    assert j.db_index[0] >= len(DB) and j.db_index[2] >= len(DB) and j.db_index[0] != j.db_index[2]
+    m = retrieval_metrics(bench, make_run({"q1": ranking}), ks=(None,))
+    assert m["mAP@all"] == pytest.approx(0.4 / 3)  # q2 and q3 score 0
+
+
+# --------------------------------------------------------------------------- mIoU: corner cases
+def test_mean_iou_refuses_non_positive_top_k_and_accepts_one(bench):
+    boxes = {"q1": {(1, "d1"): (0, 0, 10, 5)}}
+    run = make_run({"q1": RANKING_Q1}, boxes)
+    with pytest.raises(ValueError, match="top_k must be a positive integer or None, got 0"):
+        mean_iou(bench, run, top_k=0)
+    assert mean_iou(bench, run, top_k=1) == pytest.approx(0.5)  # cleaned top 1 = d1
+
+
+def test_mean_iou_averages_over_every_query_after_skipped_ones():
+    """Queries in order: qa (no positive returned), qb (positive returned without a box), qc
+    (positive whose ground truth has no box), then qd and qe with one judged pair each.
+    Coordinates are not float32-exact: qd's IoU 3.3 * 10 / 100 = 0.33, qe's 1 / 4 = 0.25 (vs the
+    other box of g2: 0)."""
+    gt = {"qa": {"positives": [{"image": "a"}]},
+          "qb": {"positives": [{"image": "b", "boxes": [[0, 0, 10, 10]]}]},
+          "qc": {"positives": [{"image": "c", "boxes": []}]},
+          "qd": {"positives": [{"image": "d", "boxes": [[0, 0, 10, 10]]},
+                               {"image": "outside", "boxes": [[0, 0, 10, 10]]}]},  # not in the database
+          "qe": {"positives": [{"image": "e", "boxes": [[0.0, 0.0, 2.2, 2.2], [50, 50, 60, 60]]}]}}
+    for g in gt.values():
+        g["junk"] = []
+    bench = make_benchmark(["a", "b", "c", "d", "e", "z"], [(q, "z") for q in gt], gt, extra_images=["outside"])
+    run = make_run({"qa": ["z"], "qb": ["b"], "qc": ["c"], "qd": ["d"], "qe": ["e"]},
+                   {"qc": {(0, "c"): (0, 0, 5, 5)}, "qd": {(0, "d"): (0.0, 0.0, 10.0, 3.3)},
+                    "qe": {(0, "e"): (0.0, 0.0, 1.1, 2.2)}})
+    expected = (3.3 * 10 / 100 + (1.1 * 2.2) / (2.2 * 2.2)) / 2  # float64 reference
+    assert mean_iou(bench, run) == pytest.approx(expected, rel=0, abs=1e-12)
+
+
+# --------------------------------------------------------------------------- recall@IoU: corner cases
+def test_recall_at_iou_compares_float32_boxes_in_float64():
+    """IoU 70 / 100 = 0.7 exactly: float32 would make it 0.69999999 and miss the 0.7 threshold."""
+    gt = [torch.tensor([[0.0, 0.0, 10.0, 10.0]], dtype=torch.float32)]
+    det = [torch.tensor([[0.0, 0.0, 10.0, 7.0]], dtype=torch.float32, requires_grad=True)]  # a model's output
+    out = recall_at_iou(gt, det, [0.7, 0.71])
+    np.testing.assert_array_equal(out["recall"], [1.0, 0.0])
+    assert out["num_gt"] == 1
+
+
+def test_recall_at_iou_without_ground_truth_keeps_the_thresholds():
+    out = recall_at_iou([np.zeros((0, 4))], [np.zeros((0, 4))], [0.5, 0.7])
+    np.testing.assert_array_equal(out["thresholds"], [0.5, 0.7])
+    assert np.isnan(out["recall"]).all() and out["recall"].shape == (2,)
+
+
+def test_json_ready_replaces_nan_inside_lists_and_tuples():
+    from instsearch.eval.metrics import json_ready
+
+    assert json_ready([1.0, math.nan, (math.nan, 2)]) == [1.0, None, [None, 2]]
+    assert json_ready({"a": [math.nan]}) == {"a": [None]}

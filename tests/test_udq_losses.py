@@ -176,3 +176,83 @@ def test_per_sample_reduction_and_label_accuracy():
     # argmax: sample 1 s^1 = [1, 0] -> 0 (label 0, hit), s^2 = [0.5, 2] -> 1 (label 0, miss);
     #         sample 2 s^1 = [0, 0] -> 0 (label 1, miss), s^2 = [0.5, 0] -> 0 (label 1, miss)
     assert loss(f, h, c).label_accuracy.item() == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------- reductions, dtypes, init, messages
+# Per (sample, subspace) cross-entropies from the table at the top: sample 1 (0.3133, 1.7014),
+# sample 2 (0.6931, 0.9741); per-sample sums 2.0146749655009753 and 1.667224164740052.
+SEP_PER_SAMPLE_SUM = [2.0146749655009753, 1.667224164740052]
+
+
+def test_subspace_mean_is_taken_per_sample_before_the_sample_reduction():
+    f, h, w, b, c = _tiny()
+    per = separability_loss(f, h, w, b, sample_reduction="none", subspace_reduction="mean")
+    torch.testing.assert_close(per, torch.tensor([v / 2 for v in SEP_PER_SAMPLE_SUM], dtype=torch.float64))
+    summed = separability_loss(f, h, w, b, sample_reduction="sum", subspace_reduction="mean")
+    assert summed.item() == pytest.approx(sum(SEP_PER_SAMPLE_SUM) / 2, abs=1e-12)
+    # discriminability: sample 1 (1 + 0) / 2, sample 2 (0 + 9) / 2
+    per_dis = discriminability_loss(f, h, c, sample_reduction="none", subspace_reduction="mean")
+    torch.testing.assert_close(per_dis, torch.tensor([0.5, 4.5], dtype=torch.float64))
+
+
+def test_separability_from_logits_defaults_to_eq8_sum_over_subspaces_mean_over_samples():
+    from instsearch.losses.udq import separability_from_logits
+
+    # the scores s^m of the table at the top, as (N, M, K) logits
+    logits = torch.tensor([[[1.0, 0.0], [0.5, 2.0]], [[0.0, 0.0], [0.5, 0.0]]], dtype=torch.float64)
+    assert separability_from_logits(logits, torch.tensor(CODES)).item() == pytest.approx(L_SEP, abs=1e-12)
+
+
+def test_udq_loss_passes_its_subspace_reduction_to_both_terms():
+    f, h, w, b, c = _tiny()
+    loss = UDQLoss(4, 2, 2, subspace_reduction="mean").double()
+    with torch.no_grad():
+        loss.classifiers.weight.copy_(w)
+        loss.classifiers.bias.copy_(b)
+    out = loss(f, h, c)
+    assert out.separability.item() == pytest.approx(L_SEP_MEAN_SUBSPACES, abs=1e-12)
+    assert out.discriminability.item() == pytest.approx(2.5, abs=1e-12)  # mean of (0.5, 4.5)
+    assert out.total.item() == pytest.approx(L_SEP_MEAN_SUBSPACES + 0.025, abs=1e-12)
+
+
+def test_discriminability_is_computed_in_the_features_dtype():
+    f, h, _, _, c = _tiny()
+    loss = discriminability_loss(f.float(), h, c)  # float64 codebooks, float32 features
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(L_DIS)
+
+
+def test_reset_parameters_draws_uniform_in_plus_minus_one_over_sqrt_d_m():
+    """As nn.Linear(d_m, K): weight then bias, each uniform in ±1/sqrt(d_m) = ±0.5 for d_m = 4."""
+    torch.manual_seed(0)
+    clf = SubspaceClassifiers(8, 2, 5)  # d_m = 4, K = 5
+    torch.manual_seed(0)
+    weight = torch.empty(2, 4, 5).uniform_(-0.5, 0.5)
+    bias = torch.empty(2, 5).uniform_(-0.5, 0.5)
+    torch.testing.assert_close(clf.weight.detach(), weight, rtol=0, atol=0)
+    torch.testing.assert_close(clf.bias.detach(), bias, rtol=0, atol=0)
+
+
+def test_shape_errors_say_what_does_not_fit():
+    from instsearch.losses.udq import split_subspaces, subspace_logits
+
+    with pytest.raises(ValueError, match="feature dimension 10 is not divisible by M=3"):
+        SubspaceClassifiers(10, 3, 4)
+    with pytest.raises(ValueError, match="feature dimension 10 is not divisible by M=3"):
+        split_subspaces(torch.zeros(2, 10), 3)
+    with pytest.raises(ValueError, match="classifier expects d_m=3, features give 4"):
+        subspace_logits(torch.zeros(2, 8), torch.zeros(2, 3, 5), torch.zeros(2, 5))
+
+
+def test_empty_batch_label_accuracy_is_zero_not_nan():
+    out = UDQLoss(4, 2, 2)(torch.zeros(0, 4), torch.zeros(0, 2, dtype=torch.long), torch.zeros(2, 2, 2))
+    assert out.label_accuracy.item() == 0.0
+
+
+def test_residual_scale_averages_over_samples_not_subspaces():
+    # M = 2 subspaces of d_m = 1, one codeword 0 each: squared residuals (1, 4), (9, 0), (1, 0)
+    f = torch.tensor([[1.0, 2.0], [3.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    codes = torch.zeros(3, 2, dtype=torch.long)
+    codebooks = torch.zeros(2, 1, 1, dtype=torch.float64)
+    # E‖r^1‖² = 11/3, E‖r^2‖² = 4/3
+    torch.testing.assert_close(residual_scale(f, codes, codebooks),
+                               torch.tensor([3 / 11, 3 / 4], dtype=torch.float64))
