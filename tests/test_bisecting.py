@@ -292,3 +292,46 @@ def test_upsample_masks_take_the_patch_under_each_pixel_centre():
     rows = up[0, :, 3].nonzero().squeeze(1).tolist()
     assert rows == list(range(7, 13))
     assert up[0, :, :2].sum() == 0 and up.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- edge cases by hand
+def test_regions_to_boxes_corner_patch_empty_set_and_bad_shape():
+    masks = torch.zeros(1, 4, 5, dtype=torch.uint8)
+    masks[0, 0, 0] = 1  # only the top-left patch: 20 px wide, 10 px high in a 40x100 image
+    boxes = regions_to_boxes(masks, (40, 100))
+    assert boxes.dtype == torch.float32 and boxes.tolist() == [[0.0, 0.0, 20.0, 10.0]]
+    assert regions_to_boxes(torch.zeros(0, 4, 5, dtype=torch.bool), (40, 100)).shape == (0, 4)
+    with pytest.raises(ValueError, match=r"regions_to_boxes expects \(R, h, w\) masks, got \(4, 5\)"):
+        regions_to_boxes(torch.zeros(4, 5), (40, 100))
+
+
+def test_high_energy_keeps_the_grid_shape_and_checks_its_arguments():
+    # (h, w, D) = (2, 3, 2): l1 norms row by row 1 5 2 / 4 0 3 -> top ceil(0.5 * 6) = 3: 5, 4, 3
+    features = torch.tensor([[[1.0, 0.0], [2.0, -3.0], [0.0, 2.0]], [[4.0, 0.0], [0.0, 0.0], [1.0, 2.0]]])
+    expected = [[False, True, False], [True, False, True]]
+    for rule in ("ceil", "public"):
+        got = high_energy(features, 0.5, rule)
+        assert got.dtype == torch.bool and got.tolist() == expected
+        assert high_energy(features, 1.0, rule).tolist() == [[True] * 3] * 2  # the whole image
+        none = high_energy(features, 0.0, rule)
+        assert none.dtype == torch.bool and none.tolist() == [[False] * 3] * 2
+    with pytest.raises(ValueError, match=r"high_energy: energy_top must be in \[0, 1\], got 1.5"):
+        high_energy(features, 1.5)
+    with pytest.raises(ValueError, match="high_energy: rule must be 'ceil' or 'public', got 'median'"):
+        high_energy(features, 0.3, "median")
+
+
+def test_average_connectivity_edge_cases_by_hand():
+    # a single feature has nothing to cut: c = 1
+    assert float(average_connectivity(torch.ones(1, 1))) == 1.0
+    # two mutually affine features whose adjacency has a zero diagonal: one pair of two -> c = 1,
+    # with the diagonal counted (public code) still 2 / 2 since A_ii = 0
+    adj = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert float(average_connectivity(adj)) == 1.0
+    assert float(average_connectivity(adj, diagonal=True)) == 1.0
+    masks = torch.tensor([[True, True], [True, False]])
+    assert average_connectivity(adj, masks).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"average_connectivity expects a square adjacency, got \(2, 3\)"):
+        average_connectivity(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="average_connectivity: masks over 3 features for a 2-feature adjacency"):
+        average_connectivity(adj, torch.ones(1, 3, dtype=torch.bool))
