@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
+from instsearch.config_files import load_config
 from instsearch.console import quiet_framework_noise
 from instsearch.datamodules.benchmark import benchmark_dataloader
 from instsearch.datamodules.image_io import load_rgb
@@ -97,7 +97,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     bench = Benchmark.load(a.data / "benchmark.json")
-    options = yaml.safe_load(CONFIG.read_text())["model"]["init_args"]["net"]["init_args"]
+    options = load_config(CONFIG)["model"]["init_args"]["net"]["init_args"]
     weights = str(a.ckpt) if a.ckpt else None
     options.update(patch_weights=weights, describe_weights=weights)
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import yaml
 from torch import Tensor
 
+from instsearch.config_files import load_config
 from instsearch.datamodules.benchmark import benchmark_dataloader
 from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator, extract_and_score
 from instsearch.formats import Benchmark
@@ -55,7 +55,7 @@ class MemoisedDescribe:
 def load_net(ckpt: Path, config: Path, region_feature: str, crop_weights: Optional[Path]) -> DeepRegionCNN:
     """The checkpoint's network (through its LightningModule) with the run's options; options the
     network no longer has (an older config) are dropped and named."""
-    options = yaml.safe_load(config.read_text())["model"]["init_args"]["net"]["init_args"]
+    options = load_config(config)["model"]["init_args"]["net"]["init_args"]
     known = inspect.signature(DeepRegionCNN).parameters
     dropped = sorted(k for k in options if k not in known)
     if dropped:

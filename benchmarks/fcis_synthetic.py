@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import yaml
 
+from instsearch.config_files import load_config
 from instsearch.datamodules.benchmark import benchmark_dataloader
 from instsearch.datamodules.synthetic import SyntheticDataModule
 from instsearch.console import quiet_framework_noise
@@ -102,7 +102,7 @@ def main() -> None:
     dm = SyntheticDataModule(root=data, batch_size=a.batch_size, num_workers=0, seed=a.seed)
     dm.prepare_data()
     bench = Benchmark.load(data / "benchmark.json")
-    config = yaml.safe_load((a.config or CONFIGS / f"{a.variant}_synthetic.yaml").read_text())
+    config = load_config(a.config or CONFIGS / f"{a.variant}_synthetic.yaml")
     net_args = config["model"]["init_args"]["net"]["init_args"]
     net_args.update(num_classes=dm.num_classes)
     if a.arch:

@@ -7,19 +7,22 @@ from typing import Any
 
 import yaml
 
+from instsearch.config_files import load_config
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+__all__ = ["CONFIGS", "load_config", "run_shipped_config"]
 
 
 def run_shipped_config(name: str, tmp_path: Path, benchmark: Path, capsys,
                        net_options: dict[str, Any]) -> tuple[dict, dict]:
-    """``configs/<name>.yaml`` with a CSV logger in ``tmp_path``, no progress bar, ``net_options``
-    applied to the network and ``benchmark`` served by ``BenchmarkDataModule``, through
-    ``instsearch test`` (no checkpoint).
+    """``configs/<name>.yaml`` (its included pieces read in: :func:`load_config`) with a CSV logger
+    in ``tmp_path``, no progress bar, ``net_options`` applied to the network and ``benchmark``
+    served by ``BenchmarkDataModule``, through ``instsearch test`` (no checkpoint).
 
     Returns the printed ``metrics.json`` and ``run.json``, read back."""
     from instsearch.cli import main
 
-    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    config = load_config(CONFIGS / f"{name}.yaml")
     config["trainer"]["logger"] = [{"class_path": "pytorch_lightning.loggers.CSVLogger",
                                     "init_args": {"save_dir": str(tmp_path), "name": name}}]
     config["trainer"]["enable_progress_bar"] = False
