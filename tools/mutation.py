@@ -14,7 +14,8 @@ and runs only its covering tests. The editable install's finder comes after the 
 
 Mutants that cannot change behaviour are listed, each with its reason, in docs/mutation.md as
 ``- `<mutant name>`: reason`` lines; the kill rate printed per module leaves them out:
-killed / (mutants - equivalent). Timeouts count as killed, as mutmut counts them.
+killed / (mutants - equivalent - unrun). Timeouts count as killed, as mutmut counts them; "unrun"
+are mutants an interrupted run did not reach.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ DOC = ROOT / "docs" / "mutation.md"
 # mutmut's exit codes (mutmut.stats.status_by_exit_code) grouped into what the table reports
 KILLED = {1, 3, 36, -24, 24, 152, 255}  # test failure, pytest internal error, timeout
 SURVIVED = {0}
+DATA_FOLDERS = ("configs",)
 NO_TESTS = {5, 33}
 
 
@@ -79,6 +81,9 @@ def build_sandbox(entry: dict, package_dir: dict[str, str]) -> tuple[Path, Path]
     if (sandbox / "tests").exists():
         shutil.rmtree(sandbox / "tests")
     _sync(ROOT / "tests", sandbox / "tests")
+    for folder in DATA_FOLDERS:  # read by some tests (ROOT / "configs"), copied beside tests/
+        if (ROOT / folder).is_dir():
+            _sync(ROOT / folder, sandbox / folder)
     target = import_path(module, package_dir)
     pytest_opts = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["tool"]["pytest"]["ini_options"]
     lines = [
@@ -86,6 +91,7 @@ def build_sandbox(entry: dict, package_dir: dict[str, str]) -> tuple[Path, Path]
         'source_paths = ["instsearch"]',
         f"only_mutate = [{json.dumps(str(target))}]",
         f"pytest_add_cli_args_test_selection = {json.dumps(entry['tests'])}",
+        f"also_copy = {json.dumps(list(DATA_FOLDERS))}",
         f"pytest_add_cli_args = {json.dumps(['-p', 'no:cacheprovider', '-p', 'no:xdist'])}",
         f"timeout_multiplier = {float(entry.get('timeout_multiplier', 5.0))}",
         "use_git_change_detection = false",
@@ -101,9 +107,12 @@ def build_sandbox(entry: dict, package_dir: dict[str, str]) -> tuple[Path, Path]
 def tally(sandbox: Path, target: Path, equivalent: dict[str, str]) -> dict:
     meta = sandbox / "mutants" / (str(target) + ".meta")
     codes = json.loads(meta.read_text("utf-8"))["exit_code_by_key"]
-    row = dict(mutants=len(codes), killed=0, equivalent=0, survived=0, no_tests=0, other=0, survivors=[])
+    row = dict(mutants=len(codes), killed=0, equivalent=0, survived=0, no_tests=0, other=0, not_checked=0,
+               survivors=[])
     for name, code in sorted(codes.items()):
-        if name in equivalent:
+        if code is None:  # an interrupted run: not part of the rate
+            row["not_checked"] += 1
+        elif name in equivalent:
             row["equivalent"] += 1
         elif code in KILLED:
             row["killed"] += 1
@@ -116,7 +125,7 @@ def tally(sandbox: Path, target: Path, equivalent: dict[str, str]) -> dict:
         else:  # not run, segfault, suspicious
             row["other"] += 1
             row["survivors"].append(f"{name} (exit {code})")
-    judged = row["mutants"] - row["equivalent"]
+    judged = row["mutants"] - row["not_checked"] - row["equivalent"]
     row["kill_rate"] = row["killed"] / judged if judged else 1.0
     return row
 
@@ -163,13 +172,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"   survived: {name}   (python -m mutmut show {name}, in {sandbox.relative_to(ROOT)})")
 
     print()
-    header = f"{'module':34} {'mutants':>7} {'killed':>6} {'equiv':>5} {'surv':>4} {'no-test':>7} {'kill rate':>9} {'wall':>7}"
+    header = (f"{'module':34} {'mutants':>7} {'killed':>6} {'equiv':>5} {'surv':>4} {'no-test':>7} {'unrun':>5} "
+              f"{'kill rate':>9} {'wall':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         wall = f"{r['wall']:.0f}s" if r["wall"] is not None else "-"
         print(f"{r['module']:34} {r['mutants']:7} {r['killed']:6} {r['equivalent']:5} {r['survived']:4} "
-              f"{r['no_tests']:7} {r['kill_rate']:9.1%} {wall:>7}")
+              f"{r['no_tests']:7} {r['not_checked']:5} {r['kill_rate']:9.1%} {wall:>7}")
     return 0
 
 
