@@ -23,9 +23,9 @@ def claid_options(config: Path) -> tuple[dict[str, Any], int, Optional[int]]:
     """The CLAID arguments of a config -- its ``model.init_args.net.init_args`` mapping, without the
     null values (a null leaves the network's default in place) --, its ``seed_everything`` (0 when
     unset) and the ``data.init_args.max_side`` its images are served at (None: as they are)."""
-    import yaml
+    from instsearch.config_files import load_config
 
-    root: Any = yaml.safe_load(config.read_text())
+    root: Any = load_config(config)
     node = root
     for key in NET_KEYS:
         if not isinstance(node, dict) or key not in node:

@@ -299,11 +299,9 @@ def test_decomposition_rules_reach_the_decomposition():
 def test_claid_public_config_sets_the_public_codes_choices():
     """configs/claid_public.yaml, value by value, against the public code (CALID/detector.py,
     descriptor.py at 8a2fd4c): a drifted value fails here."""
-    import yaml
+    from config_runs import CONFIGS, load_config
 
-    from config_runs import CONFIGS
-
-    config = yaml.safe_load((CONFIGS / "claid_public.yaml").read_text())
+    config = load_config(CONFIGS / "claid_public.yaml")
     net = config["model"]["init_args"]["net"]["init_args"]
     public = dict(patch_backbone="vit_base_patch8_224.dino", min_size=360, max_size=800, resize="public",
                   describe_backbone="resnet50", describe_layer="conv5.1", pooling="gem", gem_p=3.0, tau1=0.97,

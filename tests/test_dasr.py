@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config_runs import CONFIGS, run_shipped_config
+from config_runs import CONFIGS, load_config, run_shipped_config
 
 from instsearch.networks.dasr import (DASR, above_mean_positions, ellipse_boxes, local_maxima, peak_response_maps,
                                       pixel_moments, threshold_maps)
@@ -425,9 +425,7 @@ def test_dasr_vlad_network_describes_images_and_crops():
 # ---------------------------------------------------------------------- instsearch test
 def test_instsearch_test_runs_the_dasr_config_without_a_checkpoint(tmp_path, small_benchmark, capsys):
     """The shipped synthetic config, made small, through `instsearch test` with whitening."""
-    import yaml
-
-    shipped = yaml.safe_load((CONFIGS / "dasr_synthetic.yaml").read_text())
+    shipped = load_config(CONFIGS / "dasr_synthetic.yaml")
     assert shipped["model"]["init_args"]["retrieval"]["whitening"] is True
     metrics, run = run_shipped_config("dasr_synthetic", tmp_path, small_benchmark, capsys, dict(long_side=96))
     assert metrics["num_queries"] == 4

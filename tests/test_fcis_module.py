@@ -92,12 +92,12 @@ def test_ap_at_threshold_matches_torchmetrics():
 ])
 def test_synthetic_configs_parse(variant, arch, deformable, tmp_path):
     """Each config builds its module through the CLI (backbone shrunk to keep the test fast)."""
-    import yaml
+    from instsearch.config_files import load_config
 
     from instsearch.cli import lightning_cli
 
     path = CONFIGS / f"{variant}_synthetic.yaml"
-    cfg = yaml.safe_load(path.read_text())
+    cfg = load_config(path)
     net_args = cfg["model"]["init_args"]["net"]["init_args"]
     assert (net_args["backbone"], net_args["deformable"]) == (arch, deformable)
     cli = lightning_cli(["--config", str(path), "--model.init_args.net.init_args.backbone=resnet26",

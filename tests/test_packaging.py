@@ -56,7 +56,7 @@ def test_the_detector_finds_a_bare_import(tmp_path):
 BARE_DOTTED = re.compile(r"(?<![\w./~-])(?:" + "|".join(FOLDERS) + r")\.[a-z_]+\.[A-Za-z_]+")
 
 
-@pytest.mark.parametrize("pattern", ["configs/*.yaml", "README.md", "instsearch/*.py", "lightning_modules/*.py"])
+@pytest.mark.parametrize("pattern", ["configs/**/*.yaml", "README.md", "instsearch/*.py", "lightning_modules/*.py"])
 def test_configs_and_docs_name_classes_through_the_namespace(pattern):
     bad = []
     for path in sorted(ROOT.glob(pattern)):

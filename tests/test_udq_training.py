@@ -419,9 +419,9 @@ def test_shipped_config_fits_tests_and_writes_a_reloadable_index(small_benchmark
     from instsearch.datamodules.benchmark import benchmark_dataloader
     from instsearch.eval.extraction import extract_batch
     from instsearch.formats import Benchmark, Run
-    from config_runs import CONFIGS
+    from config_runs import CONFIGS, load_config
 
-    config = yaml.safe_load((CONFIGS / "udq_synthetic.yaml").read_text())
+    config = load_config(CONFIGS / "udq_synthetic.yaml")
     config["trainer"].update(max_epochs=2, enable_progress_bar=False, logger=[
         {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "udq"}}])
     config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "ckpt")

@@ -270,12 +270,10 @@ def test_dasr_vlad_uses_the_vocabulary_file_and_checks_its_options(tmp_path):
 
 # ---------------------------------------------------------------- the command line and the config
 def test_the_command_line_fits_a_vocabulary_the_holidays_config_searches_with(tmp_path, small_benchmark, capsys):
-    import yaml
-
-    from config_runs import CONFIGS, run_shipped_config
+    from config_runs import CONFIGS, load_config, run_shipped_config
     from instsearch.vlad_vocabulary import main
 
-    shipped = yaml.safe_load((CONFIGS / "dasr_holidays.yaml").read_text())
+    shipped = load_config(CONFIGS / "dasr_holidays.yaml")
     net = shipped["model"]["init_args"]["net"]["init_args"]
     assert shipped["model"]["init_args"]["retrieval"]["whitening"] is False
     assert {k: net[k] for k in VLAD_STAR} == VLAD_STAR

@@ -309,9 +309,9 @@ def test_whitening_command_fits_another_benchmarks_database_and_the_evaluator_lo
     from instsearch.eval.evaluator import RetrievalConfig
     from instsearch.eval.extraction import extract_batch
     from instsearch.networks.dasr import DASR
-    from tests.config_runs import CONFIGS
+    from tests.config_runs import CONFIGS, load_config
 
-    config = yaml.safe_load((CONFIGS / "dasr_synthetic.yaml").read_text())
+    config = load_config(CONFIGS / "dasr_synthetic.yaml")
     config["trainer"]["enable_progress_bar"] = False
     config["model"]["init_args"]["net"]["init_args"]["long_side"] = 96
     config["model"]["init_args"]["retrieval"]["whitening_dim"] = 6
