@@ -24,8 +24,9 @@ The DASR paper's pipeline (Xiao & Zhao, "Deeply Activated Salient Region for Ins
   (``RetrievalConfig.whitening``), so it is the same for every method.
 
 The back-propagation rule is the one of the authors' public implementation
-(https://github.com/wlzhao22/DASR): for a convolution with input ``A`` (of one image), weights
-``W`` and output gradient ``g``, the input gradient is
+(https://github.com/wlzhao22/DASR at commit e71d16743e1bdf764d5fd178c43f080264a55577; "the public
+code" below): for a convolution with input ``A`` (of one image), weights ``W`` and output
+gradient ``g``, the input gradient is
 
     ``(A - min A) * conv_transpose(g / Z, W⁺)``,  ``Z = conv(A - min A, W⁺)``
 

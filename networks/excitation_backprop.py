@@ -45,7 +45,8 @@ from torch import Tensor, nn
 __all__ = ["ReversePass", "MeanChannels", "Z_EPS", "peak_gradients", "bytes_per_peak", "peak_response_maps",
            "resolve_strategy", "chunk_for_budget", "peaks_per_pass", "reverse_pass_of", "check_rule"]
 
-#: ``g / Z`` is zero where ``Z`` is below this (the public code's constant).
+#: ``g / Z`` is zero where ``Z`` is below this (the constant of the DASR authors' public code,
+#: https://github.com/wlzhao22/DASR at commit e71d16743e1bdf764d5fd178c43f080264a55577).
 Z_EPS = 1e-10
 
 
