@@ -1,6 +1,9 @@
 """CLAID (class-agnostic instance-level descriptor): training-free regions from a hierarchical
 bisecting of self-supervised ViT patch features, described by RoI pooling on a ResNet.
 
+Paper: Q.-Y. Sun, W.-L. Zhao, H.-Y. Xie, Y.-B. Miao and C.-W. Ngo, "Class Agnostic Instance-level
+Descriptor for Instance Search"; https://arxiv.org/abs/2506.16745.
+
 The CLAID paper's pipeline (its Fig. 5) has two networks and no training:
 
 * **detector** -- the image, short side 360 and long side at most 800 (the paper's sizes), through

@@ -1,6 +1,9 @@
 """DASR and DASR* (deeply activated salient regions): training-free regions from the activation
 peaks of a classification CNN, localised by probabilistic back-propagation to the input.
 
+Paper: H.-C. Xiao, W.-L. Zhao, J. Lin, Y.-G. Hong and C.-W. Ngo, "Deeply Activated Salient Region
+for Instance Search", ACM TOMM (2022), https://doi.org/10.1145/3510004; https://arxiv.org/abs/2002.00185.
+
 The DASR paper's pipeline (Xiao & Zhao, "Deeply Activated Salient Region for Instance Search"):
 
 * **activation map** -- the image, 512 px on its long side, through an ImageNet CNN (ResNet-50 by

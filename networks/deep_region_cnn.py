@@ -1,6 +1,9 @@
 """Deep region CNN (Mei, Min, Duan & Jiang 2018): a fine-tuned Faster R-CNN finds the object
 regions of each image, and the top-K regions are described by CNN features.
 
+Paper: S. Mei, W. Min, H. Duan and S. Jiang, "Instance-level object retrieval via deep region CNN",
+Multimedia Tools and Applications 78 (2019); https://doi.org/10.1007/s11042-018-6427-1.
+
 Offline, the detector is fine-tuned on the instance dataset with the first two convolution stages
 fixed (``frozen_stages=2``). Online, each image keeps its ``top_k`` highest-scoring boxes (K = 2 is
 the paper's best) with one feature each, and the search runs over

@@ -1,6 +1,10 @@
 """The UDQ network (Unsupervised Deep Quantization for object instance search): RPN proposals and
 the FC_S region feature ``f_t`` that the UDQ losses train and product quantisation encodes.
 
+Paper: W. Jiang, Y. Wu, C. Jing, T. Yu and Y. Jia, "Unsupervised deep quantization for object
+instance search", Neurocomputing (2019);
+https://www.semanticscholar.org/paper/d0c538cd2d2ad142c81f723428d8bf535957b63c.
+
 The paper's architecture (its Fig. 2 and Section 4.1): convolutional layers, a Region Proposal
 Network, a RoI pooling layer and "three fully-connected layers". Here
 

@@ -1,6 +1,10 @@
 """FCIS (Li et al., CVPR 2017) and FCIS+XD (Zhan & Zhao) for instance search, and torchvision's
 Mask R-CNN on the same backbones for comparison.
 
+Paper: Y. Zhan and W.-L. Zhao, "Instance Search via Instance Level Segmentation and Feature
+Representation", Journal of Visual Communication and Image Representation;
+https://arxiv.org/abs/1806.03576.
+
 =====================  =============================================================================
 module                 what it holds
 =====================  =============================================================================
