@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SANDBOXES = ROOT / ".mutation"
 DOC = ROOT / "docs" / "mutation.md"
 # mutmut's exit codes (mutmut.stats.status_by_exit_code) grouped into what the table reports
-KILLED = {1, 3, 36, -24, 24, 152, 255}  # test failure, pytest internal error, timeout
+KILLED = {1, 3, 36, -24, 24, 152, 255, -11}  # test failure, pytest internal error, timeout, a crash (SIGSEGV)
 SURVIVED = {0}
 DATA_FOLDERS = ("configs",)
 NO_TESTS = {5, 33}
