@@ -18,7 +18,7 @@ The CLAID paper times one CPU thread (Table V), hence ``--threads 1`` by default
 
 ``--vit-weights PATH`` adds real DINO ViT-B/8 patch tokens (timm ``vit_base_patch8_224.dino``
 loaded from that local file; ``--image`` picks the picture, a random one otherwise). It runs only
-when the file is given (README "Measured" says which rows were measured with real tokens).
+when the file is given (docs/claid.md says which rows were measured with real tokens).
 
     python benchmarks/claid_bisect.py --images 5 --out runs/claid_bisect.json
 

@@ -1,8 +1,9 @@
 """DASR / DASR* back-propagation cost on a photograph: instsearch's reverse pass against the public
 scheme, in one run.
 
-The public scheme (the DASR authors' code) back-propagates each peak with one autograd backward
-through a retained graph whose convolutions carry the probabilistic rule as their gradient (an
+The public scheme (the DASR authors' public code, https://github.com/wlzhao22/DASR, commit
+e71d16743e1bdf764d5fd178c43f080264a55577) back-propagates each peak with one autograd backward through
+a retained graph whose convolutions carry the probabilistic rule as their gradient (an
 ``autograd.Function`` per convolution; batch norm, ReLU and pooling by autograd). instsearch runs
 one forward that records what the rule needs, then an explicit reverse pass per peak
 (``sequential``) or per chunk of peaks (``batched``; chunks from ``--budget-mb``), in float32 or

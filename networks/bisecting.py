@@ -38,7 +38,7 @@ Why the implementation looks the way it does:
 Points where the paper leaves a choice, and what is done here (each is repeated at the code):
 
 * ``c(S)`` counts the pairs ``i < j`` of Eq. 8 - the diagonal ``A_ii`` is **not** counted
-  (the authors' public code counts it, which inflates ``c`` of small nodes); ``c = 1`` for a
+  (the public code, cited below, counts it, which inflates ``c`` of small nodes); ``c = 1`` for a
   single patch (nothing left to cut).
 * Eq. 6 and 7 name ``argmin`` for the highest-degree seed and ``argmax`` for the lowest, the
   reverse of their text; only the pair matters. Degrees exclude the feature itself.

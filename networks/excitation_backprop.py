@@ -8,7 +8,9 @@ convolution with input ``A`` (one image), weights ``W`` and output gradient ``g`
 
     ``grad A = s * conv_transpose(g / Z, W⁺)``,  ``s = A − min A``,  ``Z = conv(s, W⁺)``
 
-(``W⁺`` the positive part of ``W``, the bias left out, ``g / Z`` set to 0 where ``Z < 1e-10``),
+(``W⁺`` the positive part of ``W``, the bias left out, ``g / Z`` set to 0 where ``Z < 1e-10``, the
+constant of the authors' public code, https://github.com/wlzhao22/DASR, commit
+e71d16743e1bdf764d5fd178c43f080264a55577),
 while batch norm (eval: a per-channel scale), ReLU (its mask), max pooling (its argmax indices)
 and residual sums pass their ordinary gradients.
 
@@ -45,8 +47,7 @@ from torch import Tensor, nn
 __all__ = ["ReversePass", "MeanChannels", "Z_EPS", "peak_gradients", "bytes_per_peak", "peak_response_maps",
            "resolve_strategy", "chunk_for_budget", "peaks_per_pass", "reverse_pass_of", "check_rule"]
 
-#: ``g / Z`` is zero where ``Z`` is below this (the constant of the DASR authors' public code,
-#: https://github.com/wlzhao22/DASR at commit e71d16743e1bdf764d5fd178c43f080264a55577).
+#: ``g / Z`` is zero where ``Z`` is below this (the constant of the public code, see the module docstring).
 Z_EPS = 1e-10
 
 

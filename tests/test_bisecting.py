@@ -1,5 +1,6 @@
 """CLAID's region decomposition (networks/bisecting.py) against hand-computed cases, brute force,
-scipy's connected-component labelling and planted hierarchies."""
+scipy's connected-component labelling and planted hierarchies. "The public code" is the authors'
+CLAID code (https://github.com/wlzhao22/CLAID, commit 8a2fd4c41c3d04b0a45c4703faf806ce85e13ba7)."""
 from __future__ import annotations
 
 import itertools

@@ -1,4 +1,5 @@
-"""The paper's rules of CLAID's region decomposition against the public code's, as options of
+"""The paper's rules of CLAID's region decomposition against the authors' public code's
+(https://github.com/wlzhao22/CLAID, commit 8a2fd4c41c3d04b0a45c4703faf806ce85e13ba7), as options of
 networks/bisecting.py: hand-built cases where the two readings give different partitions, with the
 expected results worked out by hand in the comments (never computed by the code under test)."""
 from __future__ import annotations

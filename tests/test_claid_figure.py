@@ -1,5 +1,7 @@
 """`instsearch claid-figure`: one panel per depth of CLAID's hierarchy with the dummy nodes grey and
-hatched, the kept regions' boxes where their patches are, and the command's options and errors."""
+hatched, the kept regions' boxes where their patches are, and the command's options and errors.
+"The public code" is the authors' CLAID code
+(https://github.com/wlzhao22/CLAID, commit 8a2fd4c41c3d04b0a45c4703faf806ce85e13ba7)."""
 from __future__ import annotations
 
 import inspect

@@ -1,5 +1,7 @@
 """CLAID as a search network: the patch grid, regions in image pixels, the descriptor's pooling
-options, the whole-image fallback, and `instsearch test` of a training-free config."""
+options, the whole-image fallback, and `instsearch test` of a training-free config.
+"The public code" is the authors' CLAID code
+(https://github.com/wlzhao22/CLAID, commit 8a2fd4c41c3d04b0a45c4703faf806ce85e13ba7)."""
 from __future__ import annotations
 
 import json

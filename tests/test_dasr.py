@@ -1,6 +1,8 @@
 """DASR / DASR*: the probabilistic back-propagation against an independent per-peak implementation,
 peak finding, thresholds and ellipse boxes on hand-built cases, the search network's contract,
-VLAD against a direct computation, and `instsearch test` of the training-free config."""
+VLAD against a direct computation, and `instsearch test` of the training-free config.
+"The public code" is the authors' DASR code
+(https://github.com/wlzhao22/DASR, commit e71d16743e1bdf764d5fd178c43f080264a55577)."""
 from __future__ import annotations
 
 import json

@@ -2,7 +2,9 @@
 their behaviour: the probabilistic back-propagation through a bottleneck ResNet with batch norm,
 max pooling and residual sums against a reverse pass written out layer by layer, and the region
 defaults (tau = 0.1, ellipse axes of 2 standard deviations, NMS at 0.3 keeping the highest X̄
-first, regions described by conv5.0) against numpy recomputations and hand-built maps."""
+first, regions described by conv5.0) against numpy recomputations and hand-built maps. "The public
+code" is the authors' DASR code (https://github.com/wlzhao22/DASR, commit
+e71d16743e1bdf764d5fd178c43f080264a55577)."""
 from __future__ import annotations
 
 import inspect
@@ -102,7 +104,7 @@ def _bn64(bn: nn.BatchNorm2d, x):
 
 
 def _excitation(conv: nn.Conv2d, a, g):
-    """The probabilistic rule, as written in the paper and the authors' code:
+    """The probabilistic rule, as written in the paper and the public code:
     (A - min A) * conv_transpose(g / Z, W⁺), Z = conv(A - min A, W⁺), g / Z = 0 where Z < 1e-10."""
     s = a - a.min()  # one image: the min over all its channels and pixels
     wp = _d(conv.weight).clamp(min=0)  # W⁺; no bias
