@@ -6,8 +6,7 @@ serves them
 
 * for training, shuffled per epoch from ``(seed, epoch)`` in batches of ``batch_size`` images
   (items ``(image, ImageMeta)``; an unreadable image comes as ``None`` and is skipped by the
-  training step), resumable mid-epoch like every instsearch DataModule (README "Resuming
-  training");
+  training step), resumable mid-epoch like every instsearch DataModule (docs/resuming.md);
 * for the passes at round boundaries, in database order (:meth:`round_dataloader`, sharded over
   ranks);
 * and, as every DataModule with a ``benchmark``, the benchmark itself for retrieval evaluation.

@@ -3,7 +3,7 @@
 One code path serves the per-epoch callback, ``instsearch test`` and the demo. The network runs
 elsewhere (:mod:`instsearch.eval.extraction`, called from the LightningModule's step);
 :class:`RetrievalEvaluator` only ``process``-es the resulting :class:`SearchBatch` es and
-``compute``-s the metrics of the README's Metrics section, as detectron2's ``DatasetEvaluator``.
+``compute``-s the metrics of docs/metrics.md, as detectron2's ``DatasetEvaluator``.
 
 Under DDP every rank processes a shard; ``compute`` gathers the shards **to rank 0 only**, which
 alone builds the index and scores (other ranks get ``None``). Rank 0 then holds every region:
@@ -42,7 +42,7 @@ class RetrievalConfig:
     per-epoch callback, ``instsearch test`` and the demo score a model the same way.
 
     Attributes:
-        normalization: AP normalisation, ``relevant`` | ``min`` | ``retrieved`` (README, Metrics).
+        normalization: AP normalisation, ``relevant`` | ``min`` | ``retrieved`` (docs/metrics.md).
         protocol: ``standard`` or ``oxford`` (trapezoid AP of the official Oxford/Paris code).
         regions_per_image: keep at most this many regions per database image (highest scores).
         prune_by_label: compare a query only with regions of its predicted category (FCIS+XD).

@@ -1,7 +1,7 @@
 """The evaluation protocol of instance search: mAP@k under three normalisations, the Oxford/Paris
 trapezoid AP, localisation mIoU and detector recall@IoU.
 
-Definitions (README, Metrics). For one query the run's ranked list of database images is first
+Definitions (docs/metrics.md). For one query the run's ranked list of database images is first
 *cleaned*, and every number is computed on the cleaned list:
 
 * an image returned twice keeps its first (best) position; later copies are removed, since a

@@ -1,4 +1,4 @@
-"""Checkpoints that survive preemption (README "Resuming training").
+"""Checkpoints that survive preemption (docs/resuming.md).
 
 * :class:`LastCheckpoint` writes ``last.ckpt`` at the end of every training epoch, whatever the
   validation frequency, optionally every ``every_n_train_steps`` steps as well, and when the job

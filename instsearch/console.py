@@ -23,7 +23,7 @@ QUIET_WARNINGS = (
     # Lightning's own use of a deprecated torch pytree API, fixed upstream, nothing to change here
     (r".*isinstance\(treespec, LeafSpec\)", FutureWarning),
     (r".*isinstance\(treespec, LeafSpec\)", UserWarning),
-    # frozen backbone stages keep their batch-norm statistics on purpose (README, deep region CNN)
+    # frozen backbone stages keep their batch-norm statistics on purpose (docs/deep_region_cnn.md)
     (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning),
     # resuming mid-epoch: the DataModule saves its position in the checkpoint and its batch
     # sampler starts there (instsearch.checkpointing.training_position), which Lightning cannot see

@@ -50,7 +50,7 @@ def build_args(out: Path, data: Path, accelerator: str, epochs: int, seed: int, 
         f"--trainer.check_val_every_n_epoch={epochs}",
         "--trainer.num_sanity_val_steps=0",
         "--trainer.logger=" + json.dumps(loggers),
-        # last.ckpt after every epoch: a killed demo resumes with --ckpt_path (README "Resuming training")
+        # last.ckpt after every epoch: a killed demo resumes with --ckpt_path (docs/resuming.md)
         "--trainer.callbacks=" + json.dumps([{"class_path": "instsearch.checkpointing.LastCheckpoint",
                                               "init_args": {"dirpath": str(out / "checkpoints")}}]),
         f"--retrieval.every_n_epochs={epochs}",

@@ -1,6 +1,6 @@
 """The on-disk formats other tools read and write: ``benchmark.json`` and ``run.json``.
 
-Both are documented in the README ("Formats"). Loading validates everything a later step relies
+Both are documented in docs/formats.md. Loading validates everything a later step relies
 on and raises :class:`FormatError` naming the file and the offending entry, so a bad file fails
 at the door rather than deep inside a search.
 """

@@ -1,7 +1,7 @@
 """Randomness that a resumed run reproduces exactly.
 
 A run killed at any point and resumed from its ``last.ckpt`` must draw the same random numbers as
-the run that was never interrupted (README "Resuming training"). Lightning restores the weights,
+the run that was never interrupted (docs/resuming.md). Lightning restores the weights,
 the optimiser and the loop counters, but not where the random generators stood, and those
 generators are shared by everything (sampler, augmentation in every DataLoader worker, the RPN's
 and RoI samplers' draws, dropout), so their state at a step depends on the whole history of the

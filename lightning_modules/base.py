@@ -108,7 +108,7 @@ class RegionSearchModule(pl.LightningModule):
     # ------------------------------------------------------------ training
     def configure_callbacks(self) -> list[pl.Callback]:
         """Every fit reseeds the global generators per step from ``seed_everything``'s seed, so that a
-        resumed run repeats the uninterrupted one (README "Resuming training")."""
+        resumed run repeats the uninterrupted one (docs/resuming.md)."""
         return [StepSeeding()]
 
     def training_step(self, batch, batch_idx: int) -> Tensor:

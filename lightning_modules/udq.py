@@ -28,8 +28,8 @@ images of a benchmark, without labels
   Rounds ``1..rounds`` are the paper's "module 2" iterations (2 by default: "we choose to
   iterate 2 times").
 
-**What makes a round learn** (each an option; the figures are the synthetic benchmark's, README
-"### UDQ"):
+**What makes a round learn** (each an option; the figures are the synthetic benchmark's,
+docs/udq.md):
 
 * ``classifier_init="codebook"``: the classifiers start as ``W_{m,k} = s_m c^m_k``, ``b_{m,k} =
   −s_m/2 ‖c^m_k‖²`` (:meth:`~instsearch.losses.udq.SubspaceClassifiers.init_from_codebooks`), i.e.

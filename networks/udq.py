@@ -102,8 +102,7 @@ class UDQNet(ClassAgnostic, nn.Module):
         l2_normalize: l2-normalise ``f_t`` (default). The paper does not say; without it the two
             losses shrink the features towards their codewords round after round (mean norm 17.7
             -> 6.5 in two rounds on the synthetic benchmark) and mAP falls below the untrained
-            features', while on the unit sphere the rounds improve on Off-the-shelf-OPQ (README,
-            "### UDQ"). Distances stay L2, as the paper's search.
+            features', while on the unit sphere the rounds improve on Off-the-shelf-OPQ (docs/udq.md). Distances stay L2, as the paper's search.
         image_mean / image_std: input normalisation.
     """
 

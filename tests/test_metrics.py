@@ -47,7 +47,7 @@ def make_run(rankings, boxes=None):
 
 
 def slow_ap(rel, R, k, normalization):
-    """The README's definition written as a plain loop: an independent reference."""
+    """The definition of docs/metrics.md written as a plain loop: an independent reference."""
     rel = list(rel)[: (len(rel) if k is None else k)]
     s, hits = 0.0, 0
     for i, r in enumerate(rel, start=1):

@@ -1,5 +1,5 @@
 """Preemption-safe training: checkpoints every epoch, atomic writes, exact resumption after SIGKILL
-or SIGTERM at an epoch end or mid-epoch (README "Resuming training")."""
+or SIGTERM at an epoch end or mid-epoch (docs/resuming.md)."""
 from __future__ import annotations
 
 import csv

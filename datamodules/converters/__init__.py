@@ -1,4 +1,4 @@
-"""``instsearch convert``: public instance-search benchmarks -> ``benchmark.json`` (README, Formats).
+"""``instsearch convert``: public instance-search benchmarks -> ``benchmark.json`` (docs/formats.md).
 
 One module per dataset family parses the distributor's on-disk layout into a
 :class:`~instsearch.datamodules.converters.common.Draft`; :func:`convert` measures the images, drops bad ones,
