@@ -336,3 +336,228 @@ def test_average_connectivity_edge_cases_by_hand():
         average_connectivity(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="average_connectivity: masks over 3 features for a 2-feature adjacency"):
         average_connectivity(adj, torch.ones(1, 3, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- Gram matrix panels
+def _integer_features(n: int, d: int, seed: int) -> torch.Tensor:
+    """Small integers as float32: every dot product is an exact integer, whatever the summation order."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-3, 4, (n, d), generator=g).to(torch.float32)
+
+
+@pytest.mark.parametrize("n", [1025, 1100, 1537])
+def test_gram_of_a_large_image_built_in_panels_is_the_full_product(n):
+    # above 1024 features the Gram matrix is built one row panel at a time and mirrored; every entry
+    # must still be x_i . x_j (an explicit integer product in numpy, exact here)
+    from instsearch.networks.bisecting import _gram
+    x = _integer_features(n, 3, seed=n)
+    xi = x.numpy().astype(np.int64)
+    gram = _gram(x)
+    assert gram.shape == (n, n)
+    assert np.array_equal(gram.numpy().astype(np.int64), xi @ xi.T)
+
+
+def test_gram_of_few_long_features_is_small():
+    # 4 features of 1100 dimensions: a (4, 4) matrix, whatever the feature length
+    from instsearch.networks.bisecting import _gram
+    x = _integer_features(4, 1100, seed=1)
+    xi = x.numpy().astype(np.int64)
+    gram = _gram(x)
+    assert gram.shape == (4, 4)
+    assert np.array_equal(gram.numpy().astype(np.int64), xi @ xi.T)
+
+
+# ----------------------------------------------------------------------------- connected components
+def _scipy_components(masks: np.ndarray, min_patches: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected components by scipy.ndimage.label, ordered by mask then first raster patch."""
+    from scipy import ndimage
+    comps, source = [], []
+    for b, mask in enumerate(masks):
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
+        for k in range(1, count + 1):
+            comp = labels == k
+            if comp.sum() >= min_patches:
+                comps.append(comp)
+                source.append(b)
+    h, w = masks.shape[1:]
+    return (np.array(comps, dtype=bool).reshape(-1, h, w), np.array(source, dtype=np.int64))
+
+
+def test_connected_components_component_spanning_first_and_last_patch():
+    # 3x3: component A runs along the top row and down the right column (patches 0, 1, 2, 5, 8:
+    # it holds both the first and the last patch), component B is the lone bottom-left patch 6
+    mask = torch.tensor([[[1, 1, 1], [0, 0, 1], [1, 0, 1]]], dtype=torch.bool)
+    comps, source = connected_components(mask)
+    a = torch.tensor([[1, 1, 1], [0, 0, 1], [0, 0, 1]], dtype=torch.bool)
+    b = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(comps, torch.stack([a, b]))
+    assert source.tolist() == [0, 0]
+
+
+def test_connected_components_match_scipy_on_random_masks():
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand(40, 6, 7, generator=g) < 0.45
+    comps, source = connected_components(masks)
+    want_comps, want_source = _scipy_components(masks.numpy())
+    assert np.array_equal(comps.numpy(), want_comps)
+    assert np.array_equal(source.numpy(), want_source)
+    assert source.dtype == torch.long
+
+
+def test_connected_components_keeps_single_patches_by_default():
+    # min_patches defaults to 1: an isolated patch is a component
+    mask = torch.tensor([[[1, 0, 0], [0, 0, 1]]], dtype=torch.bool)
+    comps, source = connected_components(mask)
+    assert comps.shape == (2, 2, 3) and source.tolist() == [0, 0]
+    assert comps[0, 0, 0] and comps[1, 1, 2] and int(comps.sum()) == 2
+
+
+def test_connected_components_of_one_patch_grids():
+    masks = torch.tensor([[[True]], [[False]], [[True]]])
+    comps, source = connected_components(masks)
+    assert torch.equal(comps, torch.ones(2, 1, 1, dtype=torch.bool))
+    assert source.tolist() == [0, 2]
+
+
+def test_connected_components_of_no_masks_and_of_empty_grids():
+    comps, source = connected_components(torch.zeros(0, 4, 5, dtype=torch.bool))
+    assert comps.shape == (0, 4, 5) and comps.dtype == torch.bool
+    assert source.shape == (0,) and source.dtype == torch.long
+    comps, source = connected_components(torch.zeros(2, 0, 3, dtype=torch.bool))
+    assert comps.shape == (0, 0, 3) and comps.dtype == torch.bool
+    assert source.shape == (0,) and source.dtype == torch.long
+
+
+def test_connected_components_accept_float_masks():
+    mask = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])
+    comps, source = connected_components(mask)
+    assert comps.dtype == torch.bool
+    assert torch.equal(comps, torch.tensor([[[1, 0, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 1]]], dtype=torch.bool))
+    assert source.tolist() == [0, 0]
+
+
+# ----------------------------------------------------------------------------- argument errors
+@pytest.mark.parametrize("call,message", [
+    (lambda: connected_components(torch.zeros(3, 3, dtype=torch.bool)), r"expects \(B, h, w\) masks, got \(3, 3\)"),
+    (lambda: affinity(torch.zeros(2, 3, 4)), r"expects \(n, D\) features, got \(2, 3, 4\)"),
+    (lambda: select_seeds(torch.ones(1, 1, dtype=torch.bool)), r"needs at least 2 features, got 1"),
+    (lambda: select_seeds(torch.ones(2, 2, dtype=torch.bool), rule="other"), r"rule must be 'closer' or 'public'"),
+    (lambda: upsample_masks(torch.zeros(2, 2), (4, 4)), r"expects \(R, h, w\) masks, got \(2, 2\)"),
+    (lambda: ksums_bisect(), r"ksums_bisect needs features or a Gram block"),
+    (lambda: ksums_bisect(torch.eye(3), solver="other"), r"solver must be 'batched' or 'sequential', got 'other'"),
+    (lambda: ksums_bisect(gram=torch.eye(3), solver="sequential"), r"the sequential solver works on the features"),
+    (lambda: build_hierarchy(torch.ones(2, 2, 3), max_depth=-1), r"max_depth must be >= 0, got -1"),
+])
+def test_argument_errors_name_the_problem(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_batched_solver_on_a_node_by_index_needs_its_features():
+    from instsearch.networks.bisecting import _ksums_batched
+    with pytest.raises(ValueError, match="a node given by index needs its features"):
+        _ksums_batched(torch.eye(3), torch.tensor([True, False, False]), 10, None, index=torch.arange(3))
+
+
+# ----------------------------------------------------------------------------- small nodes and empty outputs
+def test_ksums_bisect_of_fewer_than_two_features():
+    for n in (0, 1):
+        side = ksums_bisect(torch.ones(n, 3))
+        assert side.dtype == torch.bool and side.shape == (n,) and bool(side.all())
+    side = ksums_bisect(torch.ones(1, 3), return_history=False)
+    assert isinstance(side, torch.Tensor)
+    side, history = ksums_bisect(torch.ones(1, 3), return_history=True)
+    assert side.tolist() == [True] and history == []
+
+
+@pytest.mark.parametrize("solver", ["batched", "sequential"])
+def test_ksums_bisect_of_two_orthogonal_features_splits_them(solver):
+    # degrees 0 and 0: b = 0 (first maximum), w = 1; each feature stays with its own seed
+    side = ksums_bisect(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), solver=solver)
+    assert side.tolist() == [True, False]
+
+
+def test_ncut_bisect_of_small_nodes():
+    one = ncut_bisect(torch.ones(1, 1, dtype=torch.bool))
+    assert one.dtype == torch.bool and one.tolist() == [True]
+    assert ncut_bisect(torch.zeros(0, 0, dtype=torch.bool)).shape == (0,)
+    # two features not affine to each other: the cut separates them, the highest-degree (first) on True
+    assert ncut_bisect(torch.eye(2, dtype=torch.bool)).tolist() == [True, False]
+    # a 0/1 float adjacency is read as the bool one
+    assert ncut_bisect(torch.eye(2)).tolist() == [True, False]
+
+
+def test_bisect_regions_without_regions_returns_typed_empty_tensors():
+    # identical features: c(root) = 1 >= tau1, nothing is cut, no region
+    masks, levels = bisect_regions(torch.ones(3, 4, 5))
+    assert masks.shape == (0, 3, 4) and masks.dtype == torch.bool
+    assert levels.shape == (0,) and levels.dtype == torch.long
+
+
+def test_average_connectivity_of_a_pair_and_types():
+    adj = torch.eye(2, dtype=torch.bool)  # two features, not affine to each other
+    assert float(average_connectivity(adj, torch.tensor([[True, True]]))[0]) == 0.0
+    whole = average_connectivity(adj)
+    assert whole.dtype == torch.float64 and float(whole) == 0.0
+    # integer 0/1 membership reads as bool: {0, 1, 2} of a 3-set with the one edge (0, 1): 2 / 6
+    adj3 = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    got = average_connectivity(adj3, torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    assert got.tolist() == [pytest.approx(2 / 6), 1.0]
+
+
+def test_hierarchy_of_two_patches_and_depth_zero():
+    # a 1x2 image of two orthogonal features: c(root) = 0 < tau1, cut into its two patches
+    feats = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    nodes = build_hierarchy(feats, min_patches=1)
+    assert [n.parent for n in nodes] == [-1, 0, 0]
+    assert nodes[0].bisected
+    assert [n.mask.tolist() for n in nodes[1:]] == [[[True, False]], [[False, True]]]
+    # single patches: nothing to cut, c = 1
+    assert [n.connectivity for n in nodes[1:]] == [1.0, 1.0]
+    # max_depth = 0 cuts nothing, whatever c(root)
+    nodes = build_hierarchy(feats, min_patches=1, max_depth=0)
+    assert len(nodes) == 1 and not nodes[0].bisected
+
+
+def test_seed_split_from_the_seeds_rows_by_hand():
+    from instsearch.networks.bisecting import _split_from_seeds
+    # public: affine to b (> 0.2) and not affine to w (not > 0.2); 0.2 itself is not affine
+    row_b = torch.tensor([1.0, 0.5, 0.2, 0.1, 0.3])
+    row_w = torch.tensor([0.1, 0.2, 0.2, 1.0, 0.5])
+    assert _split_from_seeds(row_b, row_w, 0, 3, 0.2, "public").tolist() == [True, True, False, False, False]
+    # closer: to b when x . x_b >= x . x_w (the tie of feature 1 goes to b); b and w forced onto their sides
+    row_b = torch.tensor([0.1, 0.4, 0.3, 0.9])
+    row_w = torch.tensor([0.5, 0.4, 0.1, 0.05])
+    assert _split_from_seeds(row_b, row_w, 0, 3, 0.2, "closer").tolist() == [True, True, True, False]
+
+
+@pytest.mark.parametrize("n,on_b", [(4, 2), (5, 3), (7, 4)])
+def test_random_initialisation_puts_half_rounded_up_on_the_first_side(n, on_b):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    side = ksums_bisect(x, seed_selection=False, max_iters=0)
+    assert int(side.sum()) == on_b
+
+
+def test_packed_affinity_degrees_match_an_explicit_count():
+    # degrees within each node (label) without the diagonal, for sizes that are not multiples of 8
+    from instsearch.networks.bisecting import _Affinity
+    for n in (13, 16, 21):
+        g = torch.Generator().manual_seed(n)
+        x = F.normalize(torch.randn(n, 3, generator=g), dim=1)
+        gram = x @ x.T
+        labels = torch.randint(-1, 3, (n,), generator=g)
+        adj = (gram > 0.2).numpy()
+        lab = labels.numpy()
+        want = [0 if lab[i] < 0 else sum(1 for j in range(n) if j != i and lab[j] == lab[i] and adj[i, j])
+                for i in range(n)]
+        assert _Affinity(gram, 0.2).degrees(labels, 3).tolist() == want
+
+
+def test_hierarchy_root_node_by_hand():
+    # the root: every patch, level 0, no parent, always a dummy; xi(root) = |H| / n = ceil(0.3 * 192) / 192
+    feats, _ = planted_grid()
+    root = build_hierarchy(feats)[0]
+    assert torch.equal(root.mask, torch.ones(12, 16, dtype=torch.bool))
+    assert (root.level, root.parent, root.dummy) == (0, -1, True)
+    assert root.energy_ratio == pytest.approx(58 / 192, abs=1e-12)
