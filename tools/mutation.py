@@ -92,7 +92,9 @@ def build_sandbox(entry: dict, package_dir: dict[str, str]) -> tuple[Path, Path]
         f"only_mutate = [{json.dumps(str(target))}]",
         f"pytest_add_cli_args_test_selection = {json.dumps(entry['tests'])}",
         f"also_copy = {json.dumps(list(DATA_FOLDERS))}",
-        f"pytest_add_cli_args = {json.dumps(['-p', 'no:cacheprovider', '-p', 'no:xdist'])}",
+        # "deselect": integration tests whose cost would dominate every mutant's run (the unit
+        # tests of the module cover the same functions)
+        f"pytest_add_cli_args = {json.dumps(['-p', 'no:cacheprovider', '-p', 'no:xdist'] + [a for d in entry.get('deselect', []) for a in ('--deselect', d)])}",
         f"timeout_multiplier = {float(entry.get('timeout_multiplier', 5.0))}",
         "use_git_change_detection = false",
         "",
