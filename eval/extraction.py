@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from instsearch.distributed import gather_to_rank0
+from instsearch.eval.search import RegionStore
 from instsearch.structures import ImageMeta, RegionSearchModel, Regions, scale_boxes
 
 
@@ -164,11 +165,9 @@ class RegionCollection:
             self.bad_images += [e for e in bad if e not in self.bad_images]
         return True
 
-    def store(self, image_ids: Optional[Sequence[str]] = None):
+    def store(self, image_ids: Optional[Sequence[str]] = None) -> RegionStore:
         """The :class:`~instsearch.eval.search.RegionStore` of ``image_ids`` (default: every
         database image, in extraction order)."""
-        from instsearch.eval.search import RegionStore
-
         ids = list(self.database) if image_ids is None else list(image_ids)
         return RegionStore.from_regions(ids, [self.database[i] for i in ids])
 
