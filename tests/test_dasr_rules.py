@@ -422,3 +422,222 @@ def test_describe_layer_default_is_the_first_block_of_conv5():
     torch.testing.assert_close(det.describe_map, first)
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(got, at_stage, atol=1e-3)
+
+
+# ---------------------------------------------------------------------- the reverse pass's own contract
+import operator  # noqa: E402
+
+import instsearch.networks.excitation_backprop as eb  # noqa: E402
+from instsearch.networks.excitation_backprop import ReversePass, peak_gradients  # noqa: E402
+
+
+class Branchy(nn.Module):
+    """A dilated 3x3 convolution (bias) straight into a 1x1 convolution, a batch norm read twice
+    (``relu(b) + b``), an ``nn.Identity``, a functional max pool with every option set (stride 2,
+    padding 1, dilation 2, ceil_mode), then the channel mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=2, dilation=2)
+        self.conv2 = nn.Conv2d(4, 3, 1, bias=False)
+        with torch.no_grad():
+            self.conv1.weight.copy_(torch.randn(self.conv1.weight.shape, generator=g) * 0.6)
+            self.conv1.bias.copy_(torch.randn(4, generator=g) * 0.2)
+            self.conv2.weight.copy_(torch.randn(self.conv2.weight.shape, generator=g) * 0.6)
+        self.bn = _bn(3, g)
+        self.id = nn.Identity()
+        self.eval()
+
+    def forward(self, x):
+        b = self.bn(self.conv2(self.conv1(x)))
+        out = self.id(torch.relu(b) + b)
+        out = F.max_pool2d(out, kernel_size=3, stride=2, padding=1, dilation=2, ceil_mode=True)
+        return out.mean(dim=1, keepdim=True)
+
+
+def _excitation_dilated(conv: nn.Conv2d, a, g):
+    """The probabilistic rule with the convolution's dilation, the transpose by torch's conv2d_input."""
+    s = a - a.min()
+    wp = _d(conv.weight).clamp(min=0)
+    z = F.conv2d(s, wp, None, conv.stride, conv.padding, conv.dilation)
+    ratio = torch.where(z < 1e-10, torch.zeros_like(z), g / torch.where(z < 1e-10, torch.ones_like(z), z))
+    return s * torch.nn.grad.conv2d_input(a.shape, wp, ratio, conv.stride, conv.padding, conv.dilation)
+
+
+def branchy_reference_map(net: Branchy, image: torch.Tensor, y: int, x: int) -> torch.Tensor:
+    with torch.no_grad():
+        a0 = image[None].double()
+        z1 = F.conv2d(a0, _d(net.conv1.weight), _d(net.conv1.bias), 1, 2, 2)
+        z2 = F.conv2d(z1, _d(net.conv2.weight))
+        b = _bn64(net.bn, z2)
+        out = torch.relu(b) + b
+        pooled, idx = F.max_pool2d(out, 3, 2, 1, 2, ceil_mode=True, return_indices=True)
+        g = torch.zeros_like(pooled)
+        g[0, :, y, x] = 1.0 / pooled.shape[1]
+        g = torch.zeros_like(out).flatten(2).scatter_add(2, idx.flatten(2), g.flatten(2)).view_as(out)
+        g = (g * (b > 0) + g) * _bn_scale(net.bn)  # both uses of b add, then the BN scale
+        g = _excitation_dilated(net.conv2, z1, g)
+        g = _excitation_dilated(net.conv1, a0, g)
+        return g[0].sum(0).clamp(min=0)
+
+
+def test_branchy_network_equals_the_layer_by_layer_reference():
+    """Convolution into convolution, a value read twice, nn.Identity, dilation and every functional
+    max-pool option: the probabilistic maps equal the float64 reference, the gradient maps autograd's."""
+    net = Branchy()
+    image = torch.randn(1, 3, 12, 14, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert net(image).shape == (1, 1, 6, 7)  # ceil_mode: (12 + 2 - 5) / 2 + 1 rounded up
+    peaks = torch.tensor([[0, y, x] for y in range(6) for x in range(7)])
+    reference = torch.stack([branchy_reference_map(net, image[0], y, x) for _, y, x in peaks.tolist()])
+    assert (reference.flatten(1).amax(1) > 0).float().mean() > 0.7
+    got = peak_response_maps(net, image, peaks, strategy="batched", chunk_size=5)
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-6 * float(reference.amax()))
+    plain = []
+    for _, y, x in peaks.tolist():
+        xi = image.clone().requires_grad_(True)
+        net(xi)[0, 0, y, x].backward()
+        plain.append(xi.grad[0].sum(0).clamp(min=0))
+    torch.testing.assert_close(peak_response_maps(net, image, peaks, rule="gradient"), torch.stack(plain),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["probabilistic", "gradient"])
+def test_elementwise_factors_are_folded_into_one_per_convolution(resnet, rule):
+    """After the forward, each convolution holds one factor (ReLU mask x BN scale x 1/Z) and no
+    ReLU or batch norm below it keeps its own; only the ReLUs after a residual sum keep theirs."""
+    net, images, _, _ = resnet
+    reverse = ReversePass(net, rule=rule)
+    _, recorded = reverse.forward(images[:1])
+    tape = recorded["tape"]
+    convs = [s for s in reverse.steps if s.kind == "conv"]
+    after_sum = [s for s in reverse.steps if s.kind == "relu" and s.inputs[0].target in (operator.add, operator.iadd)]
+    assert len(convs) == 8 and len(after_sum) == 2
+    assert {s.node for s in reverse.steps if "pre" in tape[s.node]} == {s.node for s in convs + after_sum}
+    a0 = images[:1].double()
+    p0 = _bn64(net.bn1, _conv64(net.conv1, a0))
+    factor = (p0 > 0) * _bn_scale(net.bn1)
+    if rule == "probabilistic":
+        z = F.conv2d(a0 - a0.min(), _d(net.conv1.weight).clamp(min=0), None, 1, 1)
+        factor = factor * torch.where(z < 1e-10, torch.zeros_like(z), 1 / z)
+    conv1 = next(s for s in convs if s.node.target == "conv1")
+    torch.testing.assert_close(tape[conv1.node]["pre"].double(), factor, rtol=1e-5, atol=1e-7)
+
+
+def _backward_sizes(monkeypatch):
+    sizes = []
+    original = ReversePass.backward
+
+    def spy(self, recorded, grad_output):
+        sizes.append(grad_output.shape[0])
+        return original(self, recorded, grad_output)
+
+    monkeypatch.setattr(ReversePass, "backward", spy)
+    return sizes
+
+
+def test_peaks_per_reverse_pass_follow_strategy_chunk_size_and_budget(resnet, monkeypatch):
+    net, images, peaks, reference = resnet
+    peaks, reference = peaks[:10], reference[:10]  # ten peaks of the first image
+    sizes = _backward_sizes(monkeypatch)
+    per_peak = 3 * 4 * (4 * 20 * 24)  # the widest map, conv1's 4 x 20 x 24 floats, three times
+    cases = [(dict(strategy="sequential", chunk_size=7), [1] * 10),
+             (dict(strategy="auto", chunk_size=7), [1] * 10),  # the CPU: sequential
+             (dict(strategy="batched", chunk_size=7), [7, 3]),
+             (dict(strategy="batched", chunk_size=1), [1] * 10),
+             (dict(strategy="batched", memory_budget_mb=3.5 * per_peak / 2 ** 20), [3, 3, 3, 1])]
+    for kwargs, expected in cases:
+        sizes.clear()
+        got = peak_response_maps(net, images, peaks, **kwargs)
+        assert sizes == expected, kwargs
+        torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-6 * float(reference.amax()))
+
+
+def test_default_memory_budget_is_one_gib(resnet, monkeypatch):
+    net, images, peaks, _ = resnet
+    chunks = []
+    original = eb.peak_gradients
+
+    def spy(reverse, recorded, positions, chunk_size):
+        chunks.append(chunk_size)
+        return original(reverse, recorded, positions, chunk_size)
+
+    monkeypatch.setattr(eb, "peak_gradients", spy)
+    peak_response_maps(net, images, peaks[:2], strategy="batched")
+    assert chunks == [2 ** 30 // (3 * 4 * (4 * 20 * 24))]
+
+
+def _layouts(monkeypatch):
+    layouts = []
+    original = F.conv_transpose2d
+
+    def spy(x, *args, **kwargs):
+        if x.shape[1] > 1 and x.shape[-1] > 1 and x.shape[-2] > 1:
+            layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv_transpose2d", spy)
+    return layouts
+
+
+def test_channels_last_reverse_pass_gives_the_same_maps(resnet, monkeypatch):
+    net, images, peaks, reference = resnet
+    layouts = _layouts(monkeypatch)
+    reverse = ReversePass(net, channels_last=True)
+    assert reverse.channels_last is True
+    _, recorded = reverse.forward(images[:1])
+    got = peak_gradients(reverse, recorded, peaks[:6, 1:], chunk_size=3)
+    assert layouts and all(layouts)
+    torch.testing.assert_close(got.double(), reference[:6], rtol=1e-5, atol=1e-6 * float(reference.amax()))
+    layouts.clear()
+    default = ReversePass(net)
+    assert default.channels_last is False
+    _, recorded = default.forward(images[:1])
+    peak_gradients(default, recorded, peaks[:6, 1:], chunk_size=3)
+    assert layouts and not any(layouts)
+
+
+class _Net(nn.Module):
+    def __init__(self, tail, *modules) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), *modules)
+        self.tail = tail
+        self.eval()
+
+    def forward(self, x):
+        return self.tail(self.body(x))
+
+
+def test_refusals_name_what_they_refuse(resnet):
+    net, images, peaks, _ = resnet
+    mean = lambda x: x.mean(dim=1, keepdim=True)  # noqa: E731
+    with pytest.raises(ValueError, match=r"^rule must be 'probabilistic' or 'gradient', got 'excite'$"):
+        ReversePass(net, rule="excite")
+    with pytest.raises(ValueError, match=r"^rule must be 'probabilistic' or 'gradient', got 'excite'$"):
+        peak_response_maps(net, images, peaks[:1], rule="excite")
+    with pytest.raises(ValueError, match=r"^dtype must be torch.float32 or torch.bfloat16, got torch.float16$"):
+        ReversePass(net, dtype=torch.float16)
+    train_bn = _Net(mean, nn.BatchNorm2d(2))
+    train_bn.body[1].train()
+    no_stats = _Net(mean, nn.BatchNorm2d(2, track_running_stats=False))
+    for bad in (train_bn, no_stats):
+        with pytest.raises(ValueError, match=r"^body\.1: batch norm must be in eval mode with running statistics$"):
+            ReversePass(bad)
+    with pytest.raises(ValueError, match=r"^\w+: max_pool2d with return_indices is not supported$"):
+        ReversePass(_Net(lambda x: F.max_pool2d(x, 2, return_indices=True)[0].mean(dim=1, keepdim=True)))
+    with pytest.raises(ValueError, match=r"^the reverse pass does not know call_function .*sigmoid"):
+        ReversePass(_Net(lambda x: torch.sigmoid(x).mean(dim=1, keepdim=True)))
+    with pytest.raises(ValueError, match=r"^the reverse pass does not know call_method mean$"):
+        ReversePass(_Net(lambda x: x.mean(dim=2, keepdim=True)))  # not the channel mean
+    with pytest.raises(ValueError, match=r"^the reverse pass does not know call_method sum$"):
+        ReversePass(_Net(lambda x: x.sum(dim=1, keepdim=True)))
+    reverse = ReversePass(net)
+    assert reverse.capture_node("block1") is reverse.capture_node("block1.relu")  # the ReLU after the sum
+    with pytest.raises(ValueError, match=r"^no module 'block3' in the traced network$"):
+        reverse.capture_node("block3")
+    shape_error = r"^expected images \(B, 3, H, W\) and peaks \(P, 3\), got \({}\) and \({}\)$"
+    with pytest.raises(ValueError, match=shape_error.format("3, 20, 24", "1, 3")):
+        peak_response_maps(net, images[0], peaks[:1])
+    with pytest.raises(ValueError, match=shape_error.format("2, 3, 20, 24", "1, 2")):
+        peak_response_maps(net, images, peaks[:1, 1:])
