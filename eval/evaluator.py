@@ -217,7 +217,6 @@ def extract_and_score(model: torch.nn.Module, loaders: Iterable, evaluator: Retr
     """:func:`~instsearch.eval.extraction.extract` ``model`` over ``loaders`` (``step``: e.g. a
     module's ``search_step``) into ``evaluator``, then :meth:`RetrievalEvaluator.compute`
     (``None`` off rank 0)."""
-    evaluator.reset()
     evaluator.collection = extract(model, loaders, step=step, with_labels=evaluator.config.prune_by_label,
                                    regions_per_image=evaluator.config.regions_per_image, progress=progress, desc=desc)
     return evaluator.compute()

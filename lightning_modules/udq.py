@@ -743,10 +743,13 @@ class UDQModule(RegionSearchModule):
         quantized = self.search == "adc" if quantized is None else quantized
         if not quantized:
             return FaissSearcher.exact_l2(dim)
+        self._require_codebook()
+        return FaissSearcher.adc(self.codebook.to_faiss_index())
+
+    def _require_codebook(self) -> None:
         if self.codebook is None:
             raise RuntimeError("UDQ's ADC search needs trained codebooks: pass --ckpt_path of a UDQ training run "
                                "(its checkpoint holds them) or set model.search=exact")
-        return FaissSearcher.adc(self.codebook.to_faiss_index())
 
     def make_evaluator(self, benchmark, quantized: Optional[bool] = None) -> RetrievalEvaluator:
         """The evaluator of :meth:`make_searcher`'s search. UDQ ranks in its own feature space:
@@ -756,7 +759,7 @@ class UDQModule(RegionSearchModule):
                              "not apply (set retrieval.whitening=false, retrieval.prune_by_label=false)")
         quantized = self.search == "adc" if quantized is None else quantized
         if quantized:
-            self.make_searcher(self.net.feature_dim, quantized)  # refuse a missing codebook before any extraction
+            self._require_codebook()  # refused before any extraction
         return RetrievalEvaluator(benchmark, self.retrieval, method=self.method_name, device=self.device,
                                   make_searcher=lambda dim: self.make_searcher(dim, quantized))
 
