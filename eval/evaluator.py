@@ -183,32 +183,51 @@ class RetrievalEvaluator:
         run = index.to_run(query_ids, rankings, method=self.method)
         metrics = retrieval_metrics(bench, run, normalization=cfg.normalization, protocol=cfg.protocol)
         curve = self.detector_recall()
-        for t, r in zip(curve["thresholds"], curve["recall"]):
-            if round(t, 2) in (0.5, 0.7):
-                metrics[f"recall@IoU{t:.1f}"] = float(r)
-        metrics["regions_per_image"] = float(len(store) / max(len(image_ids), 1))
-        if self.bad_images:
-            metrics["bad_images"] = len(self.bad_images)
+        add_database_metrics(metrics, curve, num_regions=len(store), num_images=len(image_ids),
+                             bad_items=len(self.bad_images))
         return EvaluationResult(metrics=metrics, run=run, recall_curve=curve, bad_images=list(self.bad_images),
                                 num_regions=len(store))
 
     def detector_recall(self, thresholds: Sequence[float] = RECALL_THRESHOLDS) -> dict[str, list[float]]:
-        """Share of ground-truth instance boxes in database images covered by a region (IoU ≥ t).
+        """:func:`detector_recall` of the extracted database regions."""
+        return detector_recall(self.benchmark, lambda ids: [self.database[i].boxes for i in ids],
+                               available=self.database.__contains__, thresholds=thresholds)
 
-        Undefined (NaN; ``null`` in JSON, ``n/a`` in tables, not logged) when the benchmark gives
-        no box for any positive: a recall over zero boxes is not zero.
-        """
-        gt: dict[str, set[tuple[float, ...]]] = {}
-        for g in self.benchmark.ground_truth.values():
-            for image_id, boxes in g.positives.items():
-                if image_id in self.database:
-                    gt.setdefault(image_id, set()).update(tuple(b) for b in boxes)
-        ids = sorted(i for i in gt if gt[i])
-        if not ids:
-            return {"thresholds": [float(t) for t in thresholds], "recall": [math.nan for _ in thresholds]}
-        out = recall_at_iou([torch.tensor(sorted(gt[i]), dtype=torch.float32) for i in ids],
-                            [self.database[i].boxes for i in ids], thresholds=np.asarray(thresholds))
-        return {"thresholds": [float(t) for t in out["thresholds"]], "recall": [float(r) for r in out["recall"]]}
+
+def detector_recall(benchmark: Benchmark, boxes_of: Callable[[list[str]], Sequence[Any]],
+                    available: Callable[[str], bool] = lambda image_id: True,
+                    thresholds: Sequence[float] = RECALL_THRESHOLDS) -> dict[str, list[float]]:
+    """Share of ground-truth instance boxes in database images covered by a region (IoU ≥ t).
+
+    ``boxes_of(image_ids)`` gives each listed image's region boxes (original pixels); only images
+    for which ``available`` holds count. Undefined (NaN; ``null`` in JSON, ``n/a`` in tables, not
+    logged) when the benchmark gives no box for any positive: a recall over zero boxes is not zero.
+    """
+    gt: dict[str, set[tuple[float, ...]]] = {}
+    for g in benchmark.ground_truth.values():
+        for image_id, boxes in g.positives.items():
+            if available(image_id):
+                gt.setdefault(image_id, set()).update(tuple(b) for b in boxes)
+    ids = sorted(i for i in gt if gt[i])
+    if not ids:
+        return {"thresholds": [float(t) for t in thresholds], "recall": [math.nan for _ in thresholds]}
+    out = recall_at_iou([torch.tensor(sorted(gt[i]), dtype=torch.float32) for i in ids],
+                        [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes_of(ids)],
+                        thresholds=np.asarray(thresholds))
+    return {"thresholds": [float(t) for t in out["thresholds"]], "recall": [float(r) for r in out["recall"]]}
+
+
+def add_database_metrics(metrics: dict[str, Any], curve: dict[str, list[float]], num_regions: int, num_images: int,
+                         bad_items: int = 0) -> dict[str, Any]:
+    """The database's figures beside the ranking metrics: detector recall@IoU 0.5 and 0.7,
+    regions per image, the undecodable items (when any)."""
+    for t, r in zip(curve["thresholds"], curve["recall"]):
+        if round(t, 2) in (0.5, 0.7):
+            metrics[f"recall@IoU{t:.1f}"] = float(r)
+    metrics["regions_per_image"] = float(num_regions / max(num_images, 1))
+    if bad_items:
+        metrics["bad_images"] = int(bad_items)
+    return metrics
 
 
 def extract_and_score(model: torch.nn.Module, loaders: Iterable, evaluator: RetrievalEvaluator,

@@ -125,6 +125,13 @@ def iterate_batches(loaders: Iterable, *, progress: bool = True, desc: str = "ex
             yield batch
 
 
+def capped(regions: Regions, regions_per_image: Optional[int]) -> Regions:
+    """At most ``regions_per_image`` regions, the highest-scoring (all when ``None``)."""
+    if regions_per_image is not None and len(regions) > regions_per_image:
+        return regions.top_k(regions_per_image)
+    return regions
+
+
 @dataclass
 class RegionCollection:
     """What extraction produced: each database image's regions (original pixels), each query's
@@ -139,9 +146,8 @@ class RegionCollection:
     bad_images: list[dict] = field(default_factory=list)
 
     def add(self, batch: SearchBatch) -> None:
-        cap = self.regions_per_image
         for meta, regions in batch.database:
-            self.database[meta.image_id] = regions.top_k(cap) if cap is not None and len(regions) > cap else regions
+            self.database[meta.image_id] = capped(regions, self.regions_per_image)
         for query in batch.queries:
             self.queries[query.meta.query_id] = query
         for m in batch.bad:

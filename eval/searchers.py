@@ -61,6 +61,34 @@ def _float32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _inverted_file(index: faiss.Index):
+    """The ``IndexIVF`` inside ``index`` (behind an OPQ rotation, an id map, ...), else ``None``."""
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:  # faiss: "could not extract IVF index"
+        return None
+
+
+def ties_by_id(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``(scores, ids)`` (best first) with equal scores ordered by id, the lower first.
+
+    ``topk`` and faiss's heaps leave the order of equal scores unspecified; fixing it makes an
+    image's best region among equal ones the earliest stored, whichever engine ranked it (the
+    two-stage search over shards breaks ties the same way). Only rows holding a tie are re-sorted.
+    """
+    if scores.shape[1] < 2:
+        return scores, ids
+    tied = np.flatnonzero((scores[:, 1:] == scores[:, :-1]).any(axis=1))
+    if len(tied):
+        scores, ids = scores.copy(), ids.copy()
+        for row in tied:  # rows with a tie only: rare on real features
+            valid = ids[row] >= 0
+            order = np.lexsort((ids[row][valid], -scores[row][valid]))
+            scores[row, :valid.sum()] = scores[row][valid][order]
+            ids[row, :valid.sum()] = ids[row][valid][order]
+    return scores, ids
+
+
 class ExactInnerProductSearcher:
     """Exact inner-product search with torch: ``scores = Q Fᵀ`` then ``topk``, on any device.
 
@@ -101,7 +129,7 @@ class ExactInnerProductSearcher:
             ids.append(i.cpu())
         if not scores:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        return torch.cat(scores).numpy(), torch.cat(ids).numpy().astype(np.int64)
+        return ties_by_id(torch.cat(scores).numpy(), torch.cat(ids).numpy().astype(np.int64))
 
     def save(self, path: str | Path) -> None:
         index = faiss.IndexFlatIP(self.dim)
@@ -125,8 +153,11 @@ class FaissSearcher:
         self.score = "inner_product" if index.metric_type == faiss.METRIC_INNER_PRODUCT else "inverse_l2"
         self.codes_only = bool(codes_only)
         self.eps = float(eps)
-        if nprobe is not None and hasattr(index, "nprobe"):
-            index.nprobe = int(nprobe)
+        ivf = _inverted_file(index)
+        if nprobe is not None and ivf is not None:
+            ivf.nprobe = int(nprobe)
+        #: inverted lists visited per query (``None``: not an inverted-file index)
+        self.nprobe = int(ivf.nprobe) if ivf is not None else None
 
     # -- constructors ----------------------------------------------------------------------------
     @classmethod
@@ -176,7 +207,7 @@ class FaissSearcher:
         scores, ids = self.index.search(_float32(queries), int(k))
         if self.score == "inverse_l2":
             scores = 1.0 / np.sqrt(np.maximum(scores, self.eps))
-        return scores.astype(np.float32, copy=False), ids
+        return ties_by_id(scores.astype(np.float32, copy=False), ids)
 
     def save(self, path: str | Path) -> None:
         faiss.write_index(self.index, str(path))

@@ -31,6 +31,7 @@ def database_features(model, benchmark: str, ckpt_path: Optional[str], trainer) 
     """``(N, D)`` float32: the region features of ``benchmark``'s database images, as the evaluator
     would search them (``regions_per_image`` applied)."""
     from instsearch.datamodules.benchmark import benchmark_dataloader
+    from instsearch.eval.extraction import capped
     from instsearch.eval.search import RegionStore
     from instsearch.formats import Benchmark
 
@@ -43,10 +44,7 @@ def database_features(model, benchmark: str, ckpt_path: Optional[str], trainer) 
                                   max_side=getattr(dm, "benchmark_max_side", 1600))
     batches = trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=True)
     cap = model.retrieval.regions_per_image
-    found = {}
-    for batch in batches:
-        for image_id, regions in batch:
-            found[image_id] = regions.top_k(cap) if cap is not None and len(regions) > cap else regions
+    found = {meta.image_id: capped(regions, cap) for batch in batches for meta, regions in batch.database}
     ids = [i for i in bench.database if i in found]
     return RegionStore.from_regions(ids, [found[i] for i in ids]).features
 

@@ -24,7 +24,6 @@ from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator
 from instsearch.eval.extraction import SearchBatch, extract_batch
 from instsearch.eval.searchers import Searcher, searcher_from_factory
 from instsearch.seeding import StepSeeding
-from instsearch.structures import Regions
 
 
 #: COCO's IoU thresholds .50:.05:.95 (they include the 0.5 and 0.7 that FCIS reports).
@@ -237,6 +236,8 @@ class RegionSearchModule(pl.LightningModule):
                 if name in written:
                     print(f"{name}: {written[name]}")
 
-    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> list[tuple[str, Regions]]:
-        """Each database image's regions (original pixels, with features); query items are skipped."""
-        return [(meta.image_id, regions) for meta, regions in self.search_step(batch).database]
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> SearchBatch:
+        """What ``test_step`` extracts: each database image's regions (original pixels, with
+        features), each query box's feature, the undecodable items (``instsearch extract`` writes
+        it to region shards)."""
+        return self.search_step(batch)

@@ -1,0 +1,177 @@
+"""Two-stage search over region shards: an ANN shortlist of images, then exact best-region scores.
+
+Stage 1 asks a region index (any :class:`~instsearch.eval.searchers.Searcher`; for shards, the
+faiss index ``instsearch index build`` wrote, ids = region ids of the shards) for the best
+regions of each query, growing ``k`` until ``shortlist`` distinct images appear -- as
+:class:`~instsearch.eval.search.RegionIndex` does in memory.
+
+Stage 2 reads **every** region of every shortlisted image from the memory-mapped shards and
+scores it exactly against the query (inner product, or ``1 / ‖q − x‖`` for an L2 index), so each
+returned image's score and box are those of its exact best region. The one approximation left is
+whether the shortlist holds the images an exact search would rank first (its recall, measured in
+``docs/scale.md``). With a flat index and a shortlist of every image the result is the exact
+search of ``instsearch test``.
+
+Memory: the shards' per-image offsets (8 bytes an image), one batch of queries' candidate rows,
+and the index (on-disk inverted lists for a large IVF index) -- not the database.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from instsearch.eval.search import ImageRanking, best_region_per_image
+from instsearch.eval.searchers import Searcher
+from instsearch.eval.shards import RegionShards
+from instsearch.formats import Hit, Run
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent in each stage (summed over query batches)."""
+
+    ann: float = 0.0
+    rescoring: float = 0.0
+
+
+def region_images(shards: RegionShards, region_ids: np.ndarray) -> np.ndarray:
+    """The image position of each region id (``-1`` stays ``-1``)."""
+    images = np.searchsorted(shards.image_starts, region_ids, side="right") - 1
+    return np.where(region_ids >= 0, images, -1)
+
+
+def shortlist_images(searcher: Searcher, shards: RegionShards, queries: np.ndarray,
+                     shortlist: int) -> list[np.ndarray]:
+    """Stage 1: for each query, up to ``shortlist`` image positions, best region first, from the
+    region searcher; ``k`` grows until that many distinct images are found (or every region)."""
+    total, num_images = searcher.ntotal, len(shards.image_ids)
+    wanted = min(shortlist, num_images)
+    k = min(total, max(4 * wanted, 64))
+    pending = np.arange(len(queries))
+    found: list[Optional[np.ndarray]] = [None] * len(queries)
+    while len(pending):
+        scores, ids = searcher.search(queries[pending], k)
+        # region -> image by the shards' offsets; the reduction keeps each image's first hit
+        image_of = region_images(shards, np.where(ids >= 0, ids, 0))
+        rankings = _first_hits(scores, ids, image_of)
+        retry, fewest = [], wanted
+        for row, images in zip(pending, rankings):
+            if len(images) >= wanted or k >= total:
+                found[int(row)] = images[:wanted]
+            else:
+                retry.append(row)
+                fewest = min(fewest, len(images))
+        pending = np.asarray(retry, dtype=np.int64)
+        k = min(total, max(2 * k, int(np.ceil(1.5 * k * wanted / max(fewest, 1)))))
+    return found  # type: ignore[return-value]
+
+
+def _first_hits(scores: np.ndarray, ids: np.ndarray, image_of: np.ndarray) -> list[np.ndarray]:
+    """Each query's distinct images in order of their first (best) hit."""
+    flat_index = np.where(ids >= 0, np.arange(ids.size).reshape(ids.shape), -1)
+    # best_region_per_image works on "regions" 0..n-1 with an image per region: give it each hit
+    # as its own region, owned by the hit's image
+    owner = np.where(ids >= 0, image_of, 0).reshape(-1)
+    rankings = best_region_per_image(scores, flat_index, owner, int(owner.max()) + 1 if owner.size else 1)
+    return [r.images for r in rankings]
+
+
+#: floats of one query chunk's score matrix in rescoring (16 MB): chunks of a few queries against
+#: the union of their candidates' rows
+RESCORE_SCORES = 1 << 22
+
+
+def _candidate_regions(starts: np.ndarray, candidates: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(query, image, region)`` of every region of every candidate image, per query in
+    candidate order, each image's regions in order."""
+    if not len(candidates):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    images = np.concatenate(candidates).astype(np.int64)
+    lengths = starts[images + 1] - starts[images]
+    query = np.repeat(np.repeat(np.arange(len(candidates)), [len(c) for c in candidates]), lengths)
+    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return query, np.repeat(images, lengths), np.repeat(starts[images], lengths) + within
+
+
+def rescore(shards: RegionShards, queries: np.ndarray, candidates: Sequence[np.ndarray],
+            score: str = "inner_product", max_scores: int = RESCORE_SCORES) -> list[ImageRanking]:
+    """Stage 2: every region of each query's candidate images scored exactly; each image's best
+    region (its score and region id), images best first.
+
+    Scores are one dense float32 product per chunk of queries against the union of their
+    candidate rows (torch, as the exact in-memory searcher computes them: with every image
+    shortlisted and the same chunking, the two give the same bits); chunks hold at most
+    ``max_scores`` scores."""
+    import torch
+
+    if score not in ("inner_product", "inverse_l2"):
+        raise ValueError(f"unknown score {score!r}: inner_product or inverse_l2")
+    pair_query, pair_image, pair_region = _candidate_regions(shards.image_starts, candidates)
+    values = np.empty(len(pair_region), np.float32)
+    union = max(len(np.unique(pair_region)), 1)
+    chunk = max(1, min(len(candidates), max_scores // union)) if len(candidates) else 1
+    bounds = np.searchsorted(pair_query, np.arange(0, len(candidates) + chunk, chunk))
+    for c, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if a == b:
+            continue
+        rows_needed, where = np.unique(pair_region[a:b], return_inverse=True)
+        q = torch.from_numpy(np.ascontiguousarray(queries[c * chunk:(c + 1) * chunk]))
+        x = torch.from_numpy(shards.rows(rows_needed))
+        if score == "inner_product":
+            s = q @ x.T
+        else:  # 1 / ||q - x||, the order of an L2 index (nearest first)
+            s = 1.0 / torch.cdist(q, x).clamp_min(1e-12)
+        values[a:b] = s[torch.from_numpy(pair_query[a:b] - c * chunk), torch.from_numpy(where)].numpy()
+    # best region per (query, image): by query, then score descending, then region id (the
+    # in-memory search's first hit among equal scores is the earlier region), first of each image
+    order = np.lexsort((pair_region, -values, pair_query))
+    q, img, reg, val = pair_query[order], pair_image[order], pair_region[order], values[order]
+    key = q * (len(shards.image_ids) + 1) + img
+    _, first_of = np.unique(key, return_index=True)
+    first_of.sort()
+    q, img, reg, val = q[first_of], img[first_of], reg[first_of], val[first_of]
+    edges = np.searchsorted(q, np.arange(len(candidates) + 1))
+    return [ImageRanking(img[a:b], val[a:b], reg[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def region_boxes(shards: RegionShards, region_ids: np.ndarray) -> np.ndarray:
+    """``(n, 4)`` boxes (original pixels) of the regions ``region_ids``, read part by part."""
+    out = np.zeros((len(region_ids), 4), np.float32)
+    part_of = np.searchsorted(shards.offsets, region_ids, side="right") - 1
+    for i in np.unique(part_of):
+        sel = np.flatnonzero(part_of == i)
+        out[sel] = shards.boxes(shards.parts[i])[region_ids[sel] - shards.offsets[i]]
+    return out
+
+
+def search_shards(searcher: Searcher, shards: RegionShards, query_ids: Sequence[str], queries: np.ndarray,
+                  shortlist: Optional[int] = 100, method: str = "regions", batch_size: int = 256,
+                  times: Optional[StageTimes] = None) -> Run:
+    """Both stages for every query, as a :class:`Run` (each hit: image, exact best-region score and
+    box). ``shortlist=None`` ranks every image with a region (exact with a flat index)."""
+    import time
+
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    times = times if times is not None else StageTimes()
+    wanted = len(shards.image_ids) if shortlist is None else int(shortlist)
+    rankings: list[ImageRanking] = []
+    for start in range(0, len(queries), batch_size):
+        batch = queries[start:start + batch_size]
+        t0 = time.perf_counter()
+        candidates = shortlist_images(searcher, shards, batch, wanted) if searcher.ntotal else [
+            np.zeros(0, np.int64) for _ in batch]
+        t1 = time.perf_counter()
+        rankings += rescore(shards, batch, candidates, score=searcher.score)
+        times.ann += t1 - t0
+        times.rescoring += time.perf_counter() - t1
+    hit_regions = np.concatenate([r.regions for r in rankings]) if rankings else np.zeros(0, np.int64)
+    boxes = region_boxes(shards, hit_regions)
+    ids, out, at = shards.image_ids, {}, 0
+    for qid, r in zip(query_ids, rankings):
+        n = len(r.images)
+        out[qid] = [Hit(ids[i], float(s), tuple(float(v) for v in b))
+                    for i, s, b in zip(r.images.tolist(), r.scores.tolist(), boxes[at:at + n].tolist())]
+        at += n
+    return Run(method=method, rankings=out)

@@ -1,0 +1,101 @@
+"""``instsearch extract``: a benchmark's regions and query features into region shards on disk.
+
+    instsearch extract --config C.yaml [--ckpt_path X.ckpt] [--data.benchmark B.json] --out SHARDS/
+                       [--dtype float16|float32] [--part-size 1000] [trainer / model options]
+
+Lightning's predict loop under the config's Trainer (one device, or DDP with ``--trainer.devices``
+/ ``torchrun`` / SLURM) runs the module's ``search_step`` -- the step of ``instsearch test`` -- and a
+prediction writer stores every part as it completes (layout: :mod:`instsearch.eval.shards`).
+Rerunning the same command after an interruption skips the complete parts; a folder holding
+another model's, config's, checkpoint's or benchmark's parts is refused.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Optional
+
+
+def manifest_for(model, datamodule, benchmark_path: str, ckpt_path: Optional[str], part_size: int,
+                 num_items: int) -> dict[str, Any]:
+    """The extraction's identity: what decides the features, hashed, and where they came from."""
+    from instsearch.eval.shards import config_sha256, file_sha256
+
+    settings = {"model": dict(model.hparams), "max_side": getattr(datamodule, "benchmark_max_side", None),
+                "regions_per_image": model.retrieval.regions_per_image,
+                "prune_by_label": model.retrieval.prune_by_label}
+    return {"model": model.method_name, "config_sha256": config_sha256(settings),
+            "checkpoint": str(ckpt_path) if ckpt_path else None,
+            "checkpoint_sha256": file_sha256(ckpt_path) if ckpt_path else None,
+            "benchmark": str(benchmark_path), "benchmark_sha256": file_sha256(benchmark_path),
+            "part_size": int(part_size), "num_items": int(num_items),
+            "num_parts": -(-int(num_items) // int(part_size)), "distractors": []}
+
+
+def extract_shards(model, datamodule, trainer, out: str | Path, ckpt_path: Optional[str] = None,
+                   dtype: str = "float16", part_size: int = 1000) -> dict[str, Any]:
+    """Extract ``datamodule``'s benchmark (database images and queries) into shards at ``out``
+    with ``trainer.predict``; returns the manifest (with totals once every part is complete)."""
+    from instsearch.datamodules.benchmark import BenchmarkImages, collate_images
+    from instsearch.distributed import broadcast_from_rank0
+    from instsearch.eval.shard_extraction import PartSampler, RegionShardWriter, finalize_manifest, part_loader
+    from instsearch.eval.shards import ShardWriter
+
+    bench = datamodule.load_benchmark() if hasattr(datamodule, "load_benchmark") else None
+    if bench is None:
+        raise ValueError(f"{type(datamodule).__name__} has no benchmark: pass --data.benchmark path/to/benchmark.json")
+    dataset = BenchmarkImages(bench, "all", max_side=datamodule.benchmark_max_side)
+    # Parts hold whole batches, so a batch never spans two parts: the batches -- and with them any
+    # padding a detector's transform adds to batch images together -- are the same whichever
+    # process extracts a part, and the same as `instsearch test`'s on one process.
+    batch = int(datamodule.benchmark_batch_size)
+    part_size = -(-int(part_size) // batch) * batch
+    manifest = manifest_for(model, datamodule, datamodule.benchmark, ckpt_path, part_size, len(dataset))
+    writer = ShardWriter(out, manifest, dtype=dtype)
+    if trainer.is_global_zero and not (Path(out) / "manifest.json").is_file():
+        writer.write_manifest()
+    done = writer.complete_parts()
+    sampler = PartSampler(len(dataset), part_size, skip=done)
+    loader = part_loader(dataset, sampler, datamodule.benchmark_batch_size, datamodule.num_workers, collate_images)
+    shard_writer = RegionShardWriter(writer, len(dataset), part_size, model.retrieval.regions_per_image)
+    trainer.callbacks.append(shard_writer)
+    if len(done) < manifest["num_parts"]:
+        trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
+    trainer.strategy.barrier("instsearch-extract")  # every rank's parts are on disk
+    totals = finalize_manifest(writer, manifest["num_parts"]) if trainer.is_global_zero else None
+    totals = broadcast_from_rank0(totals)
+    return {**writer.manifest, **(totals or {}), "skipped_parts": len(done),
+            "written_parts": len(shard_writer.parts_written)}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="instsearch extract",
+        description="Extract a benchmark's regions and query features into region shards (numpy + parquet parts "
+                    "and a manifest), restartably. Unknown options go to LightningCLI (--config, --data.*, "
+                    "--model.*, --trainer.*).")
+    parser.add_argument("--out", required=True, help="the shards folder to write (rerun with the same folder to "
+                        "finish an interrupted extraction)")
+    parser.add_argument("--ckpt_path", default=None, help="weights of the model (default: the config's)")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                        help="stored region features (queries are always float32); default float16")
+    parser.add_argument("--part-size", type=int, default=1000, help="benchmark items per part, rounded up to a "
+                        "multiple of the batch size (default 1000)")
+    args, rest = parser.parse_known_args(argv)
+    if args.part_size < 1:
+        parser.error(f"--part-size must be >= 1, got {args.part_size}")
+
+    from instsearch.cli import lightning_cli
+
+    # no logger: extraction writes shards, not a run
+    cli = lightning_cli([*rest, "--trainer.logger", "false"], run=False, save_config_callback=None)
+    result = extract_shards(cli.model, cli.datamodule, cli.trainer, args.out, ckpt_path=args.ckpt_path,
+                            dtype=args.dtype, part_size=args.part_size)
+    if cli.trainer.is_global_zero:
+        if result.get("complete"):
+            print(f"shards: {args.out} ({result['images']} images, {result['regions']} regions of {result['dim']}-D "
+                  f"{args.dtype}, {result['queries']} queries, {result['num_parts']} parts: {result['written_parts']} "
+                  f"written, {result['skipped_parts']} already complete)")
+        else:
+            print(f"shards: {args.out} is not complete yet (another process may still be writing parts)")
+    return 0

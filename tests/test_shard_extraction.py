@@ -1,0 +1,162 @@
+"""`instsearch extract`: Lightning's predict loop writes region shards, restartably and without
+extracting an item twice; the two-stage search over them reproduces `instsearch test`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from instsearch.cli import main
+from instsearch.eval.shard_extraction import PartSampler
+from instsearch.eval.shard_search import search_shards
+from instsearch.eval.searchers import FaissSearcher
+from instsearch.eval.shards import RegionShards
+from instsearch.formats import Run
+
+
+def _config(tmp_path: Path, benchmark: Path, num_classes: int) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
+                    "default_root_dir": str(tmp_path),
+                    "logger": [{"class_path": "pytorch_lightning.loggers.CSVLogger",
+                                "init_args": {"save_dir": str(tmp_path), "name": "logs"}}]},
+        "model": {"class_path": "instsearch.lightning_modules.detector.DetectorModule",
+                  "init_args": {"net": {"class_path": "instsearch.networks.deep_region_cnn.DeepRegionCNN",
+                                        "init_args": {"backbone": "small", "num_classes": num_classes, "top_k": 5,
+                                                      "feature_layers": ["conv4"]}}}},
+        "data": {"class_path": "instsearch.datamodules.benchmark.BenchmarkDataModule",
+                 "init_args": {"benchmark": str(benchmark), "batch_size": 3}},
+        "retrieval": {"progress": False},
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every part file's bytes (the manifest aside)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("part-*"))}
+
+
+# ---------------------------------------------------------------------------------------- sampler
+def test_part_sampler_hands_whole_parts_round_robin_and_skips_complete_ones():
+    ranks = [list(PartSampler(11, 3, rank=r, world_size=2)) for r in range(2)]
+    assert ranks == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9, 10]]
+    assert sorted(ranks[0] + ranks[1]) == list(range(11))  # nothing twice, nothing padded
+    sampler = PartSampler(11, 3, skip=[0, 3], rank=0, world_size=2)
+    assert list(sampler) == [6, 7, 8] and len(sampler) == 3
+    assert list(PartSampler(5, 10, rank=0, world_size=1)) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="part_size"):
+        PartSampler(5, 0)
+
+
+# ---------------------------------------------------------------------------------------- extraction
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, small_benchmark, num_classes):
+    tmp = tmp_path_factory.mktemp("extract")
+    config = _config(tmp, small_benchmark, num_classes)
+    shards = tmp / "shards"
+    assert main(["extract", "--config", str(config), "--out", str(shards), "--dtype", "float32",
+                 "--part-size", "6"]) == 0
+    return tmp, config, shards
+
+
+def test_extraction_then_exact_search_gives_the_test_run(extracted, small_benchmark, capsys):
+    tmp, config, shards_dir = extracted
+    capsys.readouterr()
+    assert main(["test", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    run_path = Path(next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("run: ")))
+    shards = RegionShards(shards_dir)
+    index = faiss.IndexFlatIP(shards.dim)  # an exact index, built here independently of the command
+    for _, rows in shards.iter_features():
+        index.add(np.asarray(rows, np.float32))
+    query_ids, features, _ = shards.queries()
+    run = search_shards(FaissSearcher(index), shards, query_ids, features, shortlist=None, method="DeepRegionCNN")
+    expected = Run.load(run_path).to_dict()
+    got = run.to_dict()
+    assert set(got["rankings"]) == set(expected["rankings"])
+    assert {q: got["rankings"][q] for q in expected["rankings"]} == expected["rankings"]
+
+
+def test_manifest_counts_and_layout(extracted, small_benchmark):
+    _, _, shards_dir = extracted
+    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    bench = json.loads(small_benchmark.read_text())
+    items = len(bench["database"]) + len(bench["queries"])
+    assert manifest["complete"] and manifest["num_items"] == items and manifest["num_parts"] == -(-items // 6)
+    assert manifest["images"] == len(bench["database"]) and manifest["queries"] == len(bench["queries"])
+    assert manifest["model"] == "DeepRegionCNN" and manifest["dtype"] == "float32"
+    shards = RegionShards(shards_dir)
+    assert shards.image_ids == bench["database"]  # the benchmark's order, whatever the parts
+    assert shards.num_regions == manifest["regions"] == 5 * len(bench["database"])  # top_k 5 per image
+
+
+def test_rerun_skips_complete_parts_and_rewrites_a_missing_one(extracted, capsys):
+    tmp, config, shards_dir = extracted
+    before = _files(shards_dir)
+    (shards_dir / "parts" / "part-00002.json").unlink()  # as if killed before the part was committed
+    capsys.readouterr()
+    assert main(["extract", "--config", str(config), "--out", str(shards_dir), "--dtype", "float32",
+                 "--part-size", "6"]) == 0
+    out = capsys.readouterr().out
+    parts = len(list((shards_dir / "parts").glob("part-*.json")))
+    assert f"1 written, {parts - 1} already complete" in out
+    assert _files(shards_dir) == before
+
+
+def test_another_config_is_refused_in_the_same_folder(extracted):
+    tmp, config, shards_dir = extracted
+    with pytest.raises(ValueError, match="another extraction.*dtype"):
+        main(["extract", "--config", str(config), "--out", str(shards_dir), "--dtype", "float16", "--part-size", "6"])
+
+
+def test_part_size_is_rounded_up_to_whole_batches(extracted, tmp_path):
+    _, config, _ = extracted
+    assert main(["extract", "--config", str(config), "--out", str(tmp_path / "s"), "--part-size", "4"]) == 0
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["part_size"] == 6  # batches of 3
+
+
+def test_two_gloo_processes_write_the_parts_of_one(extracted, tmp_path):
+    _, config, shards_dir = extracted
+    two = tmp_path / "two"
+    assert main(["extract", "--config", str(config), "--out", str(two), "--dtype", "float32", "--part-size", "6",
+                 "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]) == 0
+    assert _files(two) == _files(shards_dir)  # bitwise: every image once, in its part
+    assert json.loads((two / "manifest.json").read_text())["complete"]
+
+
+def test_sigkill_midway_then_rerun_gives_the_same_parts(extracted, tmp_path):
+    _, config, shards_dir = extracted
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "instsearch.cli", "extract", "--config", str(config), "--out", str(out),
+                "--dtype", "float32", "--part-size", "6"]
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # the reference is an uninterrupted run in a process like the killed one (same thread count)
+    clean = tmp_path / "clean"
+    assert subprocess.run(command(clean), capture_output=True, env=env, timeout=300).returncode == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "parts" / "part-00001.json").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((out / "parts").glob("part-*.json")))
+    total = json.loads((shards_dir / "manifest.json").read_text())["num_parts"]
+    assert 2 <= done < total, "the extraction was not interrupted midway"
+    result = subprocess.run(command(out), capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"{total - done} written, {done} already complete" in result.stdout
+    assert _files(out) == _files(clean)
