@@ -21,17 +21,22 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from instsearch.distributed import all_gather_objects, all_reduce_sum, gather_to_rank0, is_distributed, rank_and_world
 from instsearch.eval.extraction import QueryFeature, RegionCollection, SearchBatch, Step, extract
 from instsearch.eval.metrics import recall_at_iou, retrieval_metrics
 from instsearch.eval.search import RegionIndex
 from instsearch.eval.searchers import Searcher, searcher_from_factory
 from instsearch.eval.whitening import PCAWhitening
-from instsearch.formats import Benchmark, Run
+from instsearch.formats import Benchmark, Hit, Run
 from instsearch.structures import Regions
 
 log = logging.getLogger(__name__)
 
 RECALL_THRESHOLDS = np.round(np.linspace(0.1, 0.9, 9), 2)
+EVALUATION_MODES = ("auto", "gather", "sharded")
+#: above this many database images, ``evaluation: auto`` evaluates sharded under DDP (rank 0 would
+#: otherwise hold 4·D + 24 bytes for each of their regions)
+SHARD_ABOVE_IMAGES = 100_000
 
 
 @dataclass
@@ -62,6 +67,12 @@ class RetrievalConfig:
             of ``N <= D + 1`` vectors it was fitted on onto a simplex (all similarities equal) and
             is refused then. ``whitening_dim`` and ``whitening_shrinkage`` apply when fitting; a
             loaded file keeps what it was fitted with.
+        evaluation: ``gather`` (every rank's regions to rank 0, which searches and scores),
+            ``sharded`` (every rank searches its own images for every query and rank 0 merges the
+            rankings: no process holds every region; a whitening only from a file) or ``auto``
+            (sharded under DDP when the database has more than ``SHARD_ABOVE_IMAGES`` images or
+            distractor folders, unless the whitening is fitted on it). Both give the same run and
+            metrics.
     """
 
     normalization: str = "relevant"
@@ -74,8 +85,15 @@ class RetrievalConfig:
     whitening: Union[bool, str] = False
     whitening_dim: Optional[int] = None
     whitening_shrinkage: Union[float, str] = "auto"
+    evaluation: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.evaluation not in EVALUATION_MODES:
+            raise ValueError(f"evaluation must be one of {', '.join(EVALUATION_MODES)}, got {self.evaluation!r}")
+        if self.evaluation == "sharded" and self.fits_whitening:
+            raise ValueError("whitening: pca is fitted on the whole database's region features, which sharded "
+                             "evaluation never gathers: use evaluation: gather, or a whitening file fitted "
+                             "beforehand (instsearch whitening)")
         if self.normalization not in ("relevant", "min", "retrieved"):
             raise ValueError(f"normalization must be relevant, min or retrieved, got {self.normalization!r}")
         if self.protocol not in ("standard", "oxford"):
@@ -88,6 +106,11 @@ class RetrievalConfig:
         from instsearch.eval.whitening import check_shrinkage
 
         check_shrinkage(self.whitening_shrinkage)
+
+    @property
+    def fits_whitening(self) -> bool:
+        """Whether the whitening is fitted on the evaluated database itself (not loaded)."""
+        return self.whitening is True or self.whitening == "pca"
 
     def fit_whitening(self, features: np.ndarray) -> Optional[PCAWhitening]:
         """The whitening this config asks for, fitted on the database ``features`` when it is not
@@ -153,8 +176,18 @@ class RetrievalEvaluator:
         """
         return self.collection.gather_to_rank0()
 
+    def sharded(self) -> bool:
+        """Whether :meth:`compute` evaluates sharded by image (``RetrievalConfig.evaluation``)."""
+        mode = self.config.evaluation
+        if mode != "auto":
+            return mode == "sharded" and is_distributed()
+        large = len(self.benchmark.database) > SHARD_ABOVE_IMAGES or bool(self.benchmark.distractors)
+        return is_distributed() and large and not self.config.fits_whitening
+
     def compute(self, gather: bool = True) -> Optional[EvaluationResult]:
         """The metrics on rank 0 (``None`` on the other ranks)."""
+        if gather and self.sharded():
+            return self.compute_sharded()
         if gather and not self.gather():
             return None
         bench, cfg = self.benchmark, self.config
@@ -188,6 +221,72 @@ class RetrievalEvaluator:
         return EvaluationResult(metrics=metrics, run=run, recall_curve=curve, bad_images=list(self.bad_images),
                                 num_regions=len(store))
 
+    def compute_sharded(self) -> Optional[EvaluationResult]:
+        """The metrics of :meth:`compute` without gathering the regions: every rank holds every
+        query and searches only its own images; rank 0 merges each query's per-rank rankings by
+        score (equal scores: the image listed first, as one index orders them) and scores the run.
+        Detector recall and the region count are sums over ranks. Images a padded sampler served
+        to two ranks count once (on the lower rank)."""
+        bench, cfg = self.benchmark, self.config
+        rank, _ = rank_and_world()
+        owner: dict[str, int] = {}
+        for r, ids in enumerate(all_gather_objects(list(self.database))):
+            for image_id in ids:
+                owner.setdefault(image_id, r)
+        image_ids = [i for i in bench.database if i in owner]
+        if bench.distractors:
+            listed = set(bench.database)
+            image_ids += sorted(i for i in owner if i not in listed and bench.is_distractor(i))
+        position = {image_id: k for k, image_id in enumerate(image_ids)}
+        mine = [i for i in image_ids if owner[i] == rank]
+        queries: dict[str, QueryFeature] = {}
+        for part in all_gather_objects(self.queries):
+            queries.update(part)
+        query_ids = [q.id for q in bench.queries if q.id in queries]
+        store = self.collection.store(mine)
+        whitening = cfg.fit_whitening(store.features) if len(store) else None  # from a file: see RetrievalConfig
+        if whitening is not None:
+            store.features = whitening.transform(store.features)
+        index = RegionIndex(store, self.make_searcher(store.dim), device=self.device)
+        local: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        if query_ids and len(store):
+            features = torch.stack([queries[q].feature for q in query_ids]).numpy()
+            if whitening is not None:
+                features = whitening.transform(features)
+            labels = [queries[q].label for q in query_ids] if cfg.prune_by_label else None
+            for r in index.search(features, top_images=cfg.ranking_depth, query_labels=labels,
+                                  prune_by_label=cfg.prune_by_label):
+                local.append((np.array([position[mine[i]] for i in r.images.tolist()], dtype=np.int64),
+                              r.scores.astype(np.float32), store.boxes[r.regions]))
+        # detector recall and region counts: sums over ranks
+        gt_ids, gt = _gt_boxes(bench, available=lambda i: owner.get(i) == rank)
+        counts = recall_at_iou(gt, [self.database[i].boxes for i in gt_ids], thresholds=RECALL_THRESHOLDS)
+        covered = np.nan_to_num(np.asarray(counts["recall"], dtype=np.float64)) * counts["num_gt"]
+        sums = all_reduce_sum(torch.tensor([*np.rint(covered), counts["num_gt"], len(store)], dtype=torch.float64))
+        bad = gather_to_rank0(self.bad_images)
+        parts = gather_to_rank0(local)
+        if parts is None:
+            return None
+        run = Run(method=self.method, rankings={})
+        for qi, qid in enumerate(query_ids):
+            found = [p[qi] for p in parts if len(p) > qi]
+            pos = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
+            scores = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.float32)
+            boxes = np.concatenate([f[2] for f in found]) if found else np.zeros((0, 4), np.float32)
+            order = np.lexsort((pos, -scores))[: cfg.ranking_depth]
+            run.rankings[qid] = [Hit(image_ids[p], float(s), tuple(float(v) for v in b))
+                                 for p, s, b in zip(pos[order].tolist(), scores[order].tolist(), boxes[order].tolist())]
+        metrics = retrieval_metrics(bench, run, normalization=cfg.normalization, protocol=cfg.protocol)
+        num_gt = float(sums[len(RECALL_THRESHOLDS)])
+        recall = [float(c / num_gt) if num_gt else math.nan for c in sums[:len(RECALL_THRESHOLDS)].tolist()]
+        curve = {"thresholds": [float(t) for t in RECALL_THRESHOLDS], "recall": recall}
+        bad_images = [e for b in bad for e in b]
+        bad_images = [e for k, e in enumerate(bad_images) if e not in bad_images[:k]]
+        add_database_metrics(metrics, curve, num_regions=int(sums[-1]), num_images=len(image_ids),
+                             bad_items=len(bad_images))
+        return EvaluationResult(metrics=metrics, run=run, recall_curve=curve, bad_images=bad_images,
+                                num_regions=int(sums[-1]))
+
     def detector_recall(self, thresholds: Sequence[float] = RECALL_THRESHOLDS) -> dict[str, list[float]]:
         """:func:`detector_recall` of the extracted database regions."""
         return detector_recall(self.benchmark, lambda ids: [self.database[i].boxes for i in ids],
@@ -203,18 +302,24 @@ def detector_recall(benchmark: Benchmark, boxes_of: Callable[[list[str]], Sequen
     for which ``available`` holds count. Undefined (NaN; ``null`` in JSON, ``n/a`` in tables, not
     logged) when the benchmark gives no box for any positive: a recall over zero boxes is not zero.
     """
+    ids, gt = _gt_boxes(benchmark, available)
+    if not ids:
+        return {"thresholds": [float(t) for t in thresholds], "recall": [math.nan for _ in thresholds]}
+    out = recall_at_iou(gt, [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes_of(ids)],
+                        thresholds=np.asarray(thresholds))
+    return {"thresholds": [float(t) for t in out["thresholds"]], "recall": [float(r) for r in out["recall"]]}
+
+
+def _gt_boxes(benchmark: Benchmark, available: Callable[[str], bool]) -> tuple[list[str], list[torch.Tensor]]:
+    """The database images (for which ``available`` holds) with ground-truth instance boxes, sorted,
+    and each one's distinct boxes."""
     gt: dict[str, set[tuple[float, ...]]] = {}
     for g in benchmark.ground_truth.values():
         for image_id, boxes in g.positives.items():
             if available(image_id):
                 gt.setdefault(image_id, set()).update(tuple(b) for b in boxes)
     ids = sorted(i for i in gt if gt[i])
-    if not ids:
-        return {"thresholds": [float(t) for t in thresholds], "recall": [math.nan for _ in thresholds]}
-    out = recall_at_iou([torch.tensor(sorted(gt[i]), dtype=torch.float32) for i in ids],
-                        [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes_of(ids)],
-                        thresholds=np.asarray(thresholds))
-    return {"thresholds": [float(t) for t in out["thresholds"]], "recall": [float(r) for r in out["recall"]]}
+    return ids, [torch.tensor(sorted(gt[i]), dtype=torch.float32) for i in ids]
 
 
 def add_database_metrics(metrics: dict[str, Any], curve: dict[str, list[float]], num_regions: int, num_images: int,

@@ -165,9 +165,13 @@ class RegionCollection:
         self.clear()
         if parts is None:
             return False
+        # an item a padded sampler served twice keeps the lower rank's copy (as sharded evaluation
+        # does); the copies can differ in the last bits when their batches differed
         for database, queries, bad in parts:
-            self.database.update(database)
-            self.queries.update(queries)
+            for image_id, regions in database.items():
+                self.database.setdefault(image_id, regions)
+            for query_id, query in queries.items():
+                self.queries.setdefault(query_id, query)
             self.bad_images += [e for e in bad if e not in self.bad_images]
         return True
 

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "rank_and_world", "all_gather_rows", "gather_to_rank0", "broadcast_from_rank0"]
+__all__ = ["is_distributed", "rank_and_world", "all_gather_rows", "all_gather_objects", "gather_to_rank0",
+           "broadcast_from_rank0", "all_reduce_sum"]
 
 
 def is_distributed() -> bool:
@@ -48,6 +49,25 @@ def all_gather_rows(rows: Tensor, device: torch.device | str = "cpu") -> list[Te
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return [part[:n].cpu() for part, n in zip(parts, sizes)]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` as a list in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def all_reduce_sum(values: Tensor) -> Tensor:
+    """The element-wise sum of ``values`` over ranks (float64 or int64 counts), on the CPU."""
+    if not is_distributed():
+        return values
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = values.to(backend_device).clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.cpu()
 
 
 def gather_to_rank0(obj: Any) -> Optional[list[Any]]:

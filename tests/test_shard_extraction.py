@@ -160,3 +160,38 @@ def test_sigkill_midway_then_rerun_gives_the_same_parts(extracted, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"{total - done} written, {done} already complete" in result.stdout
     assert _files(out) == _files(clean)
+
+
+# ---------------------------------------------------------------------------------------- sharded test
+def _test_outputs(config: Path, tmp_path: Path, name: str, *options: str) -> tuple[dict, dict]:
+    logs = tmp_path / name
+    assert main(["test", "--config", str(config), "--trainer.logger.init_args.save_dir", str(logs),
+                 "--model.init_args.retrieval.grid_queries", "0", *options]) == 0
+    folder = next(logs.rglob("metrics.json")).parent
+    return json.loads((folder / "metrics.json").read_text()), json.loads((folder / "run.json").read_text())
+
+
+def test_sharded_evaluation_on_two_gloo_processes_equals_the_gathered_one(extracted, tmp_path):
+    _, config, _ = extracted
+    one = _test_outputs(config, tmp_path, "one")
+    two_options = ("--trainer.devices", "2", "--trainer.strategy", "ddp_spawn")
+    sharded = _test_outputs(config, tmp_path, "sharded", *two_options, "--model.init_args.retrieval.evaluation",
+                            "sharded")
+    gathered = _test_outputs(config, tmp_path, "gathered", *two_options, "--model.init_args.retrieval.evaluation",
+                             "gather")
+    assert sharded == gathered  # metrics.json and run.json; the padded sampler's repeated image counts once
+    # one process batches other images together than two (Lightning's sampler strides the items),
+    # which moves features in their last bits: the same numbers to float32 rounding
+    assert sharded[0].keys() == one[0].keys()
+    for key, value in one[0].items():
+        assert sharded[0][key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), key
+
+
+def test_evaluation_mode_is_checked():
+    from instsearch.eval.evaluator import RetrievalConfig
+
+    with pytest.raises(ValueError, match="evaluation must be one of auto, gather, sharded"):
+        RetrievalConfig(evaluation="scatter")
+    with pytest.raises(ValueError, match="whitening: pca is fitted on the whole database"):
+        RetrievalConfig(evaluation="sharded", whitening="pca")
+    assert RetrievalConfig(whitening=True).fits_whitening and not RetrievalConfig().fits_whitening
