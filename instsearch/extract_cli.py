@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-def manifest_for(model, datamodule, benchmark_path: str, ckpt_path: Optional[str], part_size: int,
-                 num_items: int) -> dict[str, Any]:
+def manifest_for(model, datamodule, benchmark_path: str, ckpt_path: Optional[str], layout,
+                 distractors: list[dict[str, Any]]) -> dict[str, Any]:
     """The extraction's identity: what decides the features, hashed, and where they came from."""
     from instsearch.eval.shards import config_sha256, file_sha256
 
@@ -28,8 +28,8 @@ def manifest_for(model, datamodule, benchmark_path: str, ckpt_path: Optional[str
             "checkpoint": str(ckpt_path) if ckpt_path else None,
             "checkpoint_sha256": file_sha256(ckpt_path) if ckpt_path else None,
             "benchmark": str(benchmark_path), "benchmark_sha256": file_sha256(benchmark_path),
-            "part_size": int(part_size), "num_items": int(num_items),
-            "num_parts": -(-int(num_items) // int(part_size)), "distractors": []}
+            "part_size": layout.part_size, "num_items": int(layout.segments[0][1]), "num_parts": layout.num_parts,
+            "distractors": distractors}
 
 
 def extract_shards(model, datamodule, trainer, out: str | Path, ckpt_path: Optional[str] = None,
@@ -38,8 +38,10 @@ def extract_shards(model, datamodule, trainer, out: str | Path, ckpt_path: Optio
     with ``trainer.predict``; returns the manifest (with totals once every part is complete)."""
     from instsearch.datamodules.benchmark import BenchmarkImages, collate_images
     from instsearch.distributed import broadcast_from_rank0
-    from instsearch.eval.shard_extraction import PartSampler, RegionShardWriter, finalize_manifest, part_loader
+    from instsearch.eval.shard_extraction import (DistractorPartBatches, PartLayout, PartSampler, RegionShardWriter,
+                                                  finalize_manifest, part_loader)
     from instsearch.eval.shards import ShardWriter
+    import torch
 
     bench = datamodule.load_benchmark() if hasattr(datamodule, "load_benchmark") else None
     if bench is None:
@@ -50,19 +52,39 @@ def extract_shards(model, datamodule, trainer, out: str | Path, ckpt_path: Optio
     # process extracts a part, and the same as `instsearch test`'s on one process.
     batch = int(datamodule.benchmark_batch_size)
     part_size = -(-int(part_size) // batch) * batch
-    manifest = manifest_for(model, datamodule, datamodule.benchmark, ckpt_path, part_size, len(dataset))
+    folders = [(bench.distractor_root(d), str(d.get("id_prefix", "distractor:")), d.get("count")) for d in bench.distractors]
+    counts = []
+    for root, _, count in folders:
+        if count is None:  # an older benchmark file without the count: walk the folder once
+            from instsearch.datamodules.distractors import count_image_files
+
+            count = count_image_files(root)
+        counts.append(int(count))
+    layout = PartLayout.build(part_size, [len(dataset), *counts])
+    distractors = [{"root": str(root), "id_prefix": prefix, "count": n, "first_item": first}
+                   for (root, prefix, _), n, (first, _) in zip(folders, counts, layout.segments[1:])]
+    manifest = manifest_for(model, datamodule, datamodule.benchmark, ckpt_path, layout, distractors)
     writer = ShardWriter(out, manifest, dtype=dtype)
     if trainer.is_global_zero and not (Path(out) / "manifest.json").is_file():
         writer.write_manifest()
     done = writer.complete_parts()
     sampler = PartSampler(len(dataset), part_size, skip=done)
-    loader = part_loader(dataset, sampler, datamodule.benchmark_batch_size, datamodule.num_workers, collate_images)
-    shard_writer = RegionShardWriter(writer, len(dataset), part_size, model.retrieval.regions_per_image)
+    loaders = [part_loader(dataset, sampler, batch, datamodule.num_workers, collate_images)]
+    for entry in distractors:
+        source = DistractorPartBatches(entry["root"], entry["id_prefix"], entry["first_item"], layout, batch, skip=done,
+                                       max_side=datamodule.benchmark_max_side)
+        loaders.append(torch.utils.data.DataLoader(source, batch_size=None, num_workers=datamodule.num_workers))
+    shard_writer = RegionShardWriter(writer, layout, model.retrieval.regions_per_image)
     trainer.callbacks.append(shard_writer)
-    if len(done) < manifest["num_parts"]:
-        trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
+    if len(done) < layout.num_parts:
+        import warnings
+
+        # distractor batches number their items themselves (meta.extra["item"]): Lightning's
+        # warning that it cannot track an iterable source's indices does not apply
+        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched")
+        trainer.predict(model, dataloaders=loaders, ckpt_path=ckpt_path, return_predictions=False)
     trainer.strategy.barrier("instsearch-extract")  # every rank's parts are on disk
-    totals = finalize_manifest(writer, manifest["num_parts"]) if trainer.is_global_zero else None
+    totals = finalize_manifest(writer, layout.num_parts) if trainer.is_global_zero else None
     totals = broadcast_from_rank0(totals)
     return {**writer.manifest, **(totals or {}), "skipped_parts": len(done),
             "written_parts": len(shard_writer.parts_written)}

@@ -195,3 +195,64 @@ def test_evaluation_mode_is_checked():
     with pytest.raises(ValueError, match="whitening: pca is fitted on the whole database"):
         RetrievalConfig(evaluation="sharded", whitening="pca")
     assert RetrievalConfig(whitening=True).fits_whitening and not RetrievalConfig().fits_whitening
+
+
+# ---------------------------------------------------------------------------------------- distractors
+@pytest.fixture(scope="module")
+def distractor_setup(tmp_path_factory, small_benchmark, synthetic_root, num_classes):
+    """The small benchmark plus a distractor folder of 7 files at two depths, one undecodable."""
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("distractors")
+    bench = json.loads(small_benchmark.read_text())
+    source = sorted((synthetic_root / bench["image_root"]).rglob("*.jpg"))[-6:]
+    assert len(source) == 6
+    for k, path in enumerate(source):
+        folder = tmp / "flickr" / ("a" if k < 3 else "b/c")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / f"im{k}.jpg")
+    (tmp / "flickr" / "a" / "broken.jpg").write_bytes(b"not an image")
+    bench["image_root"] = str((synthetic_root / bench["image_root"]).resolve())
+    bench["distractors"] = [{"root": "flickr", "count": 7, "id_prefix": "distractor:"}]
+    path = tmp / "benchmark.json"
+    path.write_text(json.dumps(bench))
+    return tmp, _config(tmp, path, num_classes)
+
+
+def test_distractor_folders_go_through_the_same_writer(distractor_setup, tmp_path):
+    tmp, config = distractor_setup
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["extract", "--config", str(config), "--out", str(one), "--dtype", "float32", "--part-size", "3"]) == 0
+    assert main(["extract", "--config", str(config), "--out", str(two), "--dtype", "float32", "--part-size", "3",
+                 "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]) == 0
+    assert _files(two) == _files(one)
+    shards = RegionShards(one)
+    manifest = shards.manifest
+    main_items = manifest["num_items"]
+    first = -(-main_items // 3) * 3  # the folder starts a new part
+    assert manifest["distractors"] == [{"root": str(tmp / "flickr"), "id_prefix": "distractor:", "count": 7,
+                                        "first_item": first}]
+    assert manifest["num_parts"] == first // 3 + 3 and manifest["complete"]
+    walk = ["a/im0.jpg", "a/im1.jpg", "a/im2.jpg", "b/c/im3.jpg", "b/c/im4.jpg", "b/c/im5.jpg"]
+    assert shards.image_ids[-6:] == [f"distractor:{p}" for p in walk]  # the walk's order; broken.jpg comes first
+    assert [b["image"] for b in shards.bad_images] == ["distractor:a/broken.jpg"]
+    assert shards.num_regions == 5 * len(shards.image_ids)
+
+
+def test_distractors_rank_as_in_the_gathered_test(distractor_setup, tmp_path):
+    tmp, config = distractor_setup
+    out = tmp_path / "shards"
+    assert main(["extract", "--config", str(config), "--out", str(out), "--dtype", "float32", "--part-size", "3"]) == 0
+    _, expected = _test_outputs(config, tmp_path, "test")
+    shards = RegionShards(out)
+    index = faiss.IndexFlatIP(shards.dim)
+    for _, rows in shards.iter_features():
+        index.add(np.asarray(rows, np.float32))
+    query_ids, features, _ = shards.queries()
+    got = search_shards(FaissSearcher(index), shards, query_ids, features, shortlist=None).to_dict()
+    assert any(h["image"].startswith("distractor:") for hits in got["rankings"].values() for h in hits)
+    for qid, hits in expected["rankings"].items():
+        # the gathered path lists distractors by id, the shards by the folder walk: only the order
+        # of images with equal scores may differ
+        assert sorted((h["score"], h["image"]) for h in got["rankings"][qid]) == \
+            sorted((h["score"], h["image"]) for h in hits)
