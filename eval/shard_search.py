@@ -34,6 +34,8 @@ class StageTimes:
 
     ann: float = 0.0
     rescoring: float = 0.0
+    #: the largest ``k`` (regions per query) the ANN stage asked the index for
+    ann_k: int = 0
 
 
 def region_images(shards: RegionShards, region_ids: np.ndarray) -> np.ndarray:
@@ -43,7 +45,7 @@ def region_images(shards: RegionShards, region_ids: np.ndarray) -> np.ndarray:
 
 
 def shortlist_images(searcher: Searcher, shards: RegionShards, queries: np.ndarray,
-                     shortlist: int) -> list[np.ndarray]:
+                     shortlist: int, times: Optional[StageTimes] = None) -> list[np.ndarray]:
     """Stage 1: for each query, up to ``shortlist`` image positions, best region first, from the
     region searcher; ``k`` grows until that many distinct images are found (or every region)."""
     total, num_images = searcher.ntotal, len(shards.image_ids)
@@ -53,6 +55,8 @@ def shortlist_images(searcher: Searcher, shards: RegionShards, queries: np.ndarr
     found: list[Optional[np.ndarray]] = [None] * len(queries)
     while len(pending):
         scores, ids = searcher.search(queries[pending], k)
+        if times is not None:
+            times.ann_k = max(times.ann_k, k)
         # region -> image by the shards' offsets; the reduction keeps each image's first hit
         image_of = region_images(shards, np.where(ids >= 0, ids, 0))
         rankings = _first_hits(scores, ids, image_of)
@@ -83,16 +87,12 @@ def _first_hits(scores: np.ndarray, ids: np.ndarray, image_of: np.ndarray) -> li
 RESCORE_SCORES = 1 << 22
 
 
-def _candidate_regions(starts: np.ndarray, candidates: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(query, image, region)`` of every region of every candidate image, per query in
-    candidate order, each image's regions in order."""
-    if not len(candidates):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    images = np.concatenate(candidates).astype(np.int64)
+def _image_regions(starts: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The region ids of ``images`` (each image's regions in order, images in the given order)
+    and each region's position within its image."""
     lengths = starts[images + 1] - starts[images]
-    query = np.repeat(np.repeat(np.arange(len(candidates)), [len(c) for c in candidates]), lengths)
     within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return query, np.repeat(images, lengths), np.repeat(starts[images], lengths) + within
+    return np.repeat(starts[images], lengths) + within, within
 
 
 def rescore(shards: RegionShards, queries: np.ndarray, candidates: Sequence[np.ndarray],
@@ -100,23 +100,33 @@ def rescore(shards: RegionShards, queries: np.ndarray, candidates: Sequence[np.n
     """Stage 2: every region of each query's candidate images scored exactly; each image's best
     region (its score and region id), images best first.
 
-    Scores are one dense float32 product per chunk of queries against the union of their
-    candidate rows (torch, as the exact in-memory searcher computes them: with every image
-    shortlisted and the same chunking, the two give the same bits); chunks hold at most
-    ``max_scores`` scores."""
+    Scores are one dense float32 product per chunk of queries against the rows of the images
+    they shortlisted (torch, as the exact in-memory searcher computes them: with every image
+    shortlisted and the same chunking, the two give the same bits); a chunk holds at most
+    ``max_scores`` scores. Rows are gathered per image, never deduplicated region by region."""
     import torch
 
     if score not in ("inner_product", "inverse_l2"):
         raise ValueError(f"unknown score {score!r}: inner_product or inverse_l2")
-    pair_query, pair_image, pair_region = _candidate_regions(shards.image_starts, candidates)
+    starts = shards.image_starts
+    empty = np.zeros(0, np.int64)
+    images = np.concatenate(candidates).astype(np.int64) if len(candidates) else empty
+    lengths = starts[images + 1] - starts[images]
+    pair_query = np.repeat(np.repeat(np.arange(len(candidates)), [len(c) for c in candidates]), lengths)
+    pair_image = np.repeat(images, lengths)
+    pair_region, within = _image_regions(starts, images)
     values = np.empty(len(pair_region), np.float32)
-    union = max(len(np.unique(pair_region)), 1)
+    distinct = np.unique(images)
+    union = max(int((starts[distinct + 1] - starts[distinct]).sum()), 1)
     chunk = max(1, min(len(candidates), max_scores // union)) if len(candidates) else 1
     bounds = np.searchsorted(pair_query, np.arange(0, len(candidates) + chunk, chunk))
     for c, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         if a == b:
             continue
-        rows_needed, where = np.unique(pair_region[a:b], return_inverse=True)
+        chunk_images = np.unique(pair_image[a:b])
+        rows_needed, _ = _image_regions(starts, chunk_images)
+        first_row = np.cumsum(starts[chunk_images + 1] - starts[chunk_images]) - (starts[chunk_images + 1] - starts[chunk_images])
+        where = first_row[np.searchsorted(chunk_images, pair_image[a:b])] + within[a:b]
         q = torch.from_numpy(np.ascontiguousarray(queries[c * chunk:(c + 1) * chunk]))
         x = torch.from_numpy(shards.rows(rows_needed))
         if score == "inner_product":
@@ -124,14 +134,21 @@ def rescore(shards: RegionShards, queries: np.ndarray, candidates: Sequence[np.n
         else:  # 1 / ||q - x||, the order of an L2 index (nearest first)
             s = 1.0 / torch.cdist(q, x).clamp_min(1e-12)
         values[a:b] = s[torch.from_numpy(pair_query[a:b] - c * chunk), torch.from_numpy(where)].numpy()
-    # best region per (query, image): by query, then score descending, then region id (the
-    # in-memory search's first hit among equal scores is the earlier region), first of each image
-    order = np.lexsort((pair_region, -values, pair_query))
-    q, img, reg, val = pair_query[order], pair_image[order], pair_region[order], values[order]
-    key = q * (len(shards.image_ids) + 1) + img
-    _, first_of = np.unique(key, return_index=True)
-    first_of.sort()
-    q, img, reg, val = q[first_of], img[first_of], reg[first_of], val[first_of]
+    # Pairs come grouped by (query, candidate image), each image's regions in id order: the best
+    # region of a group is its maximum, the first one among equal scores (the lower region id, as
+    # the in-memory search's first hit).
+    lengths = lengths[lengths > 0]
+    group_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    if len(group_start):
+        best = np.maximum.reduceat(values, group_start)
+        is_best = values == np.repeat(best, lengths)
+        first = np.minimum.reduceat(np.where(is_best, np.arange(len(values)), len(values)), group_start)
+    else:
+        best, first = np.zeros(0, np.float32), np.zeros(0, np.int64)
+    q, img, reg = pair_query[first], pair_image[first], pair_region[first]
+    # images best first within each query; equal scores: the lower best-region id first
+    order = np.lexsort((reg, -best, q))
+    q, img, reg, val = q[order], img[order], reg[order], best[order]
     edges = np.searchsorted(q, np.arange(len(candidates) + 1))
     return [ImageRanking(img[a:b], val[a:b], reg[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
@@ -160,7 +177,7 @@ def search_shards(searcher: Searcher, shards: RegionShards, query_ids: Sequence[
     for start in range(0, len(queries), batch_size):
         batch = queries[start:start + batch_size]
         t0 = time.perf_counter()
-        candidates = shortlist_images(searcher, shards, batch, wanted) if searcher.ntotal else [
+        candidates = shortlist_images(searcher, shards, batch, wanted, times) if searcher.ntotal else [
             np.zeros(0, np.int64) for _ in batch]
         t1 = time.perf_counter()
         rankings += rescore(shards, batch, candidates, score=searcher.score)

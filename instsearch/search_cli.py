@@ -98,7 +98,7 @@ def run_search(index_dir: str | Path, shards_dir: str | Path, out: str | Path, s
         "distractor_images": sum(1 for i in shards.image_ids if bench.is_distractor(i)),
         "database_regions": shards.num_regions,
         "search": "exact" if exact else "ann+exact_rescoring",
-        "index_key": info.get("factory"), "nprobe": searcher.nprobe,
+        "index_key": info.get("factory"), "nprobe": searcher.nprobe, "ann_k": times.ann_k,
         "shortlist": shortlist if shortlist is not None else len(shards.image_ids),
         "ann_ms_per_query": 1000 * times.ann / nq, "rescoring_ms_per_query": 1000 * times.rescoring / nq,
     })
