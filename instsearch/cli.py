@@ -12,6 +12,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "synth": ("instsearch.synthetic:main", "generate the synthetic instance-search benchmark"),
     "convert": ("instsearch.datamodules.converters:main", "convert a public benchmark (INSTRE, Oxford, Paris, Holidays, ...) to benchmark.json"),
     "extract": ("instsearch.extract_cli:main", "a benchmark's regions and query features into region shards on disk (restartable, DDP)"),
+    "index": ("instsearch.index_cli:main", "build an ANN index over region shards (faiss key or memory budget; IVF lists merged on disk)"),
     "search": ("instsearch.search_cli:main", "search region shards through an index (ANN shortlist, exact best-region rescoring) -> run.json, metrics.json"),
     "evaluate": ("instsearch.eval.score_run:main", "score a run.json against a benchmark.json (mAP@k, mIoU)"),
     "whitening": ("instsearch.whitening_cli:main", "fit the PCA-whitening on another benchmark's database and save it (.npz)"),

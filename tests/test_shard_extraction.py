@@ -256,3 +256,24 @@ def test_distractors_rank_as_in_the_gathered_test(distractor_setup, tmp_path):
         # of images with equal scores may differ
         assert sorted((h["score"], h["image"]) for h in got["rankings"][qid]) == \
             sorted((h["score"], h["image"]) for h in hits)
+
+
+def test_extract_index_search_evaluate_equals_instsearch_test(extracted, small_benchmark, tmp_path, capsys):
+    _, config, shards_dir = extracted
+    expected_metrics, expected_run = _test_outputs(config, tmp_path, "test")
+    assert main(["index", "build", "--shards", str(shards_dir), "--out", str(tmp_path / "index"),
+                 "--factory", "Flat"]) == 0
+    run_path = tmp_path / "search" / "run.json"
+    assert main(["search", "--index", str(tmp_path / "index"), "--shards", str(shards_dir), "--config", str(config),
+                 "--out", str(run_path), "--shortlist", "0"]) == 0
+    assert json.loads(run_path.read_text()) == expected_run
+    searched = json.loads((run_path.parent / "metrics.json").read_text())
+    assert {k: searched[k] for k in expected_metrics} == expected_metrics
+    assert searched["search"] == "exact" and searched["index_key"] == "Flat"
+    assert searched["database_images"] == len(json.loads(small_benchmark.read_text())["database"])
+    assert searched["distractor_images"] == 0 and searched["database_regions"] == 5 * searched["database_images"]
+    scored = tmp_path / "scored.json"
+    assert main(["evaluate", "--benchmark", str(small_benchmark), "--run", str(run_path), "--output", str(scored)]) == 0
+    again = json.loads(scored.read_text())
+    assert {k: again[k] for k in again if k != "mIoU"} == {k: expected_metrics[k] for k in again if k != "mIoU"}
+    assert again["mIoU"] == pytest.approx(expected_metrics["mIoU"], abs=1e-4)  # run.json keeps boxes to 0.01 px
