@@ -26,7 +26,9 @@ whole index as it would sit in memory -- codes, ids, coarse quantizer, transform
 1. Fewer than 10,000 vectors: ``Flat`` (too few to train 256-centroid PQ codebooks with faiss's
    39 points per centroid; an exhaustive scan of them is cheap anyway).
 2. ``nlist`` = ``4·sqrt(N)`` rounded to the nearest power of two, at most ``N / 39`` (faiss's k-means
-   warns below 39 training points per centroid) and at most 2^18. From 2^14 lists on, the coarse
+   warns below 39 training points per centroid), at most 2^18, and small enough that 39 float32
+   training points per centroid fit a quarter of the budget (at 10 M 512-D regions and 1 GB:
+   4096 lists, not 16384, whose 39-point sample alone would take 1.2 GiB). From 2^14 lists on, the coarse
    quantizer is an HNSW graph (``IVF{nlist}_HNSW32``): scanning that many centroids per query
    costs more than walking the graph.
 3. Fewer than 1,000,000 vectors and the uncompressed vectors fit: ``IVF{nlist},Flat``.
@@ -106,12 +108,17 @@ def format_bytes(n: float) -> str:
 
 
 # -- the rule -----------------------------------------------------------------------------------
-def nlist_for(num_vectors: int) -> int:
+def nlist_for(num_vectors: int, training_budget: Optional[int] = None, dim: int = 0) -> int:
     """Inverted lists for ``num_vectors``: ``4·sqrt(N)`` to the nearest power of two, clipped so
-    that k-means sees at least 39 points per centroid and to 2^18."""
+    that k-means sees at least 39 points per centroid and to 2^18. With ``training_budget`` (bytes)
+    and ``dim``, also halved until 39 float32 training points per centroid fit that budget, so
+    that training, like the rest of the build, stays within the memory budget."""
     n = max(int(num_vectors), 1)
     nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
-    most = 2 ** int(math.floor(math.log2(max(n // MIN_POINTS_PER_CENTROID, 1))))
+    points = n
+    if training_budget is not None and dim:
+        points = min(points, int(training_budget) // (4 * int(dim)))
+    most = 2 ** int(math.floor(math.log2(max(points // MIN_POINTS_PER_CENTROID, 1))))
     return int(max(1, min(nlist, most, MAX_NLIST)))
 
 
@@ -190,7 +197,7 @@ def index_key_for(num_vectors: int, dim: int, memory_budget_bytes: int, metric: 
             raise ValueError(f"a memory budget of {format_bytes(budget)} cannot hold {n} vectors of {d}-D even "
                              f"uncompressed (Flat needs {format_bytes(need)})")
         return "Flat"
-    nlist = nlist_for(n)
+    nlist = nlist_for(n, training_budget=budget // 4, dim=d)
     if n < IVF_FLAT_BELOW and estimated_index_bytes(f"{_ivf(nlist)},Flat", n, d, metric) <= budget:
         return f"{_ivf(nlist)},Flat"
     smallest = None

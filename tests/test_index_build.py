@@ -151,25 +151,35 @@ def test_index_size_estimate_by_hand():
 @pytest.mark.parametrize("n, dim, budget, key", [
     (5_000, 128, GB, "Flat"),
     (100_000, 128, GB, "IVF1024,Flat"),
-    (100_000, 128, 25 * MB, "IVF1024,PQ64"),  # IVF1024,Flat needs 70 MB
-    (100_000, 128, 22 * MB, "IVF1024,PQ32"),  # PQ64: 16 MiB + 7.2 MB codes + ids + 0.6 MB > 22 MiB
-    (1_000_000, 512, GB, "IVF4096,PQ256"),  # a million: quantised even when floats would fit
-    (10_000_000, 512, GB, "OPQ64_256,IVF16384_HNSW32,PQ64"),
-    (100_000_000, 512, 4 * GB, "OPQ32_128,IVF32768_HNSW32,PQ32"),
-    (100_000_000, 128, 16 * GB, "IVF32768_HNSW32,PQ64"),
+    (100_000, 128, 25 * MB, "IVF256,PQ64"),  # IVF256,Flat needs 68 MB; 6.25 MiB of training floats: 12,800 128-D points, 256 lists of 39
+    (100_000, 128, 22 * MB, "IVF256,PQ32"),  # PQ64: 16 MiB + 7.2 MB codes + ids + 0.6 MB > 22 MiB
+    (1_000_000, 512, GB, "IVF2048,PQ256"),  # a million: quantised even when floats would fit; 131,072 512-D
+    # training points in a quarter GB: 2048 lists of 39 (3360 at most), not 4·sqrt(N) = 4096
+    (10_000_000, 512, GB, "OPQ64_256,IVF2048,PQ64"),
+    (100_000_000, 512, 4 * GB, "OPQ32_128,IVF8192,PQ32"),  # 524,288 points: 13,443 lists at most
+    (100_000_000, 128, 16 * GB, "IVF32768_HNSW32,PQ64"),  # 4·sqrt(N) lists fit the training budget
 ])
 def test_keys_for_a_budget_by_hand(n, dim, budget, key):
     assert index_key_for(n, dim, budget) == key
     assert estimated_index_bytes(key, n, dim) <= budget
-    larger = [pq_key(m, dim, nlist_for(n)) for m in PQ_BYTES]
+    larger = [pq_key(m, dim, nlist_for(n, budget // 4, dim)) for m in PQ_BYTES]
     larger = [k for k in larger[:larger.index(key)] if k] if key in larger else []
     assert all(estimated_index_bytes(k, n, dim) > budget for k in larger)  # the largest code that fits
 
 
 def test_a_budget_below_the_smallest_pq_is_refused():
     with pytest.raises(ValueError, match=r"too small for 100000000 vectors of 512-D: even the smallest PQ, "
-                                         r"OPQ4_16,IVF32768_HNSW32,PQ4, needs"):
+                                         r"OPQ4_16,IVF2048,PQ4, needs"):
         index_key_for(100_000_000, 512, GB)
+
+
+def test_training_fits_a_quarter_of_the_budget():
+    # 10 M 512-D regions in 1 GB: 4·sqrt(N) = 16384 lists would need 39 · 16384 · 2 KiB = 1.2 GiB of
+    # training floats; 256 MiB holds 131,072 points, 3360 lists of 39, rounded down to 2048
+    assert nlist_for(10_000_000) == 16384
+    assert nlist_for(10_000_000, GB // 4, 512) == 2048
+    key = index_key_for(10_000_000, 512, GB)
+    assert train_size_for(key, 10_000_000, 512, GB) * 4 * 512 <= GB // 4
 
 
 def test_training_sizes():
