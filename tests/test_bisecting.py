@@ -293,6 +293,29 @@ def test_upsample_masks_take_the_patch_under_each_pixel_centre():
     rows = up[0, :, 3].nonzero().squeeze(1).tolist()
     assert rows == list(range(7, 13))
     assert up[0, :, :2].sum() == 0 and up.dtype == torch.float32
+    # 4 px over 2 patch columns: pixel x takes column floor((2x + 1) * 2 / 8) -> pixels 2, 3 are column 1
+    assert up[0, 7:13, 2:].eq(1).all() and up.sum() == 6 * 2
+
+
+def test_affinity_is_strictly_above_alpha():
+    # orthogonal features have cosine exactly 0: not linked at alpha = 0 (Eq. 5's strict ">")
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    assert affinity(x, alpha=0.0).tolist() == [[True, False, True], [False, True, True], [True, True, True]]
+
+
+def test_ksums_objective_reads_side_as_a_mask_whatever_its_dtype():
+    # clusters {x0, x1} and {x2}: ||x0 - x1||^2 = 2 for orthogonal unit vectors, a singleton adds 0
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert ksums_objective(x, torch.tensor([1, 1, 0])) == pytest.approx(2.0)
+    assert ksums_objective(x, torch.tensor([True, True, False])) == pytest.approx(2.0)
+
+
+def test_a_node_exactly_at_tau1_is_not_cut():
+    from instsearch.networks.bisecting import _cut_wanted
+
+    # Algorithm 1 line 8 cuts when c(S) < tau1: a node whose connectivity equals tau1 stays whole
+    assert not _cut_wanted(0.5, level=1, tau1=0.5, max_depth=None)
+    assert _cut_wanted(0.49, level=1, tau1=0.5, max_depth=None)
 
 
 # ----------------------------------------------------------------------------- edge cases by hand
