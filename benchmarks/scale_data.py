@@ -17,9 +17,14 @@ The planted set
   an image as a detector's slots are.
 * **Features.** Unit vectors of a Gaussian mixture, so inverted lists and codebooks meet clusters
   as on real descriptors rather than uniform points on the sphere: ``clusters`` centres with a
-  per-dimension scale decaying linearly from 1 to 0.1 (PCA-reduced CNN features have decaying
-  variance), normalised; centre ``c`` is drawn with weight ``∝ (c + 1)^-1/2`` (uneven list sizes);
-  a region is its centre plus noise of the same profile with norm about ``spread``, normalised.
+  per-dimension scale (the ``spectrum``), normalised; centre ``c`` is drawn with weight
+  ``∝ (c + 1)^-1/2`` (uneven list sizes); a region is its centre plus noise of the same profile
+  with norm about ``spread``, normalised. ``spectrum="power"`` (default) gives dimension ``i`` the
+  standard deviation ``(i + 1)^-1/2``: variances decaying as ``1/i``, as the PCA spectra of CNN
+  descriptors do (their leading components carry most of the variance), for an effective
+  dimension (participation ratio ``(sum v)^2 / sum v^2``) of 18 at 128-D. ``spectrum="linear"`` (scale from 1
+  to 0.1, effective dimension 79 at 128-D) is close to noise on the sphere, where no inverted file
+  prunes well: kept to show that regime.
 * **Instances.** Each query has an instance vector, drawn as a region is. It is planted in
   ``positives`` database images (distinct images, each hosting at most one instance), in a random
   slot: that region becomes ``instance + noise`` (norm uniform in ``positive_noise``, so some
@@ -54,7 +59,9 @@ from instsearch.formats import BENCHMARK_FORMAT
 #: images per generator block: the unit of generation, independent of the part size
 BLOCK_IMAGES = 1024
 #: bumped whenever the drawing changes, so a changed generator is another "extraction"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+#: per-dimension profiles of the features
+SPECTRA = ("power", "linear")
 #: (width, height) of database and query images
 IMAGE_SIZES = np.array([(640, 480), (480, 640), (1024, 768), (768, 1024), (800, 600), (500, 375), (375, 500),
                         (1024, 683)], np.int32)
@@ -74,6 +81,7 @@ class SimulationConfig:
     seed: int = 0
     clusters: int = 1024
     spread: float = 1.5
+    spectrum: str = "power"  # "power" or "linear": the per-dimension profile (module docstring)
     positive_noise: tuple[float, float] = (0.3, 1.5)
     query_noise: float = 0.3
     empty_fraction: float = 0.02
@@ -86,6 +94,8 @@ class SimulationConfig:
             raise ValueError("queries and junk must be >= 0 and positives 1 <= lo <= hi")
         if not 0 <= self.empty_fraction < 1:
             raise ValueError("empty_fraction must lie in [0, 1)")
+        if self.spectrum not in SPECTRA:
+            raise ValueError(f"spectrum must be one of {SPECTRA}, got {self.spectrum!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "positives": list(self.positives), "positive_noise": list(self.positive_noise),
@@ -180,10 +190,20 @@ def _draw_counts(config: SimulationConfig) -> tuple[np.ndarray, np.ndarray]:
     return counts, sizes
 
 
+def spectrum_profile(spectrum: str, dim: int) -> np.ndarray:
+    """``(dim,)`` unit-norm per-dimension standard deviations of the mixture (module docstring)."""
+    if spectrum == "power":
+        profile = (np.arange(dim, dtype=np.float64) + 1.0) ** -0.5
+    elif spectrum == "linear":
+        profile = np.linspace(1.0, 0.1, dim, dtype=np.float64)
+    else:
+        raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
+    return (profile / np.linalg.norm(profile)).astype(np.float32)
+
+
 def _draw_mixture(config: SimulationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = _stream(config.seed, _CENTRES)
-    profile = np.linspace(1.0, 0.1, config.dim, dtype=np.float32)
-    profile /= np.linalg.norm(profile)
+    profile = spectrum_profile(config.spectrum, config.dim)
     centres = _normalise(_noise(rng, config.clusters, profile, 1.0))
     weights = (np.arange(config.clusters) + 1.0) ** -0.5
     return profile, centres, np.cumsum(weights / weights.sum())

@@ -13,7 +13,7 @@ Layout of an index folder::
 
     index.json      format, factory key, metric, dim, ntotal, the shards it was built from (path,
                     model and config hashes), the memory budget and the rule's inputs, train size,
-                    build seconds
+                    the stored nprobe and how it was estimated (``nprobe_rule``), build seconds
     index.faiss     the faiss index (coarse quantizer, transforms, codebooks; the lists too
                     unless on disk)
     index.ivfdata   the inverted lists of an IVF index, memory-mapped when opened
@@ -39,6 +39,9 @@ whole index as it would sit in memory -- codes, ids, coarse quantizer, transform
    sub-quantizer); otherwise plain ``PQ{m}``, ``m`` a divisor of ``D``.
 5. Not even ``PQ4`` fits: refused.
 
+The stored nprobe (what ``instsearch search`` uses unless given ``--nprobe``) is estimated on a
+database sample, not a rule of thumb: :func:`tune_nprobe`.
+
 HNSW over the vectors themselves (autofaiss's first choice when it fits) is left out: its graph
 must sit in memory and cannot be built part by part onto disk.
 
@@ -53,7 +56,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -83,6 +86,7 @@ LIST_BYTES = 48  # per inverted list: its size, capacity, offset (on disk) or tw
 FIXED_OVERHEAD = 16 << 20
 PRECOMPUTED_TABLE_MAX = 2 << 30  # faiss's IndexIVFPQ.precomputed_table_max_bytes
 DEFAULT_BUILD_MEMORY = 2 << 30  # bounds chunks and groups when only a factory key is given
+TUNE_SAMPLE = 20_000  # database vectors the nprobe estimate searches among (10 MB at 128-D)
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -354,9 +358,74 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
 
 
 def default_nprobe(nlist: int) -> int:
-    """The nprobe stored with a new index: ``nlist / 128``, at least 8 (a starting point; tune it
-    with ``instsearch search --nprobe``)."""
+    """``nlist / 128``, at least 8: the nprobe of an index too small to tune (:func:`tune_nprobe`)."""
     return int(min(nlist, max(8, nlist // 128)))
+
+
+@dataclass(frozen=True)
+class NprobeEstimate:
+    """What :func:`tune_nprobe` measured (stored in ``index.json``)."""
+
+    nprobe: int
+    target: float
+    sample: int
+    queries: int
+    neighbours: int
+    #: the share of the sample's exact neighbours inside the probed lists at ``nprobe`` (``None``:
+    #: too small a sample to tell, ``default_nprobe`` used)
+    estimated_recall: Optional[float]
+
+
+def _pretransform(index: faiss.Index, x: np.ndarray) -> np.ndarray:
+    """``x`` through the index's transforms (an OPQ rotation) into the coarse quantizer's space."""
+    outer = faiss.downcast_index(index)
+    return outer.apply_chain(len(x), x) if isinstance(outer, faiss.IndexPreTransform) else x
+
+
+def tune_nprobe(index: faiss.Index, sample: np.ndarray, metric: str = "ip", target: float = 0.95,
+                neighbours: int = 10, queries: int = 1000) -> NprobeEstimate:
+    """The smallest nprobe at which the probed lists hold ``target`` of the exact neighbours, on
+    a sample of the database itself (no query is needed, none is seen).
+
+    The first ``queries`` vectors of ``sample`` are queries against the whole sample: their exact
+    ``neighbours`` nearest (themselves left out) are found by brute force, every sample vector's
+    list by the trained coarse quantizer, and each query's lists ranked by its centroid scores
+    (exactly, over all centroids). The rank of each neighbour's list is the nprobe that reaches
+    it; the ``target`` quantile of those ranks is returned. A sample's neighbours are farther than
+    the database's (a sample of ``S`` of ``N`` vectors sees every ``N/S``-th), and farther
+    neighbours are less often in the query's own list: the estimate errs towards more lists.
+    Queries whose relevant items lie farther still than the sample's neighbours (hard positives)
+    need more: ``instsearch search --nprobe`` overrides it, and docs/scale.md shows the trade-off."""
+    ivf = faiss.extract_index_ivf(index)
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    nq = min(int(queries), len(x) - 1)
+    k = min(int(neighbours), len(x) - 1)
+    if nq < 1 or k < 1:
+        return NprobeEstimate(default_nprobe(ivf.nlist), target, len(x), 0, 0, None)
+    exact = faiss.IndexFlat(x.shape[1], METRICS[metric])
+    exact.add(x)
+    _, found = exact.search(x[:nq], k + 1)
+    own = found == np.arange(nq)[:, None]
+    # drop each query's own row (normally its first hit; equal vectors may put it anywhere)
+    keep = np.where(own.any(1)[:, None], ~own, np.arange(k + 1)[None, :] < k)
+    found = found[keep].reshape(nq, k)
+    xt = np.ascontiguousarray(_pretransform(index, x), dtype=np.float32)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    coarse = faiss.IndexFlat(centroids.shape[1], ivf.metric_type)
+    coarse.add(centroids)
+    _, assigned = coarse.search(xt, 1)
+    lists_of_neighbours = assigned[found.ravel(), 0].reshape(nq, k)
+    needed = np.empty((nq, k), np.int64)
+    step = max(1, (1 << 22) // ivf.nlist)  # queries per block: a block's list rankings stay within 32 MB
+    for a in range(0, nq, step):
+        _, order = coarse.search(xt[a:min(a + step, nq)], ivf.nlist)
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(ivf.nlist), order.shape), axis=1)
+        needed[a:a + step] = np.take_along_axis(rank, lists_of_neighbours[a:a + step], axis=1) + 1
+    # the smallest nprobe reaching at least ``target`` of the neighbours
+    ordered = np.sort(needed.ravel())
+    nprobe = int(ordered[max(math.ceil(target * len(ordered)) - 1, 0)])
+    return NprobeEstimate(nprobe, float(target), len(x), nq, k, float(np.mean(needed <= nprobe)))
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -374,10 +443,12 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def build_index(shards: RegionShards | str | Path, out: str | Path, factory: Optional[str] = None,
                 memory_budget: Optional[int | str] = None, metric: str = "ip", train_size: Optional[int] = None,
-                seed: int = 0, progress: bool = True, overwrite: bool = False) -> Path:
+                seed: int = 0, progress: bool = True, overwrite: bool = False,
+                target_recall: float = 0.95) -> Path:
     """Build the index of ``shards`` into the folder ``out`` and return it: the key from
     ``factory`` or chosen for ``memory_budget`` (exactly one), trained once on a sample of all
-    parts, filled part by part -- into ``index.ivfdata`` on disk for IVF keys."""
+    parts, filled part by part -- into ``index.ivfdata`` on disk for IVF keys. An IVF index's
+    stored nprobe is tuned to ``target_recall`` on a database sample (:func:`tune_nprobe`)."""
     t0 = time.perf_counter()
     if (factory is None) == (memory_budget is None):
         raise ValueError("give exactly one of factory (a faiss index key, e.g. 'IVF4096,PQ32') or memory_budget "
@@ -399,14 +470,18 @@ def build_index(shards: RegionShards | str | Path, out: str | Path, factory: Opt
     trained = train_index(shards, key, metric, n_train, seed)
     ivf = faiss.try_extract_index_ivf(trained)
     chunk_rows = int(np.clip(build_memory // 16 // (4 * shards.dim), 1024, 1 << 18))
+    estimate = None
     if ivf is not None:
-        set_nprobe(trained, default_nprobe(ivf.nlist))
+        estimate = tune_nprobe(trained, shards.sample(min(TUNE_SAMPLE, shards.num_regions), seed=seed + 1), metric,
+                               target=target_recall)
+        set_nprobe(trained, estimate.nprobe)
         group_rows = max(chunk_rows, build_memory // 4 // (ivf.code_size + ID_BYTES))
         index = add_on_disk(trained, shards, out, group_rows, chunk_rows, progress)
     else:
         index = add_in_memory(trained, shards, chunk_rows, progress)
     faiss.write_index(index, str(out / INDEX_FILE))
     info = _info(shards, key, metric, index, budget, n_train, seed, time.perf_counter() - t0)
+    info["nprobe_rule"] = asdict(estimate) if estimate is not None else None
     (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
     return out
 

@@ -93,6 +93,9 @@ class ImageRanking:
 
 #: up to this many (query, image) pairs, duplicates are found with a dense scatter (8 bytes each)
 DENSE_KEYS = 1 << 24
+#: ... and only while the table is at most this many times the hits: a shortlist of a few hundred
+#: hits per query over a million images would otherwise clear megabytes per batch for kilobytes
+DENSE_PER_HIT = 16
 
 
 def best_region_per_image(distances: np.ndarray, region_ids: np.ndarray, image_index: np.ndarray,
@@ -109,7 +112,7 @@ def best_region_per_image(distances: np.ndarray, region_ids: np.ndarray, image_i
     # flattened order leaves every query's images best first: no sort by score is needed.
     keys = q * num_images + images
     positions = np.arange(len(keys))
-    if nq * num_images <= DENSE_KEYS:
+    if nq * num_images <= min(DENSE_KEYS, DENSE_PER_HIT * max(len(keys), 1)):
         # one scatter: writing positions in reverse, the last write to a key is its first hit
         first_of = np.empty(nq * num_images, dtype=np.int64)
         first_of[keys[::-1]] = positions[::-1]

@@ -237,8 +237,12 @@ class RegionShards:
         return self.root / folder / f"{part_name(part)}{suffix}"
 
     def features(self, part: int) -> np.ndarray:
-        """Part ``part``'s ``(M_p, D)`` region features, memory-mapped (stored dtype)."""
-        return np.load(self._file("emb", part, ".npy"), mmap_mode="r")
+        """Part ``part``'s ``(M_p, D)`` region features, memory-mapped (stored dtype). The map is
+        opened once and kept: rescoring reads a few rows of many parts per batch of queries."""
+        maps = self.__dict__.setdefault("_maps", {})
+        if part not in maps:
+            maps[part] = np.load(self._file("emb", part, ".npy"), mmap_mode="r")
+        return maps[part]
 
     def meta(self, part: int, columns: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
         """Part ``part``'s region metadata as numpy columns (only ``columns`` when given)."""
@@ -252,18 +256,25 @@ class RegionShards:
         return np.stack([m["x1"], m["y1"], m["x2"], m["y2"]], axis=1).astype(np.float32)
 
     def iter_features(self) -> Iterator[tuple[int, np.ndarray]]:
-        """``(first region id, features)`` of every part in order."""
+        """``(first region id, features)`` of every part in order, each map opened afresh and
+        dropped by the caller (a pass over every part keeps no more than one part mapped)."""
         for i, part in enumerate(self.parts):
-            yield int(self.offsets[i]), self.features(part)
+            yield int(self.offsets[i]), np.load(self._file("emb", part, ".npy"), mmap_mode="r")
 
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Features (float32) of the regions ``ids`` (any order), read part by part from the maps."""
+    def rows(self, ids: np.ndarray, keep_maps: bool = True) -> np.ndarray:
+        """Features (float32) of the regions ``ids`` (any order), read part by part from the maps
+        (kept open for the next call, or with ``keep_maps=False`` opened and dropped here: a
+        sample over every part then leaves no part's pages mapped)."""
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), self.dim), np.float32)
         which = np.searchsorted(self.offsets, ids, side="right") - 1
-        for i in np.unique(which):
-            sel = np.flatnonzero(which == i)
-            out[sel] = self.features(self.parts[i])[ids[sel] - self.offsets[i]]
+        order = np.argsort(which, kind="stable")
+        parts, starts = np.unique(which[order], return_index=True)
+        for i, a, b in zip(parts.tolist(), starts.tolist(), [*starts[1:].tolist(), len(ids)]):  # one gather per part
+            sel = order[a:b]
+            part = self.parts[i]
+            rows = self.features(part) if keep_maps else np.load(self._file("emb", part, ".npy"), mmap_mode="r")
+            out[sel] = rows[ids[sel] - self.offsets[i]]
         return out
 
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
@@ -271,7 +282,7 @@ class RegionShards:
         from all parts (an index's training set)."""
         n = min(int(n), self.num_regions)
         ids = np.sort(np.random.default_rng(seed).choice(self.num_regions, size=n, replace=False))
-        return self.rows(ids)
+        return self.rows(ids, keep_maps=False)
 
     def queries(self) -> tuple[list[str], np.ndarray, list[Optional[int]]]:
         """Every query feature stored: ``(query ids, (Q, D) float32, labels)``."""

@@ -1,7 +1,8 @@
 """``instsearch index``: approximate-nearest-neighbour indexes over region shards.
 
     instsearch index build --shards SHARDS --out INDEX [--factory KEY | --memory-budget 8GB]
-                           [--metric ip|l2] [--train-size N] [--seed S] [--overwrite]
+                           [--metric ip|l2] [--train-size N] [--seed S] [--target-recall 0.95]
+                           [--overwrite]
 
 ``build`` trains the index once on a sample of all parts and fills it part by part, the inverted
 lists of IVF indexes merged on disk (:mod:`instsearch.eval.index_build`); ``instsearch search
@@ -26,7 +27,8 @@ def _build(args: argparse.Namespace) -> int:
     budget = parse_memory(args.memory_budget) if args.memory_budget is not None else None
     t0 = time.perf_counter()
     out = build_index(args.shards, args.out, factory=args.factory, memory_budget=budget, metric=args.metric,
-                      train_size=args.train_size, seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
+                      train_size=args.train_size, seed=args.seed, progress=not args.quiet, overwrite=args.overwrite,
+                      target_recall=args.target_recall)
     import json
 
     info = json.loads((out / "index.json").read_text())
@@ -50,6 +52,8 @@ def _build_parser(sub) -> None:
     p.add_argument("--metric", choices=("ip", "l2"), default="ip", help="inner product (default) or L2")
     p.add_argument("--train-size", type=int, default=None, help="training sample (default: the rule's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training sample")
+    p.add_argument("--target-recall", type=float, default=0.95, help="the stored nprobe reaches this share of a "
+                   "database sample's exact neighbours (IVF indexes; default 0.95)")
     p.add_argument("--overwrite", action="store_true", help="replace the index in a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_build)

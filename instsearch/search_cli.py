@@ -77,7 +77,10 @@ def run_search(index_dir: str | Path, shards_dir: str | Path, out: str | Path, s
                         method=shards.manifest.get("model", "regions"), batch_size=batch_size, times=times)
     metrics = retrieval_metrics(bench, run, normalization=settings.get("normalization", "relevant"),
                                 protocol=settings.get("protocol", "standard"))
-    position = {image_id: i for i, image_id in enumerate(shards.image_ids)}
+    # positions of the ground truth's images only (a dict of every image would cost ~100 bytes
+    # per database image for a few hundred lookups)
+    wanted = {i for g in bench.ground_truth.values() for i in g.positives}
+    position = {image_id: i for i, image_id in enumerate(shards.image_ids) if image_id in wanted}
     starts = shards.image_starts
 
     def boxes_of(ids):
@@ -92,10 +95,11 @@ def run_search(index_dir: str | Path, shards_dir: str | Path, out: str | Path, s
     add_database_metrics(metrics, curve, num_regions=shards.num_regions, num_images=len(shards.image_ids),
                          bad_items=len(shards.bad_images))
     exact = info.get("factory") == "Flat" and shortlist is None
+    distractors = sum(1 for i in shards.image_ids if bench.is_distractor(i))
     nq = max(len(query_ids), 1)
     metrics.update({
-        "database_images": sum(1 for i in shards.image_ids if not bench.is_distractor(i)),
-        "distractor_images": sum(1 for i in shards.image_ids if bench.is_distractor(i)),
+        "database_images": len(shards.image_ids) - distractors,
+        "distractor_images": distractors,
         "database_regions": shards.num_regions,
         "search": "exact" if exact else "ann+exact_rescoring",
         "index_key": info.get("factory"), "nprobe": searcher.nprobe, "ann_k": times.ann_k,

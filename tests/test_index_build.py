@@ -12,7 +12,8 @@ import pytest
 from instsearch.cli import main as instsearch_main
 from instsearch.eval.index_build import (FIXED_OVERHEAD, IVFDATA_FILE, PQ_BYTES, add_in_memory, add_on_disk,
                                          build_index, estimated_index_bytes, index_key_for, nlist_for, open_index,
-                                         parse_memory, pq_key, set_nprobe, train_index, train_size_for)
+                                         parse_memory, pq_key, set_nprobe, train_index, train_size_for,
+                                         tune_nprobe)
 from instsearch.eval.shards import RegionShards, ShardImage, ShardWriter
 from instsearch.index_cli import main
 
@@ -103,9 +104,9 @@ def test_a_moved_index_folder_opens_and_answers_the_same(tmp_path):
 def test_nprobe_is_stored_and_can_be_changed(tmp_path):
     shards = _shards(tmp_path / "shards", [500, 500])
     out = build_index(shards, tmp_path / "index", factory="IVF16,Flat", progress=False)
-    assert faiss.extract_index_ivf(open_index(out)).nprobe == 8  # default_nprobe(16)
+    stored = json.loads((out / "index.json").read_text())["nprobe"]
+    assert faiss.extract_index_ivf(open_index(out)).nprobe == stored
     assert faiss.extract_index_ivf(open_index(out, nprobe=5)).nprobe == 5
-    assert json.loads((out / "index.json").read_text())["nprobe"] == 8
 
 
 # -- the memory-budget rule ---------------------------------------------------------------------
@@ -242,3 +243,39 @@ def test_incomplete_or_empty_shards_are_refused(tmp_path, capsys):
     rc, err = _run(capsys, "build", "--shards", str(tmp_path / "empty"), "--out", str(tmp_path / "i"),
                    "--factory", "Flat")
     assert rc == 2 and "holds no region features" in err
+
+
+# -- the stored nprobe ----------------------------------------------------------------------------
+def _unit(degrees) -> np.ndarray:
+    r = np.radians(np.asarray(degrees, np.float64))
+    return np.stack([np.cos(r), np.sin(r)], 1).astype(np.float32)
+
+
+def test_nprobe_estimate_by_hand():
+    # four lists with centroids at 0, 90, 180, 270 degrees; sample points at 10 (list 0), 80 (list 1),
+    # 200 (list 2) and 350 degrees (list 0). Nearest other point and the rank of its list among the
+    # query's lists (by inner product with the centroids):
+    #   10 deg: 350 deg, list 0, ranked 1st -> needs 1 list
+    #   80 deg: 10 deg, list 0, ranked 2nd after 90 deg's list 1 -> needs 2
+    #   200 deg: 80 deg (120 deg away; 350 is 150, 10 is 170), list 1, ranked 3rd (180, 270, 90) -> needs 3
+    quantizer = faiss.IndexFlatIP(2)
+    index = faiss.IndexIVFFlat(quantizer, 2, 4, faiss.METRIC_INNER_PRODUCT)
+    quantizer.add(_unit([0, 90, 180, 270]))
+    index.is_trained = True
+    sample = _unit([10, 80, 200, 350])
+    for target, nprobe, recall in [(0.3, 1, 1 / 3), (0.5, 2, 2 / 3), (0.95, 3, 1.0)]:
+        estimate = tune_nprobe(index, sample, "ip", target=target, neighbours=1, queries=3)
+        assert (estimate.nprobe, estimate.queries, estimate.neighbours, estimate.sample) == (nprobe, 3, 1, 4)
+        assert estimate.estimated_recall == pytest.approx(recall)
+
+
+def test_built_ivf_index_stores_the_estimated_nprobe(tmp_path):
+    shards = _shards(tmp_path / "shards", [600, 600])
+    out = build_index(shards, tmp_path / "index", factory="IVF16,Flat", progress=False, target_recall=0.9)
+    info = json.loads((out / "index.json").read_text())
+    rule = info["nprobe_rule"]
+    assert rule["target"] == 0.9 and rule["sample"] == 1200 and rule["queries"] == 1000 and rule["neighbours"] == 10
+    assert info["nprobe"] == rule["nprobe"] == faiss.extract_index_ivf(open_index(out)).nprobe
+    assert rule["estimated_recall"] >= 0.9
+    lower = build_index(shards, tmp_path / "lower", factory="IVF16,Flat", progress=False, target_recall=0.3)
+    assert json.loads((lower / "index.json").read_text())["nprobe"] < rule["nprobe"]

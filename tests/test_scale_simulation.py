@@ -13,7 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import scale_data  # noqa: E402
-from scale_data import SimulationConfig, exact_ground_truth, exact_image_ranking, write_simulation  # noqa: E402
+from scale_data import (SimulationConfig, exact_ground_truth, exact_image_ranking, spectrum_profile,  # noqa: E402
+                        write_simulation)
 
 from instsearch.eval.shards import RegionShards  # noqa: E402
 from instsearch.formats import Benchmark  # noqa: E402
@@ -66,7 +67,12 @@ def test_the_folder_opens_as_shards_with_the_counts_asked(shards):
         assert q.image not in set(bench.database)
 
 
-def test_each_positive_image_holds_the_planted_region_nearest_the_query_with_the_ground_truth_box(shards):
+@pytest.mark.parametrize("spectrum", ["power", "linear"])
+def test_each_positive_image_holds_the_planted_region_nearest_the_query_with_the_ground_truth_box(tmp_path, spectrum):
+    # easy positives (noise 0.3, as the query's): the planted region is its image's nearest to the
+    # query under either spectrum (hard ones, up to the default 1.5, may lose to a background region)
+    shards = _write(tmp_path / "sim", SimulationConfig(**{**CONFIG.__dict__, "positive_noise": (0.3, 0.3),
+                                                          "spectrum": spectrum}))
     bench = Benchmark.load(shards.manifest["benchmark"])
     query_ids, queries, _ = shards.queries()
     features, boxes, position = _all_features(shards), _all_boxes(shards), {i: n for n, i in enumerate(shards.image_ids)}
@@ -162,3 +168,12 @@ def test_the_search_chain_runs_on_the_simulated_folder(shards):
     metrics = retrieval_metrics(bench, run)
     # hard positives (noise up to 1.5) rank below some distractors; found, each is boxed exactly
     assert 0.5 < metrics["mAP@all"] < 1 and metrics["mIoU"] == pytest.approx(1.0)
+
+
+def test_spectrum_profiles_by_hand():
+    power = np.array([1, 2 ** -0.5, 3 ** -0.5, 0.5])  # standard deviations (i + 1)^-1/2
+    np.testing.assert_allclose(spectrum_profile("power", 4), power / np.linalg.norm(power), rtol=1e-6)
+    linear = np.array([1.0, 0.7, 0.4, 0.1])
+    np.testing.assert_allclose(spectrum_profile("linear", 4), linear / np.linalg.norm(linear), rtol=1e-6)
+    with pytest.raises(ValueError, match="spectrum must be one of"):
+        SimulationConfig(regions=10, dim=4, spectrum="flat")
