@@ -43,6 +43,9 @@ def extract_shards(model, datamodule, trainer, out: str | Path, ckpt_path: Optio
     from instsearch.eval.shards import ShardWriter
     import torch
 
+    if trainer.local_rank == 0:  # e.g. the synthetic benchmark, generated when missing (as fit and test do)
+        datamodule.prepare_data()
+    trainer.strategy.barrier("instsearch-extract-prepare")
     bench = datamodule.load_benchmark() if hasattr(datamodule, "load_benchmark") else None
     if bench is None:
         raise ValueError(f"{type(datamodule).__name__} has no benchmark: pass --data.benchmark path/to/benchmark.json")
