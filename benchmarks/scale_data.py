@@ -62,6 +62,10 @@ BLOCK_IMAGES = 1024
 GENERATOR_VERSION = 2
 #: per-dimension profiles of the features
 SPECTRA = ("power", "linear")
+#: how images holding no planted instance (and no junk) appear in benchmark.json
+BACKGROUNDS = ("listed", "distractors")
+#: the id prefix of unlisted background images (the benchmark's distractor entry)
+DISTRACTOR_PREFIX = "distractor:"
 #: (width, height) of database and query images
 IMAGE_SIZES = np.array([(640, 480), (480, 640), (1024, 768), (768, 1024), (800, 600), (500, 375), (375, 500),
                         (1024, 683)], np.int32)
@@ -82,6 +86,7 @@ class SimulationConfig:
     clusters: int = 1024
     spread: float = 1.5
     spectrum: str = "power"  # "power" or "linear": the per-dimension profile (module docstring)
+    background: str = "listed"  # "listed" or "distractors": how images without an instance are given
     positive_noise: tuple[float, float] = (0.3, 1.5)
     query_noise: float = 0.3
     empty_fraction: float = 0.02
@@ -94,6 +99,8 @@ class SimulationConfig:
             raise ValueError("queries and junk must be >= 0 and positives 1 <= lo <= hi")
         if not 0 <= self.empty_fraction < 1:
             raise ValueError("empty_fraction must lie in [0, 1)")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
         if self.spectrum not in SPECTRA:
             raise ValueError(f"spectrum must be one of {SPECTRA}, got {self.spectrum!r}")
 
@@ -127,6 +134,23 @@ class Plan:
     @property
     def num_images(self) -> int:
         return len(self.counts)
+
+    @property
+    def listed(self) -> np.ndarray:
+        """``(I,)`` bool: the images benchmark.json lists (all, or with ``background="distractors"``
+        those holding a planted instance or listed as junk)."""
+        if self.config.background == "listed":
+            return np.ones(self.num_images, bool)
+        listed = np.zeros(self.num_images, bool)
+        listed[self.planted_image] = True
+        for j in self.junk:
+            listed[j] = True
+        return listed
+
+    def image_name(self, i: int, listed: Optional[np.ndarray] = None) -> str:
+        """Image ``i``'s id: ``sim…``, or ``distractor:sim…`` for an unlisted background image."""
+        listed = self.listed if listed is None else listed
+        return image_id(i) if listed[i] else DISTRACTOR_PREFIX + image_id(i)
 
 
 def image_id(i: int) -> str:
@@ -308,7 +332,8 @@ def part_images(plan: Plan, source: BlockSource, i0: int, i1: int) -> list[Shard
     """Database images ``[i0, i1)`` as the writer takes them (views into one array)."""
     features, boxes, scores = source.regions(i0, i1)
     local = plan.starts[i0:i1 + 1] - plan.starts[i0]
-    return [ShardImage(image_id(i), boxes[a:b], scores[a:b], features[a:b])
+    listed = plan.listed
+    return [ShardImage(plan.image_name(i, listed), boxes[a:b], scores[a:b], features[a:b])
             for i, a, b in zip(range(i0, i1), local[:-1].tolist(), local[1:].tolist())]
 
 
@@ -324,20 +349,22 @@ def _box(b: np.ndarray) -> str:
 def benchmark_lines(plan: Plan, name: str) -> Iterator[str]:
     """``benchmark.json`` (instsearch-benchmark/1) as text pieces, streamed: a 10 M-region
     collection has half a million image entries."""
-    n = plan.num_images
+    listed = np.flatnonzero(plan.listed)
+    unlisted = plan.num_images - len(listed)
+    n = len(listed)
     yield "{\n" + f' "format": "{BENCHMARK_FORMAT}",\n "name": {json.dumps(name)},\n "image_root": ".",\n'
     yield f' "simulation": {json.dumps(plan.config.as_dict(), sort_keys=True)},\n "images": [\n'
-    sizes = plan.sizes.tolist()
+    sizes = plan.sizes[listed].tolist()
     for s in range(0, n, 65536):
         yield ",\n".join(f'  {{"id": "{image_id(i)}", "file": "sim/{image_id(i)}.jpg", "width": {w}, "height": {h}}}'
-                         for i, (w, h) in zip(range(s, min(s + 65536, n)), sizes[s:s + 65536]))
+                         for i, (w, h) in zip(listed[s:s + 65536].tolist(), sizes[s:s + 65536]))
         yield ",\n" if s + 65536 < n or plan.config.queries else "\n"
     q = plan.config.queries
     yield ",\n".join(f'  {{"id": "{query_image_id(j)}", "file": "queries/{query_image_id(j)}.jpg", '
                      f'"width": {w}, "height": {h}}}' for j, (w, h) in enumerate(plan.query_size.tolist()))
     yield "\n ],\n \"database\": [\n"
     for s in range(0, n, 65536):
-        yield ",\n".join(f'  "{image_id(i)}"' for i in range(s, min(s + 65536, n)))
+        yield ",\n".join(f'  "{image_id(i)}"' for i in listed[s:s + 65536].tolist())
         yield ",\n" if s + 65536 < n else "\n"
     yield " ],\n \"queries\": [\n"
     yield ",\n".join(f'  {{"id": "{query_id(j)}", "image": "{query_image_id(j)}", "box": {_box(plan.query_box[j])}}}'
@@ -353,7 +380,11 @@ def benchmark_lines(plan: Plan, name: str) -> Iterator[str]:
         junk = ", ".join(f'"{image_id(int(i))}"' for i in plan.junk[j])
         entries.append(f'  "{query_id(j)}": {{"positives": [{positives}], "junk": [{junk}]}}')
     yield ",\n".join(entries)
-    yield "\n }\n}\n"
+    yield "\n }"
+    if unlisted:  # the rest of the database by reference, as a distractor collection is given
+        yield (f',\n "distractors": [{{"root": "distractors", "id_prefix": "{DISTRACTOR_PREFIX}", '
+               f'"count": {unlisted}}}]')
+    yield "\n}\n"
 
 
 # ---------------------------------------------------------------------------------- writing

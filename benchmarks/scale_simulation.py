@@ -52,6 +52,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--part-size", type=int, default=1000, help="items (images, then queries) per part")
     p.add_argument("--clusters", type=int, default=1024, help="mixture centres of the features")
     p.add_argument("--spread", type=float, default=1.5, help="noise norm of a region around its centre")
+    p.add_argument("--background", choices=("listed", "distractors"), default="listed",
+                   help="images without a planted instance: listed in benchmark.json (default), or given by "
+                        "reference as a distractor collection (ids 'distractor:…', as the +1M protocols)")
     p.add_argument("--spectrum", choices=("power", "linear"), default="power",
                    help="per-dimension profile: variances decaying as 1/i (default) or scales linear 1 -> 0.1")
     p.add_argument("--positive-noise", type=float_range, default=(0.3, 1.5),
@@ -66,7 +69,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     config = SimulationConfig(regions=args.regions, dim=args.dim, regions_per_image=args.regions_per_image,
                               queries=args.queries, positives=args.positives, seed=args.seed, clusters=args.clusters,
-                              spread=args.spread, spectrum=args.spectrum, positive_noise=args.positive_noise, query_noise=args.query_noise,
+                              spread=args.spread, spectrum=args.spectrum, background=args.background, positive_noise=args.positive_noise, query_noise=args.query_noise,
                               empty_fraction=args.empty_fraction, junk=args.junk)
     t0 = time.perf_counter()
     manifest = write_simulation(config, args.out, dtype=args.dtype, part_size=args.part_size)

@@ -177,3 +177,28 @@ def test_spectrum_profiles_by_hand():
     np.testing.assert_allclose(spectrum_profile("linear", 4), linear / np.linalg.norm(linear), rtol=1e-6)
     with pytest.raises(ValueError, match="spectrum must be one of"):
         SimulationConfig(regions=10, dim=4, spectrum="flat")
+
+
+def test_background_as_distractors_searches_and_scores_as_the_listed_database(tmp_path):
+    # the same collection with the images that hold no instance given by reference (a distractor
+    # entry, ids "distractor:…") instead of listed: identical features, the same run up to the
+    # ids, the same metrics, and only the instance and junk images in benchmark.json
+    from instsearch.eval.index_build import build_index
+    from instsearch.search_cli import run_search
+
+    listed = _write(tmp_path / "listed")
+    refd = _write(tmp_path / "refd", SimulationConfig(**{**CONFIG.__dict__, "background": "distractors"}))
+    np.testing.assert_array_equal(_all_features(listed), _all_features(refd))
+    bench = Benchmark.load(refd.manifest["benchmark"])
+    planted = {i for g in bench.ground_truth.values() for i in [*g.positives, *g.junk]}
+    assert set(bench.database) == planted
+    assert bench.distractors == [{"root": "distractors", "id_prefix": "distractor:", "count": 300 - len(planted)}]
+    assert sum(1 for i in refd.image_ids if bench.is_distractor(i)) == 300 - len(planted)
+    metrics = []
+    for shards in (listed, refd):
+        index = build_index(shards, shards.root / "index", factory="Flat", progress=False)
+        metrics.append(run_search(index, shards.root, shards.root / "run" / "run.json", {}, shortlist=None))
+    for key in ("mAP@10", "mAP@100", "mAP@all", "mIoU", "database_regions"):
+        assert metrics[0][key] == metrics[1][key], key
+    assert metrics[1]["distractor_images"] == 300 - len(planted) and metrics[0]["distractor_images"] == 0
+    assert metrics[1]["database_images"] == len(planted)
