@@ -277,3 +277,15 @@ def test_extract_index_search_evaluate_equals_instsearch_test(extracted, small_b
     again = json.loads(scored.read_text())
     assert {k: again[k] for k in again if k != "mIoU"} == {k: expected_metrics[k] for k in again if k != "mIoU"}
     assert again["mIoU"] == pytest.approx(expected_metrics["mIoU"], abs=1e-4)  # run.json keeps boxes to 0.01 px
+
+
+def test_extract_generates_a_missing_synthetic_benchmark_as_test_does(tmp_path):
+    # the synthetic DataModule generates its data in prepare_data; extract calls it before reading
+    # the benchmark, so the shipped synthetic config extracts on a fresh machine
+    root = tmp_path / "fresh_synthetic"
+    assert main(["extract", "--config", "configs/deep_region_cnn_synthetic.yaml", "--out", str(tmp_path / "s"),
+                 "--data.init_args.root", str(root), "--trainer.enable_progress_bar", "false"]) == 0
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    bench = json.loads((root / "benchmark.json").read_text())
+    assert manifest["complete"] and manifest["images"] == len(bench["database"])
+    assert manifest["queries"] == len(bench["queries"])
