@@ -40,8 +40,13 @@ class StageTimes:
 
 def region_images(shards: RegionShards, region_ids: np.ndarray) -> np.ndarray:
     """The image position of each region id (``-1`` stays ``-1``)."""
-    images = np.searchsorted(shards.image_starts, region_ids, side="right") - 1
-    return np.where(region_ids >= 0, images, -1)
+    flat = np.asarray(region_ids).ravel()
+    # numpy's binary search starts from the previous key's answer when keys ascend: sorting the
+    # ids first makes the lookup ~3x faster than searching them in the ANN's order
+    order = np.argsort(flat)
+    images = np.empty(flat.shape, np.int64)
+    images[order] = np.searchsorted(shards.image_starts, flat[order], side="right") - 1
+    return np.where(flat >= 0, images, -1).reshape(np.shape(region_ids))
 
 
 def shortlist_images(searcher: Searcher, shards: RegionShards, queries: np.ndarray,
