@@ -306,16 +306,12 @@ def add_in_memory(index: faiss.Index, shards: RegionShards, chunk_rows: int = 1 
     return index
 
 
-def add_on_disk(trained: faiss.Index, shards: RegionShards, out: str | Path, group_rows: int,
-                chunk_rows: int = 1 << 16, progress: bool = False) -> faiss.Index:
-    """Fill a copy of the trained IVF index with every region, ``group_rows`` at a time: each group
-    goes into its own copy of the empty index, written to ``out/.parts``; the groups are then
-    merged into ``out/index.ivfdata`` (faiss's ``merge_ondisk``) and the temporary files removed.
-    Returns the merged index, its lists on disk. Memory holds one group and one chunk."""
-    from faiss.contrib.ondisk import merge_ondisk
-
-    out = Path(out)
-    tmp = out / PARTS_DIR
+def write_groups(trained: faiss.Index, shards: RegionShards, tmp: str | Path, group_rows: int,
+                 chunk_rows: int = 1 << 16, progress: bool = False, rank: int = 0, world: int = 1) -> list[str]:
+    """Fill copies of the trained IVF index with the regions of every ``world``-th part from
+    ``rank`` on (all parts by default), ``group_rows`` at a time, each group written to ``tmp`` as
+    ``group-r{rank}-NNNNN.faiss``; returns the files. Memory holds one group and one chunk."""
+    tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     files: list[str] = []
     group: Optional[faiss.Index] = None
@@ -323,12 +319,15 @@ def add_on_disk(trained: faiss.Index, shards: RegionShards, out: str | Path, gro
     def flush() -> None:
         nonlocal group
         if group is not None and group.ntotal:
-            files.append(str(tmp / f"group-{len(files):05d}.faiss"))
+            files.append(str(tmp / f"group-r{rank:03d}-{len(files):05d}.faiss"))
             faiss.write_index(group, files[-1])
         group = None
 
-    with _progress(len(shards.parts), progress, "adding") as bar:
-        for first, features in shards.iter_features():
+    mine = len(range(rank, len(shards.parts), world))
+    with _progress(mine, progress, "adding") as bar:
+        for i, (first, features) in enumerate(shards.iter_features()):
+            if i % world != rank:
+                continue
             for start, rows in _float32_chunks(features, chunk_rows):
                 while len(rows):
                     group = group if group is not None else _copy(trained)
@@ -340,10 +339,26 @@ def add_on_disk(trained: faiss.Index, shards: RegionShards, out: str | Path, gro
             del features
             bar.update(1)
     flush()
+    return files
+
+
+def merge_groups(trained: faiss.Index, files: list[str], out: str | Path) -> faiss.Index:
+    """A copy of the trained index whose inverted lists are ``files``' merged into
+    ``out/index.ivfdata`` (faiss's ``merge_ondisk``); the group files' folder is removed."""
+    from faiss.contrib.ondisk import merge_ondisk
+
     merged = _copy(trained)
-    merge_ondisk(merged, files, str(out / IVFDATA_FILE))
-    shutil.rmtree(tmp)
+    merge_ondisk(merged, sorted(files), str(Path(out) / IVFDATA_FILE))
+    shutil.rmtree(Path(out) / PARTS_DIR, ignore_errors=True)
     return merged
+
+
+def add_on_disk(trained: faiss.Index, shards: RegionShards, out: str | Path, group_rows: int,
+                chunk_rows: int = 1 << 16, progress: bool = False) -> faiss.Index:
+    """Fill a copy of the trained IVF index with every region (:func:`write_groups` into
+    ``out/.parts``, then :func:`merge_groups`). Returns the merged index, its lists on disk."""
+    files = write_groups(trained, shards, Path(out) / PARTS_DIR, group_rows, chunk_rows, progress)
+    return merge_groups(trained, files, out)
 
 
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
@@ -466,23 +481,92 @@ def build_index(shards: RegionShards | str | Path, out: str | Path, factory: Opt
                                                                              budget)
     _factory(key, shards.dim, metric)  # refuse a bad key before touching --out
     out = Path(out)
-    _prepare_out(out, overwrite)
+    rank, world = _process_group()
+    if rank == 0:
+        _prepare_out(out, overwrite)
+    chunk_rows = int(np.clip(build_memory // 16 // (4 * shards.dim), 1024, 1 << 18))
+    if world > 1:
+        return _build_distributed(shards, out, key, metric, n_train, seed, target_recall, budget, build_memory,
+                                  chunk_rows, progress, rank, world, t0)
     trained = train_index(shards, key, metric, n_train, seed)
     ivf = faiss.try_extract_index_ivf(trained)
-    chunk_rows = int(np.clip(build_memory // 16 // (4 * shards.dim), 1024, 1 << 18))
     estimate = None
     if ivf is not None:
-        estimate = tune_nprobe(trained, shards.sample(min(TUNE_SAMPLE, shards.num_regions), seed=seed + 1), metric,
-                               target=target_recall)
-        set_nprobe(trained, estimate.nprobe)
-        group_rows = max(chunk_rows, build_memory // 4 // (ivf.code_size + ID_BYTES))
-        index = add_on_disk(trained, shards, out, group_rows, chunk_rows, progress)
+        estimate = _tune(trained, shards, metric, seed, target_recall)
+        index = add_on_disk(trained, shards, out, _group_rows(ivf, build_memory, chunk_rows), chunk_rows, progress)
     else:
         index = add_in_memory(trained, shards, chunk_rows, progress)
+    _finish(out, index, shards, key, metric, budget, n_train, seed, estimate, t0)
+    return out
+
+
+def _process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of an initialised ``torch.distributed`` group (torchrun, SLURM), or
+    ``(0, 1)``; torch is not imported for it."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return 0, 1
+    return int(torch.distributed.get_rank()), int(torch.distributed.get_world_size())
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _tune(trained: faiss.Index, shards: RegionShards, metric: str, seed: int, target_recall: float) -> NprobeEstimate:
+    estimate = tune_nprobe(trained, shards.sample(min(TUNE_SAMPLE, shards.num_regions), seed=seed + 1), metric,
+                           target=target_recall)
+    set_nprobe(trained, estimate.nprobe)
+    return estimate
+
+
+def _group_rows(ivf, build_memory: int, chunk_rows: int) -> int:
+    return max(chunk_rows, build_memory // 4 // (ivf.code_size + ID_BYTES))
+
+
+def _finish(out: Path, index: faiss.Index, shards: RegionShards, key: str, metric: str, budget: Optional[int],
+            n_train: int, seed: int, estimate: Optional[NprobeEstimate], t0: float) -> None:
     faiss.write_index(index, str(out / INDEX_FILE))
     info = _info(shards, key, metric, index, budget, n_train, seed, time.perf_counter() - t0)
     info["nprobe_rule"] = asdict(estimate) if estimate is not None else None
     (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def _build_distributed(shards: RegionShards, out: Path, key: str, metric: str, n_train: int, seed: int,
+                       target_recall: float, budget: Optional[int], build_memory: int, chunk_rows: int,
+                       progress: bool, rank: int, world: int, t0: float) -> Path:
+    """:func:`build_index` over a process group: rank 0 trains (and estimates nprobe) and shares
+    the trained index through ``out/.parts``; every rank adds every ``world``-th part into its own
+    group files (ids are region ids, so which rank adds a part changes nothing); rank 0 merges them
+    and writes the index. An index without inverted lists is built by rank 0 alone."""
+    tmp = out / PARTS_DIR
+    trained_file = tmp / "trained.faiss"
+    estimate = None
+    if rank == 0:
+        trained = train_index(shards, key, metric, n_train, seed)
+        if faiss.try_extract_index_ivf(trained) is not None:
+            estimate = _tune(trained, shards, metric, seed, target_recall)
+        tmp.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(trained, str(trained_file))
+    _barrier()
+    trained = faiss.read_index(str(trained_file)) if rank else trained
+    ivf = faiss.try_extract_index_ivf(trained)
+    if ivf is not None:
+        write_groups(trained, shards, tmp, _group_rows(ivf, build_memory, chunk_rows), chunk_rows,
+                     progress and rank == 0, rank, world)
+    _barrier()
+    if rank == 0:
+        if ivf is not None:
+            index = merge_groups(trained, [str(f) for f in tmp.glob("group-r*.faiss")], out)
+        else:
+            index = add_in_memory(trained, shards, chunk_rows, progress)
+            shutil.rmtree(tmp, ignore_errors=True)
+        _finish(out, index, shards, key, metric, budget, n_train, seed, estimate, t0)
+    _barrier()
     return out
 
 

@@ -5,7 +5,8 @@
                            [--overwrite]
 
 ``build`` trains the index once on a sample of all parts and fills it part by part, the inverted
-lists of IVF indexes merged on disk (:mod:`instsearch.eval.index_build`); ``instsearch search
+lists of IVF indexes merged on disk; under ``torchrun --nproc_per_node N`` every process adds
+every N-th part and rank 0 merges (:mod:`instsearch.eval.index_build`); ``instsearch search
 --index INDEX`` reads it back. Each subcommand is one function taking the parsed arguments.
 """
 from __future__ import annotations
@@ -25,10 +26,13 @@ def _build(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --factory (a faiss index key, e.g. 'Flat' or 'IVF4096,PQ32') or "
                          "--memory-budget (e.g. 8GB: the index key is chosen to fit it)")
     budget = parse_memory(args.memory_budget) if args.memory_budget is not None else None
+    rank = _join_process_group()
     t0 = time.perf_counter()
     out = build_index(args.shards, args.out, factory=args.factory, memory_budget=budget, metric=args.metric,
                       train_size=args.train_size, seed=args.seed, progress=not args.quiet, overwrite=args.overwrite,
                       target_recall=args.target_recall)
+    if rank:
+        return 0
     import json
 
     info = json.loads((out / "index.json").read_text())
@@ -37,6 +41,20 @@ def _build(args: argparse.Namespace) -> int:
     print(f"{info['factory']}{fits}: {info['ntotal']} regions of {info['dim']}-D, {info['metric']}, trained on "
           f"{info['train_size']}, nprobe {info['nprobe']}\nindex: {out}  ({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def _join_process_group() -> int:
+    """Under torchrun (``WORLD_SIZE`` > 1) join the gloo process group its environment describes,
+    so that every process adds its share of the parts; returns this process's rank."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return int(dist.get_rank())
 
 
 def _build_parser(sub) -> None:

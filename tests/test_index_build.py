@@ -279,3 +279,36 @@ def test_built_ivf_index_stores_the_estimated_nprobe(tmp_path):
     assert rule["estimated_recall"] >= 0.9
     lower = build_index(shards, tmp_path / "lower", factory="IVF16,Flat", progress=False, target_recall=0.3)
     assert json.loads((lower / "index.json").read_text())["nprobe"] < rule["nprobe"]
+
+
+# -- several processes ----------------------------------------------------------------------------
+def _build_in_group(rank: int, world: int, init_file: str, shards_root: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        build_index(shards_root, out, factory="IVF16,Flat", progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_build_the_index_of_one(tmp_path):
+    # each rank adds every other part, rank 0 trains and merges: the same lists, the same searches
+    import torch.multiprocessing as mp
+
+    shards = _shards(tmp_path / "shards", [300, 0, 250, 400, 120])
+    one = build_index(shards, tmp_path / "one", factory="IVF16,Flat", progress=False)
+    mp.spawn(_build_in_group, args=(2, str(tmp_path / "init"), str(shards.root), str(tmp_path / "two")), nprocs=2)
+    two = tmp_path / "two"
+    assert not (two / ".parts").exists()
+    a, b = open_index(one, nprobe=16), open_index(two, nprobe=16)  # every list: exact
+    assert (a.ntotal, faiss.extract_index_ivf(b).nprobe) == (b.ntotal, faiss.extract_index_ivf(a).nprobe)
+    q = _queries(9, shards.dim)
+    (sa, ia), (sb, ib) = a.search(q, 25), b.search(q, 25)
+    np.testing.assert_array_equal(ia, ib)
+    np.testing.assert_array_equal(sa, sb)
+    ivf_a, ivf_b = faiss.extract_index_ivf(a), faiss.extract_index_ivf(b)
+    assert [ivf_a.get_list_size(i) for i in range(16)] == [ivf_b.get_list_size(i) for i in range(16)]
+    info_a, info_b = (json.loads((p / "index.json").read_text()) for p in (one, two))
+    assert {k: v for k, v in info_a.items() if k != "build_seconds"} == \
+        {k: v for k, v in info_b.items() if k != "build_seconds"}
