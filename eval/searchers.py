@@ -61,14 +61,6 @@ def _float32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _inverted_file(index: faiss.Index):
-    """The ``IndexIVF`` inside ``index`` (behind an OPQ rotation, an id map, ...), else ``None``."""
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:  # faiss: "could not extract IVF index"
-        return None
-
-
 def ties_by_id(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ``(scores, ids)`` (best first) with equal scores ordered by id, the lower first.
 
@@ -79,13 +71,15 @@ def ties_by_id(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndar
     if scores.shape[1] < 2:
         return scores, ids
     tied = np.flatnonzero((scores[:, 1:] == scores[:, :-1]).any(axis=1))
-    if len(tied):
+    if len(tied):  # common with quantised (PQ) scores: one sort over the tied rows together
         scores, ids = scores.copy(), ids.copy()
-        for row in tied:  # rows with a tie only: rare on real features
-            valid = ids[row] >= 0
-            order = np.lexsort((ids[row][valid], -scores[row][valid]))
-            scores[row, :valid.sum()] = scores[row][valid][order]
-            ids[row, :valid.sum()] = ids[row][valid][order]
+        s, i = scores[tied], ids[tied]
+        valid = i >= 0
+        # per row: real hits before padding, best score first, then the lower id; padding (equal
+        # keys) keeps its order, the sort being stable
+        order = np.lexsort((np.where(valid, i, 0), np.where(valid, -s, 0), ~valid), axis=-1)
+        scores[tied] = np.take_along_axis(s, order, axis=1)
+        ids[tied] = np.take_along_axis(i, order, axis=1)
     return scores, ids
 
 
@@ -153,7 +147,7 @@ class FaissSearcher:
         self.score = "inner_product" if index.metric_type == faiss.METRIC_INNER_PRODUCT else "inverse_l2"
         self.codes_only = bool(codes_only)
         self.eps = float(eps)
-        ivf = _inverted_file(index)
+        ivf = faiss.try_extract_index_ivf(index)  # behind an OPQ rotation, an id map, ...; else None
         if nprobe is not None and ivf is not None:
             ivf.nprobe = int(nprobe)
         #: inverted lists visited per query (``None``: not an inverted-file index)
