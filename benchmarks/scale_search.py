@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             recalls.append(len(truth & got) / max(len(truth), 1))
         result[f"image_recall@{args.depth}"] = round(float(np.mean(recalls)), 4)
         bench = Benchmark.load(shards.manifest["benchmark"])
-        from instsearch.eval.shard_search import region_boxes
-
-        boxes = region_boxes(shards, np.where(exact.regions >= 0, exact.regions, 0).ravel()).reshape(len(queries), -1, 4)
+        boxes = shards.region_boxes(np.where(exact.regions >= 0, exact.regions, 0).ravel()).reshape(len(queries), -1, 4)
         exact_run = Run("exact", {qid: [Hit(ids[i], float(s), tuple(map(float, b)))
                                         for i, s, b in zip(exact.images[qi], exact.scores[qi], boxes[qi]) if i >= 0]
                                   for qi, qid in enumerate(query_ids)})

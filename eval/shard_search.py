@@ -92,7 +92,7 @@ def _first_hits(scores: np.ndarray, ids: np.ndarray, image_of: np.ndarray) -> li
 RESCORE_SCORES = 1 << 22
 
 
-def _image_regions(starts: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def image_regions(starts: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The region ids of ``images`` (each image's regions in order, images in the given order)
     and each region's position within its image."""
     lengths = starts[images + 1] - starts[images]
@@ -119,7 +119,7 @@ def rescore(shards: RegionShards, queries: np.ndarray, candidates: Sequence[np.n
     lengths = starts[images + 1] - starts[images]
     pair_query = np.repeat(np.repeat(np.arange(len(candidates)), [len(c) for c in candidates]), lengths)
     pair_image = np.repeat(images, lengths)
-    pair_region, within = _image_regions(starts, images)
+    pair_region, within = image_regions(starts, images)
     values = np.empty(len(pair_region), np.float32)
     distinct = np.unique(images)
     union = max(int((starts[distinct + 1] - starts[distinct]).sum()), 1)
@@ -129,7 +129,7 @@ def rescore(shards: RegionShards, queries: np.ndarray, candidates: Sequence[np.n
         if a == b:
             continue
         chunk_images = np.unique(pair_image[a:b])
-        rows_needed, _ = _image_regions(starts, chunk_images)
+        rows_needed, _ = image_regions(starts, chunk_images)
         first_row = np.cumsum(starts[chunk_images + 1] - starts[chunk_images]) - (starts[chunk_images + 1] - starts[chunk_images])
         where = first_row[np.searchsorted(chunk_images, pair_image[a:b])] + within[a:b]
         q = torch.from_numpy(np.ascontiguousarray(queries[c * chunk:(c + 1) * chunk]))
@@ -158,16 +158,6 @@ def rescore(shards: RegionShards, queries: np.ndarray, candidates: Sequence[np.n
     return [ImageRanking(img[a:b], val[a:b], reg[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def region_boxes(shards: RegionShards, region_ids: np.ndarray) -> np.ndarray:
-    """``(n, 4)`` boxes (original pixels) of the regions ``region_ids``, read part by part."""
-    out = np.zeros((len(region_ids), 4), np.float32)
-    part_of = np.searchsorted(shards.offsets, region_ids, side="right") - 1
-    for i in np.unique(part_of):
-        sel = np.flatnonzero(part_of == i)
-        out[sel] = shards.boxes(shards.parts[i])[region_ids[sel] - shards.offsets[i]]
-    return out
-
-
 def search_shards(searcher: Searcher, shards: RegionShards, query_ids: Sequence[str], queries: np.ndarray,
                   shortlist: Optional[int] = 100, method: str = "regions", batch_size: int = 256,
                   times: Optional[StageTimes] = None) -> Run:
@@ -189,7 +179,7 @@ def search_shards(searcher: Searcher, shards: RegionShards, query_ids: Sequence[
         times.ann += t1 - t0
         times.rescoring += time.perf_counter() - t1
     hit_regions = np.concatenate([r.regions for r in rankings]) if rankings else np.zeros(0, np.int64)
-    boxes = region_boxes(shards, hit_regions)
+    boxes = shards.region_boxes(hit_regions)
     ids, out, at = shards.image_ids, {}, 0
     for qid, r in zip(query_ids, rankings):
         n = len(r.images)

@@ -261,20 +261,34 @@ class RegionShards:
         for i, part in enumerate(self.parts):
             yield int(self.offsets[i]), np.load(self._file("emb", part, ".npy"), mmap_mode="r")
 
+    def _by_part(self, ids: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """``(part position, positions in ids)`` for each part the region ``ids`` fall in, one
+        group per part (ids sorted by part first: one pass, not one scan of ``ids`` per part)."""
+        which = np.searchsorted(self.offsets, ids, side="right") - 1
+        order = np.argsort(which, kind="stable")
+        parts, starts = np.unique(which[order], return_index=True)
+        for i, a, b in zip(parts.tolist(), starts.tolist(), [*starts[1:].tolist(), len(ids)]):
+            yield i, order[a:b]
+
     def rows(self, ids: np.ndarray, keep_maps: bool = True) -> np.ndarray:
         """Features (float32) of the regions ``ids`` (any order), read part by part from the maps
         (kept open for the next call, or with ``keep_maps=False`` opened and dropped here: a
         sample over every part then leaves no part's pages mapped)."""
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), self.dim), np.float32)
-        which = np.searchsorted(self.offsets, ids, side="right") - 1
-        order = np.argsort(which, kind="stable")
-        parts, starts = np.unique(which[order], return_index=True)
-        for i, a, b in zip(parts.tolist(), starts.tolist(), [*starts[1:].tolist(), len(ids)]):  # one gather per part
-            sel = order[a:b]
+        for i, sel in self._by_part(ids):  # one gather per part
             part = self.parts[i]
             rows = self.features(part) if keep_maps else np.load(self._file("emb", part, ".npy"), mmap_mode="r")
             out[sel] = rows[ids[sel] - self.offsets[i]]
+        return out
+
+    def region_boxes(self, ids: np.ndarray) -> np.ndarray:
+        """``(n, 4)`` boxes (original pixels, float32) of the regions ``ids`` (any order), read
+        from the parts' metadata."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.zeros((len(ids), 4), np.float32)
+        for i, sel in self._by_part(ids):
+            out[sel] = self.boxes(self.parts[i])[ids[sel] - self.offsets[i]]
         return out
 
     def sample(self, n: int, seed: int = 0) -> np.ndarray:

@@ -55,7 +55,7 @@ def run_search(index_dir: str | Path, shards_dir: str | Path, out: str | Path, s
     returns the metrics."""
     from instsearch.eval.evaluator import RECALL_THRESHOLDS, add_database_metrics, detector_recall
     from instsearch.eval.metrics import json_ready, retrieval_metrics
-    from instsearch.eval.shard_search import StageTimes, region_boxes, search_shards
+    from instsearch.eval.shard_search import StageTimes, image_regions, search_shards
     from instsearch.eval.shards import RegionShards
     from instsearch.formats import Benchmark
 
@@ -86,10 +86,9 @@ def run_search(index_dir: str | Path, shards_dir: str | Path, out: str | Path, s
     def boxes_of(ids):
         import numpy as np
 
-        regions = [np.arange(starts[position[i]], starts[position[i] + 1]) for i in ids]
-        flat = region_boxes(shards, np.concatenate(regions)) if regions else np.zeros((0, 4), np.float32)
-        cuts = np.cumsum([len(r) for r in regions])[:-1]
-        return np.split(flat, cuts)
+        images = np.array([position[i] for i in ids], dtype=np.int64)
+        regions, _ = image_regions(starts, images)
+        return np.split(shards.region_boxes(regions), np.cumsum(starts[images + 1] - starts[images])[:-1])
 
     curve = detector_recall(bench, boxes_of, available=position.__contains__, thresholds=RECALL_THRESHOLDS)
     add_database_metrics(metrics, curve, num_regions=shards.num_regions, num_images=len(shards.image_ids),
