@@ -71,6 +71,11 @@ def iter_image_files(root: str | os.PathLike[str], extensions: frozenset[str] = 
     yield from walk(str(root))
 
 
+def distractor_image_id(root: str | os.PathLike[str], path: Path, id_prefix: str = DEFAULT_ID_PREFIX) -> str:
+    """A distractor image's id: ``id_prefix`` + its path under ``root`` (posix separators)."""
+    return id_prefix + Path(path).relative_to(root).as_posix()
+
+
 def count_image_files(root: str | os.PathLike[str], extensions: frozenset[str] = IMAGE_EXTENSIONS) -> int:
     """Number of files :func:`iter_image_files` yields, counted in constant memory."""
     return sum(1 for _ in iter_image_files(root, extensions))
@@ -118,7 +123,7 @@ class DistractorImages(IterableDataset):
         return rank * workers + worker, world * workers
 
     def image_id(self, path: Path) -> str:
-        return self.id_prefix + path.relative_to(self.root).as_posix()
+        return distractor_image_id(self.root, path, self.id_prefix)
 
     def __iter__(self) -> Iterator[tuple[Any, str]]:
         index, shards = self.shard()

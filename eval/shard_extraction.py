@@ -195,9 +195,10 @@ class DistractorPartBatches(IterableDataset):
 
     def _load(self, path: Path, item: int):
         from instsearch.datamodules.benchmark import to_served_tensor
+        from instsearch.datamodules.distractors import distractor_image_id
         from instsearch.datamodules.image_io import BadImageError, load_rgb
 
-        image_id = self.id_prefix + path.relative_to(self.root).as_posix()
+        image_id = distractor_image_id(self.root, path, self.id_prefix)
         try:
             image = load_rgb(path)
         except BadImageError as e:
