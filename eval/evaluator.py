@@ -237,8 +237,9 @@ class RetrievalEvaluator:
         if bench.distractors:
             listed = set(bench.database)
             image_ids += sorted(i for i in owner if i not in listed and bench.is_distractor(i))
-        position = {image_id: k for k, image_id in enumerate(image_ids)}
         mine = [i for i in image_ids if owner[i] == rank]
+        # global position of each of this rank's images, in the order its store holds them
+        mine_position = np.array([k for k, i in enumerate(image_ids) if owner[i] == rank], dtype=np.int64)
         queries: dict[str, QueryFeature] = {}
         for part in all_gather_objects(self.queries):
             queries.update(part)
@@ -256,8 +257,7 @@ class RetrievalEvaluator:
             labels = [queries[q].label for q in query_ids] if cfg.prune_by_label else None
             for r in index.search(features, top_images=cfg.ranking_depth, query_labels=labels,
                                   prune_by_label=cfg.prune_by_label):
-                local.append((np.array([position[mine[i]] for i in r.images.tolist()], dtype=np.int64),
-                              r.scores.astype(np.float32), store.boxes[r.regions]))
+                local.append((mine_position[r.images], r.scores.astype(np.float32), store.boxes[r.regions]))
         # detector recall and region counts: sums over ranks
         gt_ids, gt = _gt_boxes(bench, available=lambda i: owner.get(i) == rank)
         counts = recall_at_iou(gt, [self.database[i].boxes for i in gt_ids], thresholds=RECALL_THRESHOLDS)
