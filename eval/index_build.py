@@ -485,18 +485,39 @@ def build_index(shards: RegionShards | str | Path, out: str | Path, factory: Opt
     if rank == 0:
         _prepare_out(out, overwrite)
     chunk_rows = int(np.clip(build_memory // 16 // (4 * shards.dim), 1024, 1 << 18))
-    if world > 1:
-        return _build_distributed(shards, out, key, metric, n_train, seed, target_recall, budget, build_memory,
-                                  chunk_rows, progress, rank, world, t0)
-    trained = train_index(shards, key, metric, n_train, seed)
-    ivf = faiss.try_extract_index_ivf(trained)
+    # Over a process group (torchrun) rank 0 trains (and estimates nprobe) and shares the trained
+    # index through out/.parts; every rank adds every world-th part into its own group files (ids
+    # are region ids, so which rank adds a part changes nothing); rank 0 merges them and writes the
+    # index. An index without inverted lists is filled by rank 0 alone.
+    tmp = out / PARTS_DIR
     estimate = None
+    if rank == 0:
+        trained = train_index(shards, key, metric, n_train, seed)
+        if faiss.try_extract_index_ivf(trained) is not None:
+            estimate = _tune(trained, shards, metric, seed, target_recall)
+    if world > 1:
+        if rank == 0:
+            tmp.mkdir(parents=True, exist_ok=True)
+            faiss.write_index(trained, str(tmp / "trained.faiss"))
+        _barrier(world)
+        if rank:
+            trained = faiss.read_index(str(tmp / "trained.faiss"))
+    ivf = faiss.try_extract_index_ivf(trained)
     if ivf is not None:
-        estimate = _tune(trained, shards, metric, seed, target_recall)
-        index = add_on_disk(trained, shards, out, _group_rows(ivf, build_memory, chunk_rows), chunk_rows, progress)
-    else:
-        index = add_in_memory(trained, shards, chunk_rows, progress)
-    _finish(out, index, shards, key, metric, budget, n_train, seed, estimate, t0)
+        write_groups(trained, shards, tmp, _group_rows(ivf, build_memory, chunk_rows), chunk_rows,
+                     progress and rank == 0, rank, world)
+    _barrier(world)
+    if rank == 0:
+        if ivf is not None:
+            index = merge_groups(trained, [str(f) for f in tmp.glob("group-r*.faiss")], out)
+        else:
+            index = add_in_memory(trained, shards, chunk_rows, progress)
+            shutil.rmtree(tmp, ignore_errors=True)
+        faiss.write_index(index, str(out / INDEX_FILE))
+        info = _info(shards, key, metric, index, budget, n_train, seed, time.perf_counter() - t0)
+        info["nprobe_rule"] = asdict(estimate) if estimate is not None else None
+        (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    _barrier(world)
     return out
 
 
@@ -511,10 +532,12 @@ def _process_group() -> tuple[int, int]:
     return int(torch.distributed.get_rank()), int(torch.distributed.get_world_size())
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
+def _barrier(world: int) -> None:
+    """Wait for every process of the group (nothing to wait for alone)."""
+    if world > 1:
+        import torch.distributed as dist
 
-    dist.barrier()
+        dist.barrier()
 
 
 def _tune(trained: faiss.Index, shards: RegionShards, metric: str, seed: int, target_recall: float) -> NprobeEstimate:
@@ -526,48 +549,6 @@ def _tune(trained: faiss.Index, shards: RegionShards, metric: str, seed: int, ta
 
 def _group_rows(ivf, build_memory: int, chunk_rows: int) -> int:
     return max(chunk_rows, build_memory // 4 // (ivf.code_size + ID_BYTES))
-
-
-def _finish(out: Path, index: faiss.Index, shards: RegionShards, key: str, metric: str, budget: Optional[int],
-            n_train: int, seed: int, estimate: Optional[NprobeEstimate], t0: float) -> None:
-    faiss.write_index(index, str(out / INDEX_FILE))
-    info = _info(shards, key, metric, index, budget, n_train, seed, time.perf_counter() - t0)
-    info["nprobe_rule"] = asdict(estimate) if estimate is not None else None
-    (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-
-
-def _build_distributed(shards: RegionShards, out: Path, key: str, metric: str, n_train: int, seed: int,
-                       target_recall: float, budget: Optional[int], build_memory: int, chunk_rows: int,
-                       progress: bool, rank: int, world: int, t0: float) -> Path:
-    """:func:`build_index` over a process group: rank 0 trains (and estimates nprobe) and shares
-    the trained index through ``out/.parts``; every rank adds every ``world``-th part into its own
-    group files (ids are region ids, so which rank adds a part changes nothing); rank 0 merges them
-    and writes the index. An index without inverted lists is built by rank 0 alone."""
-    tmp = out / PARTS_DIR
-    trained_file = tmp / "trained.faiss"
-    estimate = None
-    if rank == 0:
-        trained = train_index(shards, key, metric, n_train, seed)
-        if faiss.try_extract_index_ivf(trained) is not None:
-            estimate = _tune(trained, shards, metric, seed, target_recall)
-        tmp.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(trained, str(trained_file))
-    _barrier()
-    trained = faiss.read_index(str(trained_file)) if rank else trained
-    ivf = faiss.try_extract_index_ivf(trained)
-    if ivf is not None:
-        write_groups(trained, shards, tmp, _group_rows(ivf, build_memory, chunk_rows), chunk_rows,
-                     progress and rank == 0, rank, world)
-    _barrier()
-    if rank == 0:
-        if ivf is not None:
-            index = merge_groups(trained, [str(f) for f in tmp.glob("group-r*.faiss")], out)
-        else:
-            index = add_in_memory(trained, shards, chunk_rows, progress)
-            shutil.rmtree(tmp, ignore_errors=True)
-        _finish(out, index, shards, key, metric, budget, n_train, seed, estimate, t0)
-    _barrier()
-    return out
 
 
 def _info(shards: RegionShards, key: str, metric: str, index: faiss.Index, budget: Optional[int], train_size: int,
