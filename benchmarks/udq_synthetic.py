@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from instsearch.cli import lightning_cli
+from instsearch.lightning_cli import lightning_cli
 from instsearch.console import quiet_framework_noise
 from instsearch.eval.callback import RetrievalEvaluation, benchmark_of
 from instsearch.eval.evaluator import extract_and_score

@@ -2,13 +2,12 @@
 
 Lightning (and with it torch) is imported only by the commands that run a model: ``instsearch
 index build`` and ``instsearch evaluate`` stay within their own memory (the LightningCLI lives in
-:mod:`instsearch.lightning_cli`; ``instsearch.cli.lightning_cli`` and ``InstsearchCLI`` still
-resolve, lazily)."""
+:mod:`instsearch.lightning_cli`)."""
 from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 TOOLS: dict[str, tuple[str, str]] = {
     "synth": ("instsearch.synthetic:main", "generate the synthetic instance-search benchmark"),
@@ -61,16 +60,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     print(f"instsearch: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
     return 2
-
-
-def __getattr__(name: str) -> Any:
-    """``InstsearchCLI``, ``lightning_cli`` and ``command_line_keys`` from :mod:`instsearch.lightning_cli`,
-    imported on first use."""
-    if name in ("InstsearchCLI", "lightning_cli", "command_line_keys"):
-        from instsearch import lightning_cli as module
-
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from instsearch.eval.visualize import save_result_grid
     from instsearch.eval.metrics import json_ready
     from instsearch.networks.global_model import GlobalDescriptorModel
-    from instsearch.cli import lightning_cli
+    from instsearch.lightning_cli import lightning_cli
 
     start = time.perf_counter()
     out: Path = args.out.resolve()

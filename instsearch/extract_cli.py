@@ -110,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.part_size < 1:
         parser.error(f"--part-size must be >= 1, got {args.part_size}")
 
-    from instsearch.cli import lightning_cli
+    from instsearch.lightning_cli import lightning_cli
 
     # no logger: extraction writes shards, not a run
     cli = lightning_cli([*rest, "--trainer.logger", "false"], run=False, save_config_callback=None)

@@ -64,7 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(default: the config's retrieval.whitening_shrinkage)")
     args, rest = parser.parse_known_args(argv)
 
-    from instsearch.cli import lightning_cli
+    from instsearch.lightning_cli import lightning_cli
     from instsearch.eval.whitening import PCAWhitening, check_shrinkage
 
     if args.shrinkage is not None:

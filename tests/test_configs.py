@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from instsearch.cli import InstsearchCLI, lightning_cli
+from instsearch.lightning_cli import InstsearchCLI, lightning_cli
 from instsearch.config_files import load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -183,7 +183,7 @@ def test_every_deep_region_cnn_config_states_what_it_searches():
 
 
 def test_command_line_model_keys_are_found_in_both_spellings():
-    from instsearch.cli import command_line_keys
+    from instsearch.lightning_cli import command_line_keys
 
     argv = ["test", "--config", "c.yaml", "--model.init_args.search=exact", "--model.retrieval.normalization", "min",
             "--data.benchmark", "b.json", "--ckpt_path", "x.ckpt"]

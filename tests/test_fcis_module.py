@@ -94,7 +94,7 @@ def test_synthetic_configs_parse(variant, arch, deformable, tmp_path):
     """Each config builds its module through the CLI (backbone shrunk to keep the test fast)."""
     from instsearch.config_files import load_config
 
-    from instsearch.cli import lightning_cli
+    from instsearch.lightning_cli import lightning_cli
 
     path = CONFIGS / f"{variant}_synthetic.yaml"
     cfg = load_config(path)
