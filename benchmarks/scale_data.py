@@ -492,9 +492,8 @@ def exact_image_ranking(shards: RegionShards, queries: np.ndarray, k: int, max_s
                      np.full((nq, k), -1, np.int64))
     starts = shards.image_starts
     rows = max(1, max_scores // max(nq, 1))
-    for i, part in enumerate(shards.parts):
-        o0, o1 = int(shards.offsets[i]), int(shards.offsets[i + 1])
-        features = shards.features(part)
+    for i, (o0, features) in enumerate(shards.iter_features()):  # each part mapped only while it is read
+        o1 = int(shards.offsets[i + 1])
         first, last = np.searchsorted(starts[:-1], [o0, o1])
         images = np.arange(first, last)
         images = images[starts[images + 1] > starts[images]]  # regions of this part, by image
