@@ -52,7 +52,11 @@ def region_images(shards: RegionShards, region_ids: np.ndarray) -> np.ndarray:
 def shortlist_images(searcher: Searcher, shards: RegionShards, queries: np.ndarray,
                      shortlist: int, times: Optional[StageTimes] = None) -> list[np.ndarray]:
     """Stage 1: for each query, up to ``shortlist`` image positions, best region first, from the
-    region searcher; ``k`` grows until that many distinct images are found (or every region)."""
+    region searcher; ``k`` grows until that many distinct images are found, every region is
+    asked for, or the index pads the row with ``-1`` (an inverted file has returned every region
+    of the lists it visits: a larger ``k`` finds nothing more)."""
+    if shortlist < 1:
+        raise ValueError(f"shortlist must be >= 1 image per query, got {shortlist}")
     total, num_images = searcher.ntotal, len(shards.image_ids)
     wanted = min(shortlist, num_images)
     k = min(total, max(4 * wanted, 64))
@@ -66,8 +70,9 @@ def shortlist_images(searcher: Searcher, shards: RegionShards, queries: np.ndarr
         image_of = region_images(shards, np.where(ids >= 0, ids, 0))
         rankings = _first_hits(scores, ids, image_of)
         retry, fewest = [], wanted
-        for row, images in zip(pending, rankings):
-            if len(images) >= wanted or k >= total:
+        exhausted = (ids < 0).any(axis=1)
+        for row, images, done in zip(pending, rankings, exhausted):
+            if len(images) >= wanted or k >= total or done:
                 found[int(row)] = images[:wanted]
             else:
                 retry.append(row)

@@ -88,3 +88,24 @@ def test_two_stage_search_equals_brute_force_best_region(tmp_path):
         assert [h.image for h in hits] == [b[1] for b in best]
         assert [h.score for h in hits] == pytest.approx([b[0] for b in best], rel=1e-5)
         assert [h.box for h in hits] == [(b[2], b[2], b[2] + 1, b[2] + 1) for b in best]
+
+
+def test_shortlist_stops_growing_k_once_the_probed_lists_are_exhausted(tmp_path):
+    # 4,000 regions in 1,000 images, IVF64 visiting 1 list: fewer than 100 images are reachable,
+    # and asking for more regions than the visited list holds returns -1 padding, not new images
+    import faiss
+
+    from instsearch.eval.shard_search import StageTimes
+
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((4000, 8)).astype(np.float32)
+    shards = _write(tmp_path, [(f"i{i}", feats[4 * i:4 * i + 4]) for i in range(1000)], part_size=250)
+    index = faiss.index_factory(8, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(feats)
+    index.add(feats)
+    searcher = FaissSearcher(index, nprobe=1)
+    times = StageTimes()
+    found = shortlist_images(searcher, shards, rng.standard_normal((3, 8)).astype(np.float32), 100, times)
+    assert times.ann_k < 4000 and all(0 < len(f) < 100 for f in found)
+    with pytest.raises(ValueError, match="shortlist must be >= 1"):
+        shortlist_images(searcher, shards, feats[:1], -1)
