@@ -142,7 +142,9 @@ def rescore(shards: RegionShards, queries: np.ndarray, candidates: Sequence[np.n
         if score == "inner_product":
             s = q @ x.T
         else:  # 1 / ||q - x||, the order of an L2 index (nearest first)
-            s = 1.0 / torch.cdist(q, x).clamp_min(1e-12)
+            # the differences themselves, not ||q||^2 + ||x||^2 - 2 q.x (cdist's matrix-product
+            # path above 25 rows), which cancels catastrophically for close, long vectors
+            s = 1.0 / torch.cdist(q, x, compute_mode="donot_use_mm_for_euclid_dist").clamp_min(1e-12)
         values[a:b] = s[torch.from_numpy(pair_query[a:b] - c * chunk), torch.from_numpy(where)].numpy()
     # Pairs come grouped by (query, candidate image), each image's regions in id order: the best
     # region of a group is its maximum, the first one among equal scores (the lower region id, as

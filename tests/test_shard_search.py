@@ -59,6 +59,26 @@ def test_rescoring_by_hand(tmp_path):
     np.testing.assert_allclose(l2[0].scores, [1 / np.sqrt(0.4), 1 / np.sqrt(0.8)], rtol=1e-5)
 
 
+def test_inverse_l2_rescoring_of_close_long_vectors_is_exact(tmp_path):
+    # 30 regions (10 images of 3) within 0.03 of a query of norm ~1414: ||q||^2 + ||x||^2 - 2 q.x
+    # in float32 (cdist's matrix-product path, taken above 25 rows) loses every such distance;
+    # the scores must be 1 / ||q - x|| of the stored float32 rows, ranked as in float64
+    rng = np.random.default_rng(0)
+    q = np.array([[1000.0, 1000.0]], np.float32)
+    directions = rng.standard_normal((30, 2))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    feats = (q + 1e-3 * (rng.permutation(30) + 1)[:, None] * directions).astype(np.float32)
+    shards = _write(tmp_path, [(f"i{k}", feats[3 * k:3 * k + 3]) for k in range(10)], part_size=4)
+    candidates = rng.permutation(10)
+    out = rescore(shards, q, [candidates], score="inverse_l2")[0]
+    distance = np.sqrt(((feats.astype(np.float64) - q.astype(np.float64)) ** 2).sum(1))
+    best_region = np.array([3 * k + int(np.argmin(distance[3 * k:3 * k + 3])) for k in range(10)])
+    order = np.argsort(distance[best_region])
+    assert out.images.tolist() == order.tolist()
+    assert out.regions.tolist() == best_region[order].tolist()
+    np.testing.assert_allclose(out.scores, 1.0 / distance[best_region[order]], rtol=1e-6)
+
+
 def test_shortlist_grows_until_enough_distinct_images(tmp_path):
     rng = np.random.default_rng(0)
     # image 0 holds 200 regions near the query: the first 64 hits are all one image
