@@ -15,7 +15,7 @@ shards) on every stored query and prints:
   the exact rescoring: the fastest of ``--repeats`` runs after a first one, whose figures are
   printed too (it pays the one-off costs of a process);
 * with ``--exact``: image recall@K of the shortlist against the exact image ranking (each image
-  scored by its best region, streamed over the parts: ``benchmarks/scale_data.py``) and mAP@100 of
+  scored by its best region, streamed over the parts: ``instsearch.eval.streamed``) and mAP@100 of
   the run against that of the exact ranking, both scored on the shards' ``benchmark.json``.
 """
 from __future__ import annotations
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": os.getloadavg(),
     }
     if args.exact:
-        from scale_data import exact_image_ranking
+        from instsearch.eval.streamed import exact_image_ranking
 
         from instsearch.eval.metrics import retrieval_metrics
         from instsearch.formats import Benchmark, Hit, Run

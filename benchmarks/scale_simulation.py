@@ -12,8 +12,8 @@ inside it (referenced by the manifest): database images with sizes, one query im
 query, each query's planted positives with their boxes as ground truth. The planted set (a
 Gaussian mixture of unit vectors, instances planted in a few images each, whole-pixel boxes) and
 why it is drawn in fixed blocks are described in ``benchmarks/scale_data.py``, which also holds
-the exact references (``exact_ground_truth``: top-k regions; ``exact_image_ranking``: top-K
-images by best region), both streamed over the parts.
+the exact reference of the region index (``exact_ground_truth``: top-k regions, streamed over the
+parts); the exact image ranking is ``instsearch.eval.streamed.exact_image_ranking``.
 
 Prints progress, then the time, the size written and the peak resident memory (``ru_maxrss``).
 Measurements: ``docs/scale.md``, section "Simulated collections".

@@ -8,7 +8,8 @@ elsewhere (:mod:`instsearch.eval.extraction`, called from the LightningModule's 
 Under DDP every rank processes a shard; ``compute`` gathers the shards **to rank 0 only**, which
 alone builds the index and scores (other ranks get ``None``). Rank 0 then holds every region:
 ``4·D + 24`` bytes per region (feature, box, score, label), i.e. about 2.1 GB per million
-512-D regions, plus a transient copy while the shards are unpickled.
+512-D regions, plus a transient copy while the shards are unpickled. Sharded evaluation
+(``retrieval.evaluation: sharded``, :mod:`instsearch.eval.sharded`) gathers no region.
 """
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from instsearch.distributed import all_gather_objects, all_reduce_sum, gather_to_rank0, is_distributed, rank_and_world
+from instsearch.distributed import is_distributed, rank_and_world
 from instsearch.eval.extraction import QueryFeature, RegionCollection, SearchBatch, Step, extract
 from instsearch.eval.metrics import recall_at_iou, retrieval_metrics
 from instsearch.eval.search import RegionIndex
-from instsearch.eval.searchers import Searcher, searcher_from_factory
+from instsearch.eval.searchers import ExactInnerProductSearcher, Searcher, searcher_from_factory
 from instsearch.eval.whitening import PCAWhitening
-from instsearch.formats import Benchmark, Hit, Run
+from instsearch.formats import Benchmark, Run
 from instsearch.structures import Regions
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,12 @@ class RetrievalConfig:
         regions_per_image: keep at most this many regions per database image (highest scores).
         prune_by_label: compare a query only with regions of its predicted category (FCIS+XD).
         index_factory: ``Flat`` (exact, torch) or a faiss factory string (``IVF1024,Flat``, ``PQ32``).
-        ranking_depth: images ranked per query (``None``: every database image with a region).
+        ranking_depth: images ranked per query (``None``: every database image with a region);
+            the metrics are those of this ranking.
+        run_depth: images per query kept in the written run (``run.json``, the result grid):
+            ``None`` keeps the whole ranking. The metrics never depend on it: sharded evaluation
+            computes them from the positives' ranks, so at scale ``run_depth`` is what bounds
+            rank 0's memory (every process sends it its top ``run_depth`` images per query).
         grid_queries: queries shown in the logged result grid (0: no grid).
         whitening: PCA-whiten every region and query feature before the search (l2 -> whiten ->
             l2, :mod:`instsearch.eval.whitening`): ``False`` (none), ``True`` / ``"pca"`` (fitted on
@@ -72,7 +78,14 @@ class RetrievalConfig:
             rankings: no process holds every region; a whitening only from a file) or ``auto``
             (sharded under DDP when the database has more than ``SHARD_ABOVE_IMAGES`` images or
             distractor folders, unless the whitening is fitted on it). Both give the same run and
-            metrics.
+            metrics. ``sharded`` in one process ranks the database the same way (with
+            ``spill_dir``: streamed, in bounded memory).
+        spill_dir: with sharded evaluation, each process writes its database regions as region
+            shards to ``spill_dir/rank-NNNNN`` while the test runs (float32, the rows the
+            in-memory path holds) and ranks them by an exact search streamed over the shards,
+            instead of keeping them in memory: memory then stays flat in the database size. Needs
+            the exact inner-product search (``index_factory: Flat`` and a model that searches
+            its features, not codes). The folder is cleared at each evaluation.
     """
 
     normalization: str = "relevant"
@@ -86,8 +99,17 @@ class RetrievalConfig:
     whitening_dim: Optional[int] = None
     whitening_shrinkage: Union[float, str] = "auto"
     evaluation: str = "auto"
+    run_depth: Optional[int] = None
+    spill_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
+        for name in ("ranking_depth", "run_depth"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 image per query or null, got {value}")
+        if self.spill_dir is not None and self.evaluation == "gather":
+            raise ValueError("spill_dir is used by sharded evaluation; evaluation: gather keeps every region in "
+                             "memory on rank 0 (use evaluation: sharded or auto)")
         if self.evaluation not in EVALUATION_MODES:
             raise ValueError(f"evaluation must be one of {', '.join(EVALUATION_MODES)}, got {self.evaluation!r}")
         if self.evaluation == "sharded" and self.fits_whitening:
@@ -133,7 +155,8 @@ class EvaluationResult:
 
 
 class RetrievalEvaluator:
-    """Accumulates :class:`SearchBatch` es, then searches and scores them on rank 0."""
+    """Accumulates :class:`SearchBatch` es, then searches and scores them on rank 0 (or sharded:
+    :mod:`instsearch.eval.sharded`)."""
 
     def __init__(self, benchmark: Benchmark, config: Optional[RetrievalConfig] = None, method: str = "regions",
                  device: torch.device | str = "cpu", make_searcher: Optional[Callable[[int], Searcher]] = None):
@@ -150,7 +173,42 @@ class RetrievalEvaluator:
         self.reset()
 
     def reset(self) -> None:
-        self.collection = RegionCollection(regions_per_image=self.config.regions_per_image)
+        #: what extraction produced on this process: in memory, or spilled to region shards
+        #: (``RetrievalConfig.spill_dir``); made on first use, when the process group is known
+        self._collection: Optional[Union[RegionCollection, "SpilledCollection"]] = None
+
+    @property
+    def collection(self) -> Union[RegionCollection, "SpilledCollection"]:
+        if self._collection is None:
+            self._collection = self._new_collection()
+        return self._collection
+
+    @collection.setter
+    def collection(self, value: Union[RegionCollection, "SpilledCollection"]) -> None:
+        self._collection = value
+
+    def spills(self) -> bool:
+        """Whether this evaluation writes its database regions to ``spill_dir`` (sharded only)."""
+        return self.config.spill_dir is not None and self.sharded()
+
+    def _new_collection(self) -> Union[RegionCollection, "SpilledCollection"]:
+        cfg = self.config
+        if not self.spills():
+            return RegionCollection(regions_per_image=cfg.regions_per_image)
+        from instsearch.eval.sharded import SpilledCollection
+
+        probe = self.make_searcher(1)
+        if not isinstance(probe, ExactInnerProductSearcher):
+            raise ValueError(f"spill_dir: spilled regions are ranked by an exact inner-product search streamed over "
+                             f"them, but this model searches with {type(probe).__name__} "
+                             f"(index_factory {cfg.index_factory!r}); use index_factory: Flat or leave spill_dir unset")
+        rank, _ = rank_and_world()
+        transform = None
+        if cfg.whitening:  # a whitening from a file (a fitted one is refused for sharded evaluation)
+            whitening = PCAWhitening.load(cfg.whitening)
+            transform = whitening.transform
+        return SpilledCollection(Path(cfg.spill_dir) / f"rank-{rank:05d}", regions_per_image=cfg.regions_per_image,
+                                 transform=transform)
 
     # what was extracted so far (this rank's part until :meth:`gather`)
     @property
@@ -180,7 +238,7 @@ class RetrievalEvaluator:
         """Whether :meth:`compute` evaluates sharded by image (``RetrievalConfig.evaluation``)."""
         mode = self.config.evaluation
         if mode != "auto":
-            return mode == "sharded" and is_distributed()
+            return mode == "sharded"
         large = len(self.benchmark.database) > SHARD_ABOVE_IMAGES or bool(self.benchmark.distractors)
         return is_distributed() and large and not self.config.fits_whitening
 
@@ -215,6 +273,8 @@ class RetrievalEvaluator:
             rankings = []
         run = index.to_run(query_ids, rankings, method=self.method)
         metrics = retrieval_metrics(bench, run, normalization=cfg.normalization, protocol=cfg.protocol)
+        if cfg.run_depth is not None:  # what is written; the metrics are the whole ranking's
+            run = Run(method=run.method, rankings={q: hits[:cfg.run_depth] for q, hits in run.rankings.items()})
         curve = self.detector_recall()
         add_database_metrics(metrics, curve, num_regions=len(store), num_images=len(image_ids),
                              bad_items=len(self.bad_images))
@@ -222,70 +282,11 @@ class RetrievalEvaluator:
                                 num_regions=len(store))
 
     def compute_sharded(self) -> Optional[EvaluationResult]:
-        """The metrics of :meth:`compute` without gathering the regions: every rank holds every
-        query and searches only its own images; rank 0 merges each query's per-rank rankings by
-        score (equal scores: the image listed first, as one index orders them) and scores the run.
-        Detector recall and the region count are sums over ranks. Images a padded sampler served
-        to two ranks count once (on the lower rank)."""
-        bench, cfg = self.benchmark, self.config
-        rank, _ = rank_and_world()
-        owner: dict[str, int] = {}
-        for r, ids in enumerate(all_gather_objects(list(self.database))):
-            for image_id in ids:
-                owner.setdefault(image_id, r)
-        image_ids = [i for i in bench.database if i in owner]
-        if bench.distractors:
-            listed = set(bench.database)
-            image_ids += sorted(i for i in owner if i not in listed and bench.is_distractor(i))
-        mine = [i for i in image_ids if owner[i] == rank]
-        # global position of each of this rank's images, in the order its store holds them
-        mine_position = np.array([k for k, i in enumerate(image_ids) if owner[i] == rank], dtype=np.int64)
-        queries: dict[str, QueryFeature] = {}
-        for part in all_gather_objects(self.queries):
-            queries.update(part)
-        query_ids = [q.id for q in bench.queries if q.id in queries]
-        store = self.collection.store(mine)
-        whitening = cfg.fit_whitening(store.features) if len(store) else None  # from a file: see RetrievalConfig
-        if whitening is not None:
-            store.features = whitening.transform(store.features)
-        index = RegionIndex(store, self.make_searcher(store.dim), device=self.device)
-        local: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        if query_ids and len(store):
-            features = torch.stack([queries[q].feature for q in query_ids]).numpy()
-            if whitening is not None:
-                features = whitening.transform(features)
-            labels = [queries[q].label for q in query_ids] if cfg.prune_by_label else None
-            for r in index.search(features, top_images=cfg.ranking_depth, query_labels=labels,
-                                  prune_by_label=cfg.prune_by_label):
-                local.append((mine_position[r.images], r.scores.astype(np.float32), store.boxes[r.regions]))
-        # detector recall and region counts: sums over ranks
-        gt_ids, gt = _gt_boxes(bench, available=lambda i: owner.get(i) == rank)
-        counts = recall_at_iou(gt, [self.database[i].boxes for i in gt_ids], thresholds=RECALL_THRESHOLDS)
-        covered = np.nan_to_num(np.asarray(counts["recall"], dtype=np.float64)) * counts["num_gt"]
-        sums = all_reduce_sum(torch.tensor([*np.rint(covered), counts["num_gt"], len(store)], dtype=torch.float64))
-        bad = gather_to_rank0(self.bad_images)
-        parts = gather_to_rank0(local)
-        if parts is None:
-            return None
-        run = Run(method=self.method, rankings={})
-        for qi, qid in enumerate(query_ids):
-            found = [p[qi] for p in parts if len(p) > qi]
-            pos = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
-            scores = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.float32)
-            boxes = np.concatenate([f[2] for f in found]) if found else np.zeros((0, 4), np.float32)
-            order = np.lexsort((pos, -scores))[: cfg.ranking_depth]
-            run.rankings[qid] = [Hit(image_ids[p], float(s), tuple(float(v) for v in b))
-                                 for p, s, b in zip(pos[order].tolist(), scores[order].tolist(), boxes[order].tolist())]
-        metrics = retrieval_metrics(bench, run, normalization=cfg.normalization, protocol=cfg.protocol)
-        num_gt = float(sums[len(RECALL_THRESHOLDS)])
-        recall = [float(c / num_gt) if num_gt else math.nan for c in sums[:len(RECALL_THRESHOLDS)].tolist()]
-        curve = {"thresholds": [float(t) for t in RECALL_THRESHOLDS], "recall": recall}
-        bad_images = [e for b in bad for e in b]
-        bad_images = [e for k, e in enumerate(bad_images) if e not in bad_images[:k]]
-        add_database_metrics(metrics, curve, num_regions=int(sums[-1]), num_images=len(image_ids),
-                             bad_items=len(bad_images))
-        return EvaluationResult(metrics=metrics, run=run, recall_curve=curve, bad_images=bad_images,
-                                num_regions=int(sums[-1]))
+        """The metrics of :meth:`compute` without gathering the regions
+        (:func:`~instsearch.eval.sharded.evaluate_sharded`)."""
+        from instsearch.eval.sharded import evaluate_sharded
+
+        return evaluate_sharded(self)
 
     def detector_recall(self, thresholds: Sequence[float] = RECALL_THRESHOLDS) -> dict[str, list[float]]:
         """:func:`detector_recall` of the extracted database regions."""
@@ -302,7 +303,7 @@ def detector_recall(benchmark: Benchmark, boxes_of: Callable[[list[str]], Sequen
     for which ``available`` holds count. Undefined (NaN; ``null`` in JSON, ``n/a`` in tables, not
     logged) when the benchmark gives no box for any positive: a recall over zero boxes is not zero.
     """
-    ids, gt = _gt_boxes(benchmark, available)
+    ids, gt = gt_boxes(benchmark, available)
     if not ids:
         return {"thresholds": [float(t) for t in thresholds], "recall": [math.nan for _ in thresholds]}
     out = recall_at_iou(gt, [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes_of(ids)],
@@ -310,7 +311,7 @@ def detector_recall(benchmark: Benchmark, boxes_of: Callable[[list[str]], Sequen
     return {"thresholds": [float(t) for t in out["thresholds"]], "recall": [float(r) for r in out["recall"]]}
 
 
-def _gt_boxes(benchmark: Benchmark, available: Callable[[str], bool]) -> tuple[list[str], list[torch.Tensor]]:
+def gt_boxes(benchmark: Benchmark, available: Callable[[str], bool]) -> tuple[list[str], list[torch.Tensor]]:
     """The database images (for which ``available`` holds) with ground-truth instance boxes, sorted,
     and each one's distinct boxes."""
     gt: dict[str, set[tuple[float, ...]]] = {}
@@ -341,6 +342,8 @@ def extract_and_score(model: torch.nn.Module, loaders: Iterable, evaluator: Retr
     """:func:`~instsearch.eval.extraction.extract` ``model`` over ``loaders`` (``step``: e.g. a
     module's ``search_step``) into ``evaluator``, then :meth:`RetrievalEvaluator.compute`
     (``None`` off rank 0)."""
-    evaluator.collection = extract(model, loaders, step=step, with_labels=evaluator.config.prune_by_label,
-                                   regions_per_image=evaluator.config.regions_per_image, progress=progress, desc=desc)
+    evaluator.reset()
+    extract(model, loaders, step=step, with_labels=evaluator.config.prune_by_label,
+            regions_per_image=evaluator.config.regions_per_image, progress=progress, desc=desc,
+            collection=evaluator.collection)
     return evaluator.compute()

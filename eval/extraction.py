@@ -187,17 +187,19 @@ Step = Callable[[Any], SearchBatch]
 
 def extract(model: torch.nn.Module, loaders: Iterable, *, step: Optional[Step] = None, with_labels: bool = False,
             regions_per_image: Optional[int] = None, progress: bool = True,
-            desc: str = "extracting") -> RegionCollection:
+            desc: str = "extracting", collection: Optional[Any] = None) -> RegionCollection:
     """Every batch of ``loaders`` through ``step`` (default: :func:`extract_batch` on ``model``)
-    with ``model`` in eval mode (its mode restored after), collected. ``step`` is how a
-    LightningModule runs its network (``module.search_step``)."""
+    with ``model`` in eval mode (its mode restored after), collected into ``collection`` (default:
+    a new :class:`RegionCollection`; anything with its ``add``, e.g. a spilled one). ``step`` is
+    how a LightningModule runs its network (``module.search_step``)."""
     if step is None:
         device = model_device(model)
 
         def step(batch):
             return extract_batch(model, *batch, with_labels=with_labels, device=device)
 
-    collection = RegionCollection(regions_per_image=regions_per_image)
+    if collection is None:
+        collection = RegionCollection(regions_per_image=regions_per_image)
     was_training = model.training
     model.eval()
     try:

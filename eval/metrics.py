@@ -45,6 +45,7 @@ truncated at ``k`` (recall still measured against all ``R`` positives).
 from __future__ import annotations
 
 import math
+from collections import abc
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence, Union, get_args
 
@@ -71,7 +72,7 @@ __all__ = [
     "NORMALIZATIONS", "PROTOCOLS", "DEFAULT_KS", "DEFAULT_IOU_TOP_K", "DEFAULT_IOU_THRESHOLDS",
     "JudgedRanking", "judge_ranking", "average_precision", "average_precision_at_ks",
     "oxford_average_precision", "per_query_average_precision", "retrieval_metrics",
-    "mean_iou", "recall_at_iou", "metric_key",
+    "mean_iou", "recall_at_iou", "metric_key", "RankedPositives", "metrics_from_ranks",
 ]
 
 
@@ -287,7 +288,75 @@ def retrieval_metrics(
     _check_choice(protocol, PROTOCOLS, "protocol")
     if not benchmark.queries:
         raise ValueError(f"benchmark '{benchmark.name}' has no queries to evaluate")
-    judged = _judge_all(benchmark, run)
+    return _metrics(benchmark, run, _judge_all(benchmark, run), normalization, protocol, ks, iou_top_k)
+
+
+@dataclass(frozen=True)
+class RankedPositives:
+    """Where one query's returned positives stand in its whole cleaned ranking, without the
+    ranking: what sharded evaluation knows after counting, on every process, the images that
+    outscore each positive (:mod:`instsearch.eval.sharded`)."""
+
+    ranks: np.ndarray  # (p,) int64: 0-based ranks in the cleaned ranking, ascending
+    hits: Sequence[Hit]  # the positives' hits (image, score, box), in the same order
+
+
+class _JudgedFromRanks(abc.Mapping):
+    """``query id -> JudgedRanking`` built from :class:`RankedPositives` on access: a ranking whose
+    last positive is the millionth image is a million flags, so one query's at a time."""
+
+    def __init__(self, benchmark: Benchmark, positives: Mapping[str, RankedPositives]):
+        self.benchmark, self.positives = benchmark, positives
+        self.db_index = _database_index(benchmark)
+
+    def __iter__(self):
+        return (q.id for q in self.benchmark.queries)
+
+    def __len__(self) -> int:
+        return len(self.benchmark.queries)
+
+    def __getitem__(self, query_id: str) -> JudgedRanking:
+        positives, _ = _judged_sets(self.benchmark.ground_truth.get(query_id), self.db_index)
+        found = self.positives.get(query_id)
+        if found is None or not len(found.ranks):
+            empty = np.zeros(0, np.int64)
+            return JudgedRanking(rel=np.zeros(0, bool), num_relevant=int(positives.size), kept=empty, db_index=empty)
+        ranks = np.asarray(found.ranks, dtype=np.int64)
+        ids = _ranking_ids(found.hits, self.db_index, self.benchmark)
+        if (np.diff(ranks) <= 0).any() or not np.isin(ids, positives).all():
+            raise ValueError(f"query {query_id!r}: ranked positives must be distinct positives in ascending rank order")
+        length = int(ranks[-1]) + 1  # AP needs no flag past the last positive (see average_precision_at_ks)
+        rel = np.zeros(length, bool)
+        rel[ranks] = True
+        kept = np.full(length, -1, np.int64)
+        kept[ranks] = np.arange(len(ranks))
+        db_index = np.full(length, -1, np.int64)
+        db_index[ranks] = ids
+        return JudgedRanking(rel=rel, num_relevant=int(positives.size), kept=kept, db_index=db_index)
+
+
+def metrics_from_ranks(
+    benchmark: Benchmark,
+    positives: Mapping[str, RankedPositives],
+    normalization: Normalization = "relevant",
+    protocol: Protocol = "standard",
+    ks: Sequence[int | None] = DEFAULT_KS,
+    iou_top_k: int | None = DEFAULT_IOU_TOP_K,
+    method: str = "regions",
+) -> dict[str, float | int | str]:
+    """:func:`retrieval_metrics` of a ranking known only by its positives' ranks: the same
+    numbers, bit for bit, as for the whole ranking (AP needs only where the positives stand, mIoU
+    only their boxes). A query missing from ``positives`` returned none (AP 0)."""
+    _check_choice(normalization, NORMALIZATIONS, "normalization")
+    _check_choice(protocol, PROTOCOLS, "protocol")
+    if not benchmark.queries:
+        raise ValueError(f"benchmark '{benchmark.name}' has no queries to evaluate")
+    run = Run(method=method, rankings={q: list(p.hits) for q, p in positives.items()})
+    return _metrics(benchmark, run, _JudgedFromRanks(benchmark, positives), normalization, protocol, ks, iou_top_k)
+
+
+def _metrics(benchmark: Benchmark, run: Run, judged: Mapping[str, JudgedRanking], normalization: Normalization,
+             protocol: Protocol, ks: Sequence[int | None], iou_top_k: int | None) -> dict[str, float | int | str]:
     aps = _per_query(judged, ks, normalization, protocol)
     mean = np.mean(np.stack(list(aps.values())), axis=0)
     out: dict[str, float | int | str] = {metric_key(k): float(v) for k, v in zip(ks, mean)}

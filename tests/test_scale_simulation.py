@@ -13,10 +13,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import scale_data  # noqa: E402
-from scale_data import (SimulationConfig, exact_ground_truth, exact_image_ranking, spectrum_profile,  # noqa: E402
+from scale_data import (SimulationConfig, exact_ground_truth, spectrum_profile,  # noqa: E402
                         write_simulation)
 
 from instsearch.eval.shards import RegionShards  # noqa: E402
+from instsearch.eval.streamed import exact_image_ranking  # noqa: E402
 from instsearch.formats import Benchmark  # noqa: E402
 
 # 300 images of ~10 regions in blocks of 16 images: parts cut blocks in every way

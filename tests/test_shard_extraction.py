@@ -180,6 +180,12 @@ def test_sharded_evaluation_on_two_gloo_processes_equals_the_gathered_one(extrac
     gathered = _test_outputs(config, tmp_path, "gathered", *two_options, "--model.init_args.retrieval.evaluation",
                              "gather")
     assert sharded == gathered  # metrics.json and run.json; the padded sampler's repeated image counts once
+    # regions spilled to shards and ranked streamed; run.json trimmed to 3 images, the metrics not
+    spilled = _test_outputs(config, tmp_path, "spilled", *two_options, "--model.init_args.retrieval.evaluation",
+                            "sharded", "--model.init_args.retrieval.spill_dir", str(tmp_path / "spill"),
+                            "--model.init_args.retrieval.run_depth", "3")
+    assert spilled[0] == gathered[0]
+    assert spilled[1]["rankings"] == {q: hits[:3] for q, hits in gathered[1]["rankings"].items()}
     # one process batches other images together than two (Lightning's sampler strides the items),
     # which moves features in their last bits: the same numbers to float32 rounding
     assert sharded[0].keys() == one[0].keys()
