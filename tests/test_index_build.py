@@ -135,6 +135,13 @@ def test_pq_keys_rotate_when_a_sub_quantizer_would_span_more_than_four_dimension
     assert pq_key(128, 128, 4096) is None  # one dimension per byte: no compression
 
 
+def test_the_coarse_quantizer_is_hnsw_from_exactly_16384_lists():
+    assert pq_key(32, 128, 8192) == "IVF8192,PQ32"
+    assert pq_key(32, 128, 16384) == "IVF16384_HNSW32,PQ32"
+    assert pq_key(32, 512, 8192) == "OPQ32_128,IVF8192,PQ32"
+    assert pq_key(32, 512, 16384) == "OPQ32_128,IVF16384_HNSW32,PQ32"
+
+
 def test_index_size_estimate_by_hand():
     # IVF4096,PQ32 over 1M 128-D: codes 32 + id 8 bytes per vector, 4096 centroids of 128 floats plus
     # a 48-byte list header each, 256 PQ centroids of 128 floats, fixed overhead
@@ -258,15 +265,34 @@ def test_nprobe_estimate_by_hand():
     #   10 deg: 350 deg, list 0, ranked 1st -> needs 1 list
     #   80 deg: 10 deg, list 0, ranked 2nd after 90 deg's list 1 -> needs 2
     #   200 deg: 80 deg (120 deg away; 350 is 150, 10 is 170), list 1, ranked 3rd (180, 270, 90) -> needs 3
-    quantizer = faiss.IndexFlatIP(2)
-    index = faiss.IndexIVFFlat(quantizer, 2, 4, faiss.METRIC_INNER_PRODUCT)
-    quantizer.add(_unit([0, 90, 180, 270]))
-    index.is_trained = True
-    sample = _unit([10, 80, 200, 350])
+    index, sample = _four_lists()
     for target, nprobe, recall in [(0.3, 1, 1 / 3), (0.5, 2, 2 / 3), (0.95, 3, 1.0)]:
         estimate = tune_nprobe(index, sample, "ip", target=target, neighbours=1, queries=3)
         assert (estimate.nprobe, estimate.queries, estimate.neighbours, estimate.sample) == (nprobe, 3, 1, 4)
         assert estimate.estimated_recall == pytest.approx(recall)
+
+
+def _four_lists() -> tuple[faiss.Index, np.ndarray]:
+    """The index and sample of :func:`test_nprobe_estimate_by_hand`."""
+    quantizer = faiss.IndexFlatIP(2)
+    index = faiss.IndexIVFFlat(quantizer, 2, 4, faiss.METRIC_INNER_PRODUCT)
+    quantizer.add(_unit([0, 90, 180, 270]))
+    index.is_trained = True
+    return index, _unit([10, 80, 200, 350])
+
+
+def test_nprobe_estimate_needs_the_ceiling_of_target_hits():
+    # the same three queries, needing 1, 2 and 3 lists. A target of t of the 3 neighbours needs
+    # ceil(3t) of them found, i.e. the ceil(3t)-th smallest need:
+    #   t = 1/3: 1 hit  -> 1 list     t = 2/3: 2 hits -> 2 lists     t = 1: 3 hits -> 3 lists
+    #   t = 0.4: 1.2 -> 2 hits -> 2 lists (rounding 1.2 down would stop at 1 list, recall 1/3 < 0.4)
+    # Exact fractions: taking the int(3t)-th *zero-based* need would ask one hit too many
+    # (t = 2/3: 3 lists)
+    index, sample = _four_lists()
+    for target, nprobe in [(1 / 3, 1), (2 / 3, 2), (1.0, 3), (0.4, 2)]:
+        estimate = tune_nprobe(index, sample, "ip", target=target, neighbours=1, queries=3)
+        assert estimate.nprobe == nprobe, target
+        assert estimate.estimated_recall == pytest.approx(nprobe / 3)
 
 
 def test_built_ivf_index_stores_the_estimated_nprobe(tmp_path):
