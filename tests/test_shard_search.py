@@ -59,6 +59,17 @@ def test_rescoring_by_hand(tmp_path):
     np.testing.assert_allclose(l2[0].scores, [1 / np.sqrt(0.4), 1 / np.sqrt(0.8)], rtol=1e-5)
 
 
+def test_rescoring_ties_between_images_go_to_the_lower_best_region_id(tmp_path):
+    # query (1,1): image 0 region 0 (1,0) scores 1; image 1 regions 1 (0,0.5), 2 (1,1) score
+    # 0.5, 2; image 2 regions 3 (2,0), 4 (0,1) score 2, 1. Images 1 and 2 tie at 2: image 1's
+    # best region (2) precedes image 2's (3), so image 1 comes first although shortlisted after
+    shards = _write(tmp_path, [("a", np.array([[1, 0]])), ("b", np.array([[0, 0.5], [1, 1]])),
+                               ("c", np.array([[2, 0], [0, 1]]))])
+    out = rescore(shards, np.array([[1.0, 1.0]], np.float32), [np.array([2, 1, 0])])[0]
+    assert out.images.tolist() == [1, 2, 0] and out.regions.tolist() == [2, 3, 0]
+    assert out.scores.tolist() == [2.0, 2.0, 1.0]
+
+
 def test_inverse_l2_rescoring_of_close_long_vectors_is_exact(tmp_path):
     # 30 regions (10 images of 3) within 0.03 of a query of norm ~1414: ||q||^2 + ||x||^2 - 2 q.x
     # in float32 (cdist's matrix-product path, taken above 25 rows) loses every such distance;
