@@ -67,54 +67,69 @@ def _worker(rank: int, world: int, init: str, args: argparse.Namespace, out: str
     from instsearch.distributed import all_gather_objects
     from instsearch.eval.evaluator import RetrievalConfig, RetrievalEvaluator
     from instsearch.eval.extraction import QueryFeature, SearchBatch
-    from instsearch.eval.shards import RegionShards
     from instsearch.formats import Benchmark
     from instsearch.structures import ImageMeta, Regions
 
-    shards = RegionShards(args.shards)
-    bench = Benchmark.load(shards.manifest["benchmark"])
+    import pyarrow.parquet as pq
+
+    # the source is read one part at a time, its records (every image id) dropped after each, as
+    # a data loader serves images: what is measured is the evaluation's memory, not the source's
+    source = Path(args.shards)
+    manifest = json.loads((source / "manifest.json").read_text())
+    bench = Benchmark.load(manifest["benchmark"])
     config = RetrievalConfig(evaluation="sharded", spill_dir=args.spill_dir, run_depth=args.run_depth,
                              grid_queries=0)
     evaluator = RetrievalEvaluator(bench, config)
     t0 = time.perf_counter()
-    starts, item = shards.image_starts, 0
+    item, images, regions = 0, 0, 0
     batch: list = []
-    for i, part in enumerate(shards.parts):
-        features = np.load(shards.root / "emb" / f"part-{part:05d}.npy", mmap_mode="r")
-        meta = {k: np.array(v) for k, v in shards.meta(part, ["x1", "y1", "x2", "y2", "score"]).items()}
-        boxes = np.stack([meta["x1"], meta["y1"], meta["x2"], meta["y2"]], 1).astype(np.float32)
-        o0 = int(shards.offsets[i])
-        for image_id in shards.records[i]["images"]:
-            a, b = int(starts[item]) - o0, int(starts[item + 1]) - o0
+    query_ids: list[str] = []
+    queries = []
+    for path in sorted((source / "parts").glob("part-*.json")):
+        record = json.loads(path.read_text())
+        name = path.stem
+        features = np.load(source / "emb" / f"{name}.npy", mmap_mode="r")
+        meta = pq.read_table(source / "meta" / f"{name}.parquet", columns=["x1", "y1", "x2", "y2", "score"])
+        boxes = np.stack([meta.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], 1).astype(np.float32)
+        scores = meta.column("score").to_numpy().astype(np.float32)
+        query_ids += pq.read_table(source / "queries" / f"{name}.parquet").column("query_id").to_pylist()
+        queries.append(np.load(source / "queries" / f"{name}.npy"))
+        images, regions = images + len(record["images"]), regions + record["regions"]
+        ends = np.cumsum(record["region_counts"])
+        for image_id, b, n in zip(record["images"], ends.tolist(), record["region_counts"]):
+            a = b - n
             if item % world == rank:
                 batch.append((ImageMeta(image_id, (480, 640)), Regions(
-                    boxes=torch.from_numpy(boxes[a:b]), scores=torch.from_numpy(meta["score"][a:b]),
+                    boxes=torch.from_numpy(boxes[a:b]), scores=torch.from_numpy(scores[a:b]),
                     features=torch.from_numpy(np.asarray(features[a:b], dtype=np.float32)), image_size=(480, 640))))
                 if len(batch) == args.batch_size:
                     evaluator.process(SearchBatch(database=batch))
                     batch = []
             item += 1
         del features
-    query_ids, queries, _ = shards.queries()
+    queries = np.concatenate(queries).astype(np.float32)
     mine = range(rank, len(query_ids), world)
     evaluator.process(SearchBatch(database=batch, queries=[
         QueryFeature(ImageMeta(f"query-image:{query_ids[j]}", (480, 640), query_ids[j], (0, 0, 10, 10)),
                      torch.from_numpy(queries[j])) for j in mine]))
     t1 = time.perf_counter()
+    before_compute = dict(sampler.peak)
     result = evaluator.compute()
     t2 = time.perf_counter()
     memory = sampler.stop()
     report = {"rank": rank, "peak_anon_mib": memory["RssAnon"], "peak_file_mib": memory["RssFile"],
+              "peak_anon_mib_before_compute": round(before_compute["RssAnon"] / 2**20, 1),
               "feed_s": round(t1 - t0, 1), "compute_s": round(t2 - t1, 1)}
     reports = all_gather_objects(report)
     if rank == 0:
         keys = ("mAP@10", "mAP@100", "mAP@all", "mIoU", "regions_per_image")
-        summary = {"shards": str(args.shards), "regions": shards.num_regions, "images": len(shards.image_ids),
+        summary = {"shards": str(args.shards), "regions": regions, "images": images,
                    "world": world, "spill": args.spill_dir is not None, "run_depth": args.run_depth,
                    "ranks": reports, "metrics": {k: result.metrics[k] for k in keys},
                    "run_hits": sum(len(h) for h in result.run.rankings.values())}
         Path(out).write_text(json.dumps(summary, indent=1))
     if world > 1:
+        dist.barrier()  # neither process tears the group down while the other still uses it
         dist.destroy_process_group()
 
 

@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from instsearch.eval.searchers import ExactInnerProductSearcher, Searcher, searc
 from instsearch.eval.whitening import PCAWhitening
 from instsearch.formats import Benchmark, Run
 from instsearch.structures import Regions
+
+if TYPE_CHECKING:
+    from instsearch.eval.sharded import SpilledCollection
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,12 @@ How the exact metrics come out of shards (``retrieval.evaluation: sharded``):
 
 With ``run_depth`` unset every process sends its whole ranking (``run.json`` then holds every
 image, as the gathered path writes it); at scale a depth is what keeps rank 0's memory bounded.
+
+No process holds anything of the database's size: processes learn of each other's images by
+64-bit hashes of their ids (an image two processes extracted is ranked by the lower one), and
+order equal scores by a key each computes for its own images (listed images by their place in
+the benchmark, distractors by id; rank 0 compares distractor ids across processes). Measured in
+docs/scale.md ("Sharded evaluation"): peak memory per process at 1 M and 10 M regions.
 """
 from __future__ import annotations
 
@@ -36,7 +42,6 @@ from instsearch.distributed import all_gather_objects, all_reduce_sum, gather_to
 from instsearch.eval.extraction import QueryFeature, SearchBatch, capped
 from instsearch.eval.metrics import RankedPositives, metrics_from_ranks, recall_at_iou
 from instsearch.eval.search import RegionIndex
-from instsearch.eval.searchers import ExactInnerProductSearcher
 from instsearch.eval.shard_search import image_regions
 from instsearch.eval.shards import RegionShards, ShardImage, ShardWriter
 from instsearch.eval.streamed import ImageTopK, stream_image_scores
@@ -52,7 +57,7 @@ SPILL_PART_REGIONS = 1 << 16
 class SpilledCollection:
     """One process's extraction with the database regions written to region shards under
     ``root`` as they arrive (float32, the rows the in-memory path would hold: the same bits), the
-    queries and undecodable items kept. Memory: one part's buffer and ~100 bytes per image.
+    queries and undecodable items kept. Memory: one part's buffer; nothing per image.
 
     A folder from an earlier evaluation is cleared first. ``transform`` (a whitening loaded from a
     file) is applied to each part's features before they are written.
@@ -68,10 +73,9 @@ class SpilledCollection:
         self.part_regions = int(part_regions)
         self.transform = transform
         self.writer = ShardWriter(self.root, {"model": "spilled evaluation regions"}, dtype="float32")
-        self.image_ids: list[str] = []
         self.queries: dict[str, QueryFeature] = {}
         self.bad_images: list[dict] = []
-        self._seen: set[str] = set()
+        self._images = 0
         self._buffer: list[ShardImage] = []
         self._buffered = 0
         self._parts = 0
@@ -79,10 +83,8 @@ class SpilledCollection:
 
     def add(self, batch: SearchBatch) -> None:
         for meta, regions in batch.database:
-            if meta.image_id in self._seen:  # a padded sampler's repeat: the first copy stays
-                continue
-            self._seen.add(meta.image_id)
-            self.image_ids.append(meta.image_id)
+            # a padded sampler's repeat is written too (no id set is kept): evaluation ranks the first copy
+            self._images += 1
             r = capped(regions, self.regions_per_image)
             labels = getattr(r, "labels", None)
             self._buffer.append(ShardImage(meta.image_id, r.boxes.detach().cpu().numpy().astype(np.float32),
@@ -122,7 +124,7 @@ class SpilledCollection:
         return self._shards
 
     def __len__(self) -> int:
-        return len(self.image_ids)
+        return self._images
 
 
 # ------------------------------------------------------------------------------ local rankings
@@ -267,6 +269,44 @@ class _StreamedRanking:
         return self.shards.region_boxes(regions)
 
 
+# ------------------------------------------------------------------------------ image order
+def _id_hashes(image_ids: Sequence[str]) -> np.ndarray:
+    """A 64-bit BLAKE2b hash of each image id: 8 bytes an id is what every process learns of the
+    others' images (two distinct ids of a million collide with probability ~3e-8)."""
+    import hashlib
+
+    return np.frombuffer(b"".join(hashlib.blake2b(i.encode(), digest_size=8).digest() for i in image_ids),
+                         dtype=np.uint64).copy()
+
+
+def _order_keys(bench: Benchmark, local_ids: Sequence[str], rank: int) -> np.ndarray:
+    """Each local image's place in the order one index over every image holds them -- the
+    benchmark's listed images in its order (key: the first listing's index), then the distractors
+    by id (key: ``len(database)`` + the id's rank among this process's distractors, which orders
+    them as the global sort does; rank 0 compares ids across processes) -- or ``-1`` where this
+    process does not rank the image: another process extracted it first (the lowest rank that has
+    it ranks it), it repeats here, or the benchmark names it neither listed nor distractor.
+    Nothing of size ``N`` is held: only the hashes of the ids are exchanged."""
+    listing: dict[str, int] = {}
+    for k, image_id in enumerate(bench.database):
+        listing.setdefault(image_id, k)
+    keys = np.fromiter((listing.get(i, -1) for i in local_ids), np.int64, len(local_ids))
+    if bench.distractors:
+        extra = np.flatnonzero(keys < 0)
+        extra = extra[np.fromiter((bench.is_distractor(local_ids[k]) for k in extra), bool, len(extra))]
+        by_id = sorted(range(len(extra)), key=lambda j: local_ids[extra[j]])
+        keys[extra[by_id]] = len(bench.database) + np.arange(len(extra))
+    hashes = _id_hashes(local_ids)
+    everyone = all_gather_objects(hashes)
+    distinct, first = np.unique(np.concatenate(everyone), return_index=True)  # first: the lowest rank's copy
+    owner = np.repeat(np.arange(len(everyone)), [len(h) for h in everyone])[first]
+    at = np.searchsorted(distinct, hashes)
+    mine_first = np.zeros(len(local_ids), bool)
+    mine_first[np.unique(hashes, return_index=True)[1]] = True
+    keys[(owner[at] != rank) | ~mine_first] = -1
+    return keys
+
+
 # ------------------------------------------------------------------------------ the evaluation
 def evaluate_sharded(evaluator: "RetrievalEvaluator") -> Optional["EvaluationResult"]:
     """:meth:`RetrievalEvaluator.compute` without gathering regions (see the module docstring).
@@ -278,17 +318,9 @@ def evaluate_sharded(evaluator: "RetrievalEvaluator") -> Optional["EvaluationRes
     collection = evaluator.collection
     rank, _ = rank_and_world()
     spilled = isinstance(collection, SpilledCollection)
-    local_ids = list(collection.image_ids) if spilled else list(collection.database)
-    # which process owns each image: the lowest rank that extracted it
-    owner: dict[str, int] = {}
-    for r, ids in enumerate(all_gather_objects(local_ids)):
-        for image_id in ids:
-            owner.setdefault(image_id, r)
-    image_ids = [i for i in bench.database if i in owner]
-    if bench.distractors:
-        listed = set(bench.database)
-        image_ids += sorted(i for i in owner if i not in listed and bench.is_distractor(i))
-    position_of = {image_id: k for k, image_id in enumerate(image_ids)}
+    local_ids = collection.shards().image_ids if spilled else list(collection.database)
+    local_position = _order_keys(bench, local_ids, rank)  # "position": the order key below
+    listed = len(bench.database)
     queries: dict[str, QueryFeature] = {}
     for part in all_gather_objects(collection.queries):
         queries.update(part)
@@ -299,17 +331,16 @@ def evaluate_sharded(evaluator: "RetrievalEvaluator") -> Optional["EvaluationRes
 
     if spilled:
         shards = collection.shards()
-        # global position of each spilled image; -1: ranked elsewhere (another rank's, or unlisted)
-        local_position = np.array([position_of[i] if owner.get(i) == rank and i in position_of else -1
-                                   for i in shards.image_ids], dtype=np.int64)
         whitening = cfg.fit_whitening(features) if cfg.whitening and len(features) else None
         if whitening is not None:
             features = whitening.transform(features)
         ranking = _StreamedRanking(shards, local_position >= 0, features, labels)
         ranked_local = shards.image_ids
-    else:
-        mine = [i for i in image_ids if owner[i] == rank]
-        local_position = np.array([position_of[i] for i in mine], dtype=np.int64)
+    else:  # this process's images in the global order, as one index over all would hold them
+        kept = np.flatnonzero(local_position >= 0)
+        kept = kept[np.argsort(local_position[kept], kind="stable")]
+        mine = [local_ids[k] for k in kept]
+        local_position = local_position[kept]
         ranking = _InMemoryRanking(evaluator, mine, features, labels)
         ranked_local = mine
 
@@ -328,14 +359,18 @@ def evaluate_sharded(evaluator: "RetrievalEvaluator") -> Optional["EvaluationRes
     counts = all_reduce_sum(torch.from_numpy(counts)).numpy()
     top_boxes = ranking.boxes(np.concatenate([t[2] for t in top]).astype(np.int64)) if top else np.zeros((0, 4))
     bounds = np.cumsum([0] + [len(t[2]) for t in top])
-    top = [(p, s, np.asarray(top_boxes[a:b], np.float32).reshape(-1, 4))
+    by_key = np.argsort(local_position)
+    top = [(p, s, np.asarray(top_boxes[a:b], np.float32).reshape(-1, 4),
+            [ranked_local[i] for i in by_key[np.searchsorted(local_position[by_key], p)].tolist()])
            for (p, s, _), a, b in zip(top, bounds[:-1], bounds[1:])]
 
     # detector recall and region counts: sums over processes
-    gt_ids, gt = gt_boxes(bench, available=lambda i: owner.get(i) == rank)
+    ranked_here = {ranked_local[k] for k in np.flatnonzero((local_position >= 0) & (local_position < listed))}
+    gt_ids, gt = gt_boxes(bench, available=ranked_here.__contains__)
     counts_iou = recall_at_iou(gt, _image_boxes(collection, gt_ids), thresholds=RECALL_THRESHOLDS)
     covered = np.nan_to_num(np.asarray(counts_iou["recall"], dtype=np.float64)) * counts_iou["num_gt"]
-    sums = all_reduce_sum(torch.tensor([*np.rint(covered), counts_iou["num_gt"], ranking.num_regions],
+    sums = all_reduce_sum(torch.tensor([*np.rint(covered), counts_iou["num_gt"], int((local_position >= 0).sum()),
+                                        ranking.num_regions],
                                        dtype=torch.float64))
     bad = gather_to_rank0(collection.bad_images)
     parts = gather_to_rank0(top)
@@ -343,8 +378,8 @@ def evaluate_sharded(evaluator: "RetrievalEvaluator") -> Optional["EvaluationRes
         return None
 
     # 4. rank 0: the metrics from the positives' ranks, run.json from every process's top images
-    run = _merged_run(query_ids, image_ids, parts, depth, evaluator.method)
-    positives = _ranked_positives(query_ids, image_ids, scored, counts, cfg.ranking_depth)
+    run = _merged_run(query_ids, listed, parts, depth, evaluator.method)
+    positives = _ranked_positives(query_ids, bench.database.__getitem__, scored, counts, cfg.ranking_depth)
     metrics = metrics_from_ranks(bench, positives, normalization=cfg.normalization, protocol=cfg.protocol,
                                  method=evaluator.method)
     num_gt = float(sums[len(RECALL_THRESHOLDS)])
@@ -352,7 +387,7 @@ def evaluate_sharded(evaluator: "RetrievalEvaluator") -> Optional["EvaluationRes
     curve = {"thresholds": [float(t) for t in RECALL_THRESHOLDS], "recall": recall}
     bad_images = [e for b in bad for e in b]
     bad_images = [e for k, e in enumerate(bad_images) if e not in bad_images[:k]]
-    add_database_metrics(metrics, curve, num_regions=int(sums[-1]), num_images=len(image_ids),
+    add_database_metrics(metrics, curve, num_regions=int(sums[-1]), num_images=int(sums[-2]),
                          bad_items=len(bad_images))
     return EvaluationResult(metrics=metrics, run=run, recall_curve=curve, bad_images=bad_images,
                             num_regions=int(sums[-1]))
@@ -395,23 +430,27 @@ def _image_boxes(collection, image_ids: Sequence[str]) -> list[torch.Tensor]:
     return list(torch.split(boxes, lengths)) if lengths else []
 
 
-def _merged_run(query_ids: Sequence[str], image_ids: Sequence[str], parts: list, depth: Optional[int],
-                method: str) -> Run:
-    """Each query's top ``depth`` images over every process's top images (equal scores: the image
-    listed first, as one index orders them)."""
+def _merged_run(query_ids: Sequence[str], listed: int, parts: list, depth: Optional[int], method: str) -> Run:
+    """Each query's top ``depth`` images over every process's top images. Equal scores: the order
+    one index over all holds them, i.e. the order keys for listed images (below ``listed``), the
+    ids for distractors (whose keys only order each process's own)."""
     run = Run(method=method, rankings={})
     for qi, qid in enumerate(query_ids):
         found = [p[qi] for p in parts if len(p) > qi]
-        pos = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
+        keys = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
         scores = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.float32)
         boxes = np.concatenate([f[2] for f in found]) if found else np.zeros((0, 4), np.float32)
-        order = np.lexsort((pos, -scores))[:depth]
-        run.rankings[qid] = [Hit(image_ids[p], float(s), tuple(float(v) for v in b))
-                             for p, s, b in zip(pos[order].tolist(), scores[order].tolist(), boxes[order].tolist())]
+        names = [n for f in found for n in f[3]]
+        distractor = np.flatnonzero(keys >= listed)
+        if len(distractor):
+            keys = keys.copy()
+            keys[distractor] = listed + np.unique(np.array([names[i] for i in distractor]), return_inverse=True)[1]
+        order = np.lexsort((keys, -scores))[:depth]
+        run.rankings[qid] = [Hit(names[i], float(scores[i]), tuple(float(v) for v in boxes[i])) for i in order.tolist()]
     return run
 
 
-def _ranked_positives(query_ids: Sequence[str], image_ids: Sequence[str], scored: _Scored, above: np.ndarray,
+def _ranked_positives(query_ids: Sequence[str], name: Callable[[int], str], scored: _Scored, above: np.ndarray,
                       ranking_depth: Optional[int]) -> dict[str, RankedPositives]:
     """Each query's returned positives and their ranks once junk is removed: ``above`` counts
     every image ranked above a pair (junk included, which decides whether it is within
@@ -432,6 +471,6 @@ def _ranked_positives(query_ids: Sequence[str], image_ids: Sequence[str], scored
         by_rank = np.argsort(ranks, kind="stable")
         pos, ranks = pos[by_rank], ranks[by_rank]
         out[qid] = RankedPositives(ranks.astype(np.int64), [
-            Hit(image_ids[p], float(s), tuple(float(v) for v in b))
+            Hit(name(p), float(s), tuple(float(v) for v in b))
             for p, s, b in zip(scored.position[pos].tolist(), scored.score[pos].tolist(), scored.box[pos].tolist())])
     return out

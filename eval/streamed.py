@@ -21,7 +21,7 @@ import numpy as np
 from instsearch.eval.shards import RegionShards
 
 #: floats of one block's score matrix (32 MB): queries × the rows of a block of whole images
-BLOCK_SCORES = 1 << 23
+BLOCK_SCORES = 1 << 21
 
 
 @dataclass

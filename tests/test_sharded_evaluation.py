@@ -3,7 +3,6 @@ memory or spilled to shards and ranked streamed -- the same metrics.json and run
 gathered path, which ranks everything in one index."""
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
@@ -57,6 +56,14 @@ def _batches() -> list[SearchBatch]:
         items.append((name, boxes.astype(np.float32), f, rng.integers(0, NUM_LABELS, size=n)))
     # d7 is a copy of d3: every query scores them equally, so their order is the listed one
     items[7] = ("d7", items[3][1] + 1, items[3][2].copy(), items[3][3].copy())
+    # the last two distractors hold the same single region: query 3 scores both 1, and the lower id
+    # ranks first -- in the two-process test the first is the last of process 0's distractors
+    # and the second the only one of process 1 (each process's own order cannot tell)
+    twin = rng.normal(size=(1, DIM)).astype(np.float32)
+    twin /= np.linalg.norm(twin)
+    box = np.array([[5, 5, 30, 40]], np.float32)
+    items[-2] = (items[-2][0], box, twin, np.array([1]))
+    items[-1] = (items[-1][0], box + 2, twin.copy(), np.array([1]))
     batches = []
     for start in range(0, len(items), 5):
         batches.append(SearchBatch(database=[
@@ -67,6 +74,7 @@ def _batches() -> list[SearchBatch]:
     batches.append(SearchBatch(database=[batches[0].database[1]]))  # served again
     q = rng.normal(size=(NUM_QUERIES, DIM)).astype(np.float32)
     q[2] = items[3][2][0] if len(items[3][2]) else q[2]  # query 2 ties d3 and d7 exactly
+    q[3] = twin[0]
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     batches[-1].queries = [QueryFeature(ImageMeta(f"qi{k}", (80, 100), f"q{k}", (0, 0, 50, 50)), torch.from_numpy(q[k]),
                                         label=int(k % NUM_LABELS)) for k in range(NUM_QUERIES)]
@@ -107,6 +115,9 @@ def test_the_tie_is_ordered_by_listing_and_distractors_are_ranked(tmp_path):
     assert images.index("d3") + 1 == images.index("d7")  # equal scores: the image listed first
     assert run["rankings"]["q2"][images.index("d3")]["score"] == run["rankings"]["q2"][images.index("d7")]["score"]
     assert any(i.startswith("distractor:") for i in images)
+    twins = [(h["image"], h["score"]) for h in run["rankings"]["q3"][:2]]
+    assert [i for i, _ in twins] == [f"distractor:{NUM_DISTRACTORS - 2}.jpg", f"distractor:{NUM_DISTRACTORS - 1}.jpg"]
+    assert twins[0][1] == twins[1][1]
     assert len(images) == len(set(images))  # the image served twice is ranked once
 
 
@@ -163,6 +174,7 @@ def _worker(rank: int, world: int, init: str, bench_root: str, out: str, config:
         if rank == 0:
             Path(out).write_bytes(pickle.dumps((result.metrics, result.run.to_dict(), result.recall_curve)))
     finally:
+        dist.barrier()  # neither process tears the group down while the other still uses it
         dist.destroy_process_group()
 
 
