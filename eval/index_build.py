@@ -18,10 +18,10 @@ Layout of an index folder::
                     unless on disk)
     index.ivfdata   the inverted lists of an IVF index, memory-mapped when opened
 
-Choosing the index from a memory budget (:func:`index_key_for`), after autofaiss's
-``get_optimal_index_keys_v2`` and faiss's "Guidelines to choose an index"; the budget counts the
-whole index as it would sit in memory -- codes, ids, coarse quantizer, transforms, overhead
-(:func:`estimated_index_bytes`):
+Choosing the index from a memory budget (:func:`index_key_for`), in the spirit of autofaiss's
+``get_optimal_index_keys_v2`` and faiss's "Guidelines to choose an index" but not the same rule
+(the differences follow the steps); the budget counts the whole index as it would sit in memory
+-- codes, ids, coarse quantizer, transforms, overhead (:func:`estimated_index_bytes`):
 
 1. Fewer than 10,000 vectors: ``Flat`` (too few to train 256-centroid PQ codebooks with faiss's
    39 points per centroid; an exhaustive scan of them is cheap anyway).
@@ -39,11 +39,21 @@ whole index as it would sit in memory -- codes, ids, coarse quantizer, transform
    sub-quantizer); otherwise plain ``PQ{m}``, ``m`` a divisor of ``D``.
 5. Not even ``PQ4`` fits: refused.
 
+Where it departs from autofaiss:
+
+- ``nlist`` is ``4·sqrt(N)`` to a power of two at every size, then clipped as in step 2 (4096
+  lists at 1 M vectors, 16384 at 10 M, 32768 at 100 M before the budget's clip); autofaiss uses
+  that only below 1 M and takes 16384 lists for 1-10 M vectors and 65536 for 10-300 M.
+- The coarse quantizer is HNSW32 from 2^14 lists (the reason in step 2); autofaiss uses it from
+  1000 lists.
+- The OPQ rotation, to ``4m`` dimensions, comes only when ``D > 4m`` (the reason in step 4);
+  autofaiss always rotates first, to about ``D`` (``OPQ{m}_{y}``, ``y`` a multiple of ``m``
+  just above ``D``, at most ``7m``).
+- HNSW over the vectors themselves (autofaiss's first choice when it fits) is left out: its
+  graph must sit in memory and cannot be built part by part onto disk.
+
 The stored nprobe (what ``instsearch search`` uses unless given ``--nprobe``) is estimated on a
 database sample, not a rule of thumb: :func:`tune_nprobe`.
-
-HNSW over the vectors themselves (autofaiss's first choice when it fits) is left out: its graph
-must sit in memory and cannot be built part by part onto disk.
 
 Training takes 100 points per IVF centroid (and at least 100 per PQ centroid, 25,600), capped so
 that the float32 sample stays within a quarter of the budget (training holds about three copies:
@@ -193,7 +203,9 @@ def estimated_index_bytes(key: str, num_vectors: int, dim: int, metric: str = "i
 
 def index_key_for(num_vectors: int, dim: int, memory_budget_bytes: int, metric: str = "ip") -> str:
     """The faiss factory key the module's rule picks for ``num_vectors`` ``dim``-D vectors within
-    ``memory_budget_bytes`` (see the module docstring); refuses a budget too small for any."""
+    ``memory_budget_bytes`` (see the module docstring: in the spirit of autofaiss's
+    ``get_optimal_index_keys_v2``, with the differences listed there); refuses a budget too small
+    for any."""
     n, d, budget = int(num_vectors), int(dim), int(memory_budget_bytes)
     if n < FLAT_BELOW:
         need = estimated_index_bytes("Flat", n, d, metric)
