@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", required=True)
     p.add_argument("--index", required=True)
-    p.add_argument("--nprobe", type=int, default=None)
+    p.add_argument("--nprobe", default="auto", help="as 'instsearch search --nprobe': a number, 'stored' or 'auto' "
+                   "(tuned once in the first run; the repeats and bare faiss use the value it chose)")
     p.add_argument("--shortlist", type=int, default=100, help="images per query the ANN stage passes to rescoring")
     p.add_argument("--depth", type=int, default=100, help="recall@depth and mAP@depth of the returned ranking "
                    "against the exact one")
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     # one untimed pass of bare faiss first, so that both timed stages find the index's lists in
     # the page cache (a cold first read would be charged to whichever stage ran first)
     warm_queries = RegionShards(args.shards).queries()[1]
-    open_index(args.index, nprobe=args.nprobe).search(np.ascontiguousarray(warm_queries, dtype=np.float32),
+    given = int(args.nprobe) if args.nprobe.isdigit() else None
+    open_index(args.index, nprobe=given).search(np.ascontiguousarray(warm_queries, dtype=np.float32),
                                                       4 * args.shortlist)
     t0 = time.perf_counter()
     metrics = run_search(args.index, args.shards, out, {}, nprobe=args.nprobe, shortlist=args.shortlist)
@@ -89,14 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     # product, opening each part's map, first touches of the shard pages) that a long-running
     # search spreads over many more queries than the 100 planted ones; the steady figures are the
     # fastest repeat of each stage
-    repeats = [run_search(args.index, args.shards, out, {}, nprobe=args.nprobe, shortlist=args.shortlist)
+    used = metrics["nprobe"]
+    repeats = [run_search(args.index, args.shards, out, {}, nprobe=used if used is None else str(used),
+                          shortlist=args.shortlist)
                for _ in range(args.repeats)]
     shards = RegionShards(args.shards)
     query_ids, queries, _ = shards.queries()
     nq = len(query_ids)
 
     # bare faiss on the same index, nprobe and k, in the same batches of 256 queries, fastest repeat
-    index = open_index(args.index, nprobe=args.nprobe)
+    index = open_index(args.index, nprobe=used)
     k = int(metrics["ann_k"])
     bare = []
     for _ in range(max(args.repeats, 1)):
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                    "rescoring_ms_per_query": min(m["rescoring_ms_per_query"] for m in repeats)}
     result = {
         "regions": shards.num_regions, "images": len(shards.image_ids), "dim": shards.dim, "queries": nq,
-        "index_key": metrics["index_key"], "nprobe": metrics["nprobe"], "shortlist": metrics["shortlist"], "k": k,
+        "index_key": metrics["index_key"], "nprobe": metrics["nprobe"], "nprobe_rule": cold.get("nprobe_rule"),
+        "shortlist": metrics["shortlist"], "k": k,
         "peak_rss_mib_after_search": round(rss_search, 1),
         **{f"{k.lower()}_mib_after_search": v for k, v in rss_split.items()}, "search_wall_s": round(wall, 2),
         "ann_ms_per_query": round(metrics["ann_ms_per_query"], 3), "bare_faiss_ms_per_query": round(bare_ms, 3),

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from instsearch.eval.search import ImageRanking, best_region_per_image
-from instsearch.eval.searchers import Searcher
+from instsearch.eval.searchers import FaissSearcher, Searcher
 from instsearch.eval.shards import RegionShards
 from instsearch.formats import Hit, Run
 
@@ -194,3 +194,87 @@ def search_shards(searcher: Searcher, shards: RegionShards, query_ids: Sequence[
                     for i, s, b in zip(r.images.tolist(), r.scores.tolist(), boxes[at:at + n].tolist())]
         at += n
     return Run(method=method, rankings=out)
+
+
+# ------------------------------------------------------------------------------ nprobe from the queries
+@dataclass
+class NprobeTuning:
+    """How ``nprobe: auto`` chose the inverted lists to visit (recorded in ``metrics.json``)."""
+
+    nprobe: int
+    #: ``(nprobe, recall@depth)`` of each step tried, in order
+    steps: list[tuple[int, float]]
+    queries: int
+    depth: int
+    tolerance: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {"rule": "auto", "nprobe": self.nprobe, "steps": [[n, round(r, 5)] for n, r in self.steps],
+                "queries": self.queries, "depth": self.depth, "tolerance": self.tolerance,
+                "seconds": round(self.seconds, 2)}
+
+
+def tune_nprobe_on_queries(searcher: Searcher, shards: RegionShards, queries: np.ndarray, shortlist: Optional[int],
+                           depth: int = 100, tolerance: float = 1e-3, sample: int = 100, seed: int = 0
+                           ) -> NprobeTuning:
+    """``nprobe: auto``: visit more inverted lists until it stops paying, judged on the queries
+    themselves, without labels.
+
+    A sample of ``sample`` queries is ranked exactly (streamed over the shards: their top
+    ``depth`` images by best region). Starting from the searcher's nprobe (the index's stored,
+    database-sample estimate), nprobe doubles while the two-stage search's top ``depth`` images
+    gain at least ``tolerance`` of recall against that exact ranking; the nprobe before the first
+    smaller gain is chosen (or the first that finds every image, or every list).
+
+    Why not a recall target: once the lists hold a query's neighbours, what the shortlist misses
+    is decided by the codes' (PQ) order, so recall plateaus below 1 at a level that depends on the
+    code, and a fixed target is either unreachable or too lax. Relevant images far from the query
+    -- hard positives, in lists the query's neighbours are not in -- keep being found as lists are
+    added; stopping where the gain flattens visits their lists too (docs/scale.md, section 5,
+    measures mAP@100 against exact search at the chosen nprobe). Inner-product indexes only (the
+    exact ranking is by inner product)."""
+    import time
+
+    import faiss
+
+    from instsearch.eval.streamed import exact_image_ranking
+
+    if searcher.score != "inner_product":
+        raise ValueError("nprobe auto compares with the exact inner-product ranking; this index scores by "
+                         f"{searcher.score}: give --nprobe N")
+    ivf = faiss.try_extract_index_ivf(searcher.index) if isinstance(searcher, FaissSearcher) else None
+    if ivf is None:
+        raise ValueError("nprobe auto tunes an inverted-file (IVF) index; this index has no inverted lists")
+    t0 = time.perf_counter()
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    rows = np.sort(np.random.default_rng(seed).choice(len(queries), size=min(int(sample), len(queries)),
+                                                      replace=False))
+    q = queries[rows]
+    num_images = len(shards.image_ids)
+    wanted = num_images if shortlist is None else min(int(shortlist), num_images)
+    depth = max(1, min(int(depth), wanted))
+    exact = exact_image_ranking(shards, q, depth).images
+    relevant = max(int((exact >= 0).sum()), 1)
+
+    def recall(nprobe: int) -> float:
+        ivf.nprobe = int(nprobe)
+        found = rescore(shards, q, shortlist_images(searcher, shards, q, wanted), score=searcher.score)
+        hits = sum(len(np.intersect1d(f.images[:depth], e[e >= 0])) for f, e in zip(found, exact))
+        return hits / relevant
+
+    start = max(1, int(ivf.nprobe))
+    steps = [(start, recall(start))]
+    chosen = start
+    while True:
+        n, r = steps[-1]
+        if r >= 1.0 or n >= ivf.nlist:
+            chosen = n
+            break
+        nxt = min(2 * n, int(ivf.nlist))
+        steps.append((nxt, recall(nxt)))
+        if steps[-1][1] - r < tolerance:
+            chosen = n
+            break
+    ivf.nprobe = searcher.nprobe = chosen
+    return NprobeTuning(chosen, steps, len(rows), depth, float(tolerance), time.perf_counter() - t0)

@@ -203,3 +203,94 @@ def test_background_as_distractors_searches_and_scores_as_the_listed_database(tm
         assert metrics[0][key] == metrics[1][key], key
     assert metrics[1]["distractor_images"] == 300 - len(planted) and metrics[0]["distractor_images"] == 0
     assert metrics[1]["database_images"] == len(planted)
+
+
+# ------------------------------------------------------------------------------ nprobe auto
+def _ivf_searcher(shards: RegionShards, nlist: int = 16, nprobe: int = 1):
+    import faiss
+
+    from instsearch.eval.searchers import FaissSearcher
+
+    quantizer = faiss.IndexFlatIP(shards.dim)
+    index = faiss.IndexIVFFlat(quantizer, shards.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    rows = _all_features(shards)
+    index.train(rows)
+    index.add(rows)
+    return FaissSearcher(index, nprobe=nprobe)
+
+
+def _recall_by_hand(shards: RegionShards, searcher, queries: np.ndarray, nprobe: int, depth: int,
+                    shortlist: int) -> float:
+    """Top ``depth`` images of the two-stage search against a brute-force best-region ranking."""
+    from instsearch.eval.shard_search import search_shards
+
+    searcher.index.nprobe = nprobe
+    run = search_shards(searcher, shards, [str(i) for i in range(len(queries))], queries, shortlist=shortlist)
+    scores, starts = queries @ _all_features(shards).T, shards.image_starts
+    filled = np.flatnonzero(np.diff(starts))
+    best = np.stack([scores[:, starts[i]:starts[i + 1]].max(axis=1) for i in filled], 1)
+    hits = 0
+    for q in range(len(queries)):
+        exact = {shards.image_ids[i] for i in filled[np.argsort(-best[q], kind="stable")[:depth]]}
+        hits += len(exact & {h.image for h in run.rankings[str(q)][:depth]})
+    return hits / (depth * len(queries))
+
+
+def test_nprobe_auto_doubles_until_the_recall_gain_flattens(shards):
+    from instsearch.eval.shard_search import tune_nprobe_on_queries
+
+    _, queries, _ = shards.queries()
+    searcher = _ivf_searcher(shards)
+    tuning = tune_nprobe_on_queries(searcher, shards, queries, shortlist=30, depth=10, tolerance=0.02)
+    assert searcher.nprobe == tuning.nprobe and searcher.index.nprobe == tuning.nprobe  # left as chosen
+    assert [n for n, _ in tuning.steps] == [1, 2, 4, 8, 16][:len(tuning.steps)]  # doubling from the start
+    for n, recall in tuning.steps:
+        assert recall == pytest.approx(_recall_by_hand(shards, searcher, queries, n, 10, 30)), n
+    # the rule by hand: the nprobe before the first gain below the tolerance, else the last tried
+    recalls = [r for _, r in tuning.steps]
+    flat = [k for k in range(1, len(recalls)) if recalls[k] - recalls[k - 1] < 0.02]
+    expected = tuning.steps[flat[0] - 1][0] if flat else tuning.steps[-1][0]
+    assert tuning.nprobe == expected
+    assert tuning.queries == len(queries) and tuning.depth == 10
+    assert recalls[0] < 1.0 and len(tuning.steps) >= 2  # one list misses neighbours here: the rule had to act
+    # any gain is enough: on until every exact image is found or every list is visited
+    greedy = tune_nprobe_on_queries(_ivf_searcher(shards), shards, queries, shortlist=30, depth=10, tolerance=0.0)
+    assert greedy.steps[-1][1] == 1.0 or greedy.nprobe == 16
+    # no gain is enough: the start
+    assert tune_nprobe_on_queries(_ivf_searcher(shards), shards, queries, shortlist=30, depth=10,
+                                  tolerance=1.0).nprobe == 1
+
+
+def test_nprobe_auto_needs_inverted_lists_and_inner_product(shards):
+    import faiss
+
+    from instsearch.eval.searchers import FaissSearcher
+    from instsearch.eval.shard_search import tune_nprobe_on_queries
+
+    _, queries, _ = shards.queries()
+    flat = FaissSearcher(faiss.IndexFlatIP(shards.dim))
+    with pytest.raises(ValueError, match="no inverted lists"):
+        tune_nprobe_on_queries(flat, shards, queries, shortlist=30)
+    with pytest.raises(ValueError, match="scores by inverse_l2"):
+        tune_nprobe_on_queries(FaissSearcher.exact_l2(shards.dim), shards, queries, shortlist=30)
+
+
+def test_search_records_how_nprobe_was_chosen(shards, tmp_path):
+    import json
+
+    from instsearch.eval.index_build import build_index
+    from instsearch.search_cli import run_search
+
+    index = build_index(shards, tmp_path / "index", factory="IVF8,Flat", progress=False)
+    stored = json.loads((Path(index) / "index.json").read_text())["nprobe"]
+    auto = run_search(index, shards.root, tmp_path / "auto" / "run.json", {}, shortlist=30)
+    assert auto["nprobe_rule"]["rule"] == "auto" and auto["nprobe_rule"]["steps"][0][0] == stored
+    assert auto["nprobe"] == auto["nprobe_rule"]["nprobe"]
+    written = json.loads((tmp_path / "auto" / "metrics.json").read_text())
+    assert written["nprobe_rule"] == auto["nprobe_rule"]
+    given = run_search(index, shards.root, tmp_path / "given" / "run.json", {}, nprobe="3", shortlist=30)
+    assert given["nprobe"] == 3 and given["nprobe_rule"] == {"rule": "given"}
+    kept = run_search(index, shards.root, tmp_path / "stored" / "run.json", {}, nprobe="stored", shortlist=30)
+    assert kept["nprobe"] == stored and kept["nprobe_rule"] == {"rule": "stored"}
+    with pytest.raises(ValueError, match="--nprobe must be a number of lists >= 1, 'auto' or 'stored'"):
+        run_search(index, shards.root, tmp_path / "bad" / "run.json", {}, nprobe="0")
