@@ -46,7 +46,7 @@ def parse_box(value: Any, where: str, *, size: tuple[int, int] | None = None, cl
     return (x1, y1, x2, y2)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a benchmark may list a million images
 class ImageEntry:
     id: str
     file: str  # relative to the benchmark's image_root
