@@ -93,10 +93,17 @@ def benchmark_dataloader(benchmark: Benchmark | str | Path, part: Part = "all", 
                       collate_fn=collate_images, persistent_workers=False)
 
 
+def served_with_size(image, max_side: Optional[int] = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A distractor as served (:func:`to_served_tensor`) and its original ``(height, width)``."""
+    return to_served_tensor(image, max_side=max_side), (int(image.height), int(image.width))
+
+
 def collate_distractors(batch):
-    """``DistractorImages`` yields ``(image, id)``: give each the same meta a database item has."""
-    images, ids = zip(*batch)
-    return list(images), [ImageMeta(image_id=i, orig_size=tuple(im.shape[-2:])) for im, i in zip(images, ids)]
+    """``DistractorImages`` with :func:`served_with_size` yields ``((image, original size), id)``:
+    give each the meta a database item has, so that its regions are stored in original pixels
+    as every other image's (and as ``instsearch extract`` stores them)."""
+    served, ids = zip(*batch)
+    return [im for im, _ in served], [ImageMeta(image_id=i, orig_size=size) for (_, size), i in zip(served, ids)]
 
 
 def distractor_dataloaders(benchmark: Benchmark | str | Path, batch_size: int = 4, num_workers: int = 0,
@@ -111,8 +118,7 @@ def distractor_dataloaders(benchmark: Benchmark | str | Path, batch_size: int = 
 
     bench = benchmark if isinstance(benchmark, Benchmark) else Benchmark.load(benchmark)
 
-    # Distractors are never localised against ground truth, so a shrunk frame is harmless.
-    to_tensor = functools.partial(to_served_tensor, max_side=max_side)
+    to_tensor = functools.partial(served_with_size, max_side=max_side)
 
     loaders = []
     for entry in bench.distractors:

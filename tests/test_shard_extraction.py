@@ -248,8 +248,10 @@ def test_distractor_folders_go_through_the_same_writer(distractor_setup, tmp_pat
 def test_distractors_rank_as_in_the_gathered_test(distractor_setup, tmp_path):
     tmp, config = distractor_setup
     out = tmp_path / "shards"
-    assert main(["extract", "--config", str(config), "--out", str(out), "--dtype", "float32", "--part-size", "3"]) == 0
-    _, expected = _test_outputs(config, tmp_path, "test")
+    shrink = ("--data.init_args.max_side", "40")  # every image served smaller than it is
+    assert main(["extract", "--config", str(config), "--out", str(out), "--dtype", "float32", "--part-size", "3",
+                 *shrink]) == 0
+    _, expected = _test_outputs(config, tmp_path, "test", *shrink)
     shards = RegionShards(out)
     index = faiss.IndexFlatIP(shards.dim)
     for _, rows in shards.iter_features():
@@ -259,9 +261,10 @@ def test_distractors_rank_as_in_the_gathered_test(distractor_setup, tmp_path):
     assert any(h["image"].startswith("distractor:") for hits in got["rankings"].values() for h in hits)
     for qid, hits in expected["rankings"].items():
         # the gathered path lists distractors by id, the shards by the folder walk: only the order
-        # of images with equal scores may differ
-        assert sorted((h["score"], h["image"]) for h in got["rankings"][qid]) == \
-            sorted((h["score"], h["image"]) for h in hits)
+        # of images with equal scores may differ; every box, a distractor's included, is in its
+        # original pixels on both paths
+        assert sorted((h["score"], h["image"], h["box"]) for h in got["rankings"][qid]) == \
+            sorted((h["score"], h["image"], h["box"]) for h in hits)
 
 
 def test_extract_index_search_evaluate_equals_instsearch_test(extracted, small_benchmark, tmp_path, capsys):
