@@ -17,6 +17,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "search": ("instsearch.search_cli:main", "search region shards through an index (ANN shortlist, exact best-region rescoring) -> run.json, metrics.json"),
     "evaluate": ("instsearch.eval.score_run:main", "score a run.json against a benchmark.json (mAP@k, mIoU)"),
     "whitening": ("instsearch.whitening_cli:main", "fit the PCA-whitening on another benchmark's database and save it (.npz)"),
+    "compare": ("instsearch.compare_cli:main", "methods x benchmarks under one protocol, resumable: results.csv, per-query AP, bootstrap intervals, report"),
     "demo": ("instsearch.demo:main", "synthetic benchmark -> untrained vs trained vs global GeM, end to end"),
     "vlad-vocabulary": ("instsearch.vlad_vocabulary:main", "fit DASR's VLAD* vocabulary (words, LCS, PCA) on another benchmark's database"),
     "dasr-figure": ("instsearch.dasr_figure:figure_main", "DASR's picture of one image: mean activation, peak maps, ellipses"),

@@ -1,0 +1,406 @@
+"""``instsearch compare``: several methods on several benchmarks under one protocol, resumable.
+
+    instsearch compare --config configs/compare/NAME.yaml [--out DIR]
+
+The comparison file lists the benchmarks, the methods (a LightningCLI config, optionally a
+checkpoint and overrides) and the baseline::
+
+    out: runs/compare/synthetic
+    baseline: gem
+    bootstrap: {resamples: 10000, seed: 0, confidence: 0.95}
+    benchmarks:
+      - {name: tiny, benchmark: data/synthetic/benchmark.json, synthetic: {preset: tiny, seed: 0}}
+    methods:
+      - {name: deep_region_cnn, config: configs/deep_region_cnn_synthetic.yaml, ckpt_path: null,
+         overrides: {model.init_args.retrieval.regions_per_image: 3}}
+
+Every cell (method x benchmark) is ``instsearch test`` of that config, checkpoint and overrides
+on that benchmark, run in this process, so its numbers are exactly the command's. A cell's
+``metrics.json`` and ``run.json`` are kept under ``DIR/cells/<key>/`` where the key hashes
+everything that decides them (the composed config, the overrides, the checkpoint's and the
+benchmark's SHA-256); a rerun reuses every finished cell (one killed midway is redone), and a
+changed option makes a new key. A cell that fails is a failed row with its error; the rest goes
+on. Missing configs, checkpoints and benchmarks are named before any cell runs.
+
+Written to ``DIR``: ``results.csv`` (one row per cell: mAP@k, mIoU, recall@IoU, regions per
+image, seconds, the paired difference in mAP@all to the baseline with its bootstrap interval over
+queries, provenance), ``per_query.csv`` (AP of every query in every cell) and ``report.md`` (a
+protocol card per benchmark, then its table).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+PROG = "instsearch compare"
+CELL_FORMAT = "instsearch-compare-cell/1"
+KS: tuple[Optional[int], ...] = (10, 20, 50, 100, None)
+
+
+# ------------------------------------------------------------------------------ the comparison file
+@dataclass
+class MethodSpec:
+    name: str
+    config: Path
+    ckpt_path: Optional[Path] = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchmarkSpec:
+    name: str
+    path: Path
+    #: ``{preset, seed}``: generate the synthetic benchmark there when it is missing
+    synthetic: Optional[dict[str, Any]] = None
+
+
+@dataclass
+class ComparisonSpec:
+    methods: list[MethodSpec]
+    benchmarks: list[BenchmarkSpec]
+    baseline: Optional[str]
+    out: Path
+    resamples: int = 10_000
+    seed: int = 0
+    confidence: float = 0.95
+    source: Optional[Path] = None
+
+    @classmethod
+    def load(cls, path: str | Path, out: Optional[str | Path] = None) -> "ComparisonSpec":
+        """Read and check a comparison file; every problem is named with the file (ValueError /
+        FileNotFoundError), before anything runs."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"comparison file not found: {path}")
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        where = str(path)
+        if not isinstance(data, dict) or not data.get("methods") or not data.get("benchmarks"):
+            raise ValueError(f"{where}: a comparison lists 'methods' and 'benchmarks' (see instsearch compare --help)")
+        methods, seen = [], set()
+        for i, m in enumerate(data["methods"]):
+            if not isinstance(m, dict) or "name" not in m or "config" not in m:
+                raise ValueError(f"{where}: methods[{i}] needs a name and a config")
+            if m["name"] in seen:
+                raise ValueError(f"{where}: method name {m['name']!r} appears twice")
+            seen.add(m["name"])
+            overrides = m.get("overrides") or {}
+            if not isinstance(overrides, dict):
+                raise ValueError(f"{where}: methods[{i}].overrides is a mapping of option: value")
+            methods.append(MethodSpec(str(m["name"]), Path(m["config"]),
+                                      Path(m["ckpt_path"]) if m.get("ckpt_path") else None, dict(overrides)))
+        benchmarks, seen = [], set()
+        for i, b in enumerate(data["benchmarks"]):
+            if not isinstance(b, dict) or "name" not in b or "benchmark" not in b:
+                raise ValueError(f"{where}: benchmarks[{i}] needs a name and a benchmark (path of benchmark.json)")
+            if b["name"] in seen:
+                raise ValueError(f"{where}: benchmark name {b['name']!r} appears twice")
+            seen.add(b["name"])
+            benchmarks.append(BenchmarkSpec(str(b["name"]), Path(b["benchmark"]), b.get("synthetic")))
+        baseline = data.get("baseline")
+        if baseline is not None and baseline not in {m.name for m in methods}:
+            raise ValueError(f"{where}: baseline {baseline!r} is not one of the methods")
+        boot = data.get("bootstrap") or {}
+        spec = cls(methods, benchmarks, baseline, Path(out or data.get("out") or "runs/compare"),
+                   int(boot.get("resamples", 10_000)), int(boot.get("seed", 0)), float(boot.get("confidence", 0.95)),
+                   path)
+        spec.check_inputs()
+        return spec
+
+    def check_inputs(self) -> None:
+        missing = [f"method {m.name}: config {m.config}" for m in self.methods if not m.config.is_file()]
+        missing += [f"method {m.name}: checkpoint {m.ckpt_path}" for m in self.methods
+                    if m.ckpt_path is not None and not m.ckpt_path.is_file()]
+        missing += [f"benchmark {b.name}: {b.path}" for b in self.benchmarks
+                    if not b.path.is_file() and b.synthetic is None]
+        if missing:
+            raise FileNotFoundError(f"{self.source}: missing before any work could start: " + "; ".join(missing))
+
+
+# ------------------------------------------------------------------------------ cells
+def _sha256(path: Optional[Path]) -> Optional[str]:
+    from instsearch.eval.shards import file_sha256
+
+    return file_sha256(path) if path is not None else None
+
+
+def cell_key(method: MethodSpec, benchmark_sha256: str) -> str:
+    """What decides a cell's numbers, hashed: the composed config, overrides, checkpoint, benchmark."""
+    from instsearch.config_files import load_config
+    from instsearch.eval.shards import config_sha256
+
+    return config_sha256({"format": CELL_FORMAT, "config": load_config(method.config),
+                          "overrides": method.overrides, "checkpoint": _sha256(method.ckpt_path),
+                          "benchmark": benchmark_sha256})[:16]
+
+
+def _override_args(overrides: dict[str, Any]) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return args
+
+
+def run_cell(method: MethodSpec, benchmark: BenchmarkSpec, folder: Path) -> dict[str, Any]:
+    """``instsearch test`` of one cell, its outputs copied into ``folder`` (``cell.json`` last)."""
+    import shutil
+    import tempfile
+
+    from instsearch.cli import main
+
+    work = Path(tempfile.mkdtemp(prefix="cell_", dir=folder.parent))
+    logger = [{"class_path": "pytorch_lightning.loggers.CSVLogger",
+               "init_args": {"save_dir": str(work), "name": "test", "version": "0"}}]
+    argv = ["test", "--config", str(method.config), "--data.init_args.benchmark", str(benchmark.path),
+            *(["--ckpt_path", str(method.ckpt_path)] if method.ckpt_path else []),
+            *_override_args(method.overrides), "--trainer.logger", json.dumps(logger),
+            "--model.init_args.retrieval.grid_queries", "0"]
+    t0 = time.perf_counter()
+    try:
+        main(argv)
+    except SystemExit as e:  # the command line parser exits on a bad option
+        if e.code not in (0, None):
+            raise RuntimeError(f"instsearch test rejected the options (exit {e.code}): {' '.join(argv)}") from e
+    seconds = time.perf_counter() - t0
+    found = sorted(work.rglob("metrics.json"))
+    if not found:
+        raise RuntimeError(f"instsearch test wrote no metrics.json under {work}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.json", "run.json"):
+        shutil.copyfile(found[0].parent / name, folder / name)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"seconds": round(seconds, 2), "argv": argv}
+
+
+def provenance() -> dict[str, Any]:
+    """Where the numbers come from: the code's commit (and whether it was modified), versions, device."""
+    import faiss
+    import numpy
+    import pytorch_lightning
+    import torch
+    import torchvision
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"commit": commit or "unknown", "dirty": dirty, "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "lightning": pytorch_lightning.__version__, "faiss": faiss.__version__, "numpy": numpy.__version__,
+            "device": device}
+
+
+# ------------------------------------------------------------------------------ the run
+def compare(spec: ComparisonSpec, say=print) -> dict[str, Any]:
+    """Run (or reuse) every cell, then write the tables. Returns ``{"rows": [...], "failed": n}``."""
+    out = spec.out
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    for b in spec.benchmarks:
+        if not b.path.is_file():  # a synthetic benchmark, generated as instsearch test would
+            from instsearch.synthetic import generate
+
+            say(f"generating the synthetic benchmark {b.name} in {b.path.parent}")
+            generate(b.path.parent, str(b.synthetic.get("preset", "tiny")), int(b.synthetic.get("seed", 0)))
+            if not b.path.is_file():
+                raise FileNotFoundError(f"benchmark {b.name}: generating the synthetic set wrote no {b.path}")
+    bench_sha = {b.name: _sha256(b.path) for b in spec.benchmarks}
+    prov = provenance()
+    cells = []
+    for b in spec.benchmarks:
+        for m in spec.methods:
+            key = cell_key(m, bench_sha[b.name])
+            folder = out / "cells" / f"{m.name}__{b.name}__{key}"
+            record = folder / "cell.json"
+            if record.is_file() and json.loads(record.read_text()).get("status") == "ok":
+                say(f"[cached] {m.name} on {b.name}")
+                cells.append(json.loads(record.read_text()))
+                continue
+            say(f"[run] {m.name} on {b.name}")
+            cell = {"format": CELL_FORMAT, "method": m.name, "benchmark": b.name, "key": key,
+                    "config": str(m.config), "config_key": key, "overrides": m.overrides,
+                    "checkpoint": str(m.ckpt_path) if m.ckpt_path else None,
+                    "checkpoint_sha256": _sha256(m.ckpt_path), "benchmark_sha256": bench_sha[b.name],
+                    "provenance": prov}
+            try:
+                cell.update(run_cell(m, b, folder))
+                cell["status"] = "ok"
+            except Exception as e:  # a failed method is a failed row; the comparison goes on
+                cell.update(status="failed", error=f"{type(e).__name__}: {e}",
+                            traceback=traceback.format_exc(limit=5))
+                say(f"[failed] {m.name} on {b.name}: {cell['error']}")
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / ".cell.json.tmp"
+            tmp.write_text(json.dumps(cell, indent=1, default=str) + "\n")
+            os.replace(tmp, record)
+            cells.append(cell)
+    return write_tables(spec, cells)
+
+
+def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``results.csv``, ``per_query.csv`` and ``report.md`` from the cells."""
+    import numpy as np
+
+    from instsearch.eval.metrics import metric_key, per_query_average_precision
+    from instsearch.eval.significance import paired_bootstrap
+    from instsearch.formats import Benchmark, Run
+
+    out = spec.out
+    rows, per_query, cards = [], [], {}
+    for b in spec.benchmarks:
+        bench = Benchmark.load(b.path)
+        query_ids = [q.id for q in bench.queries]
+        aps: dict[str, np.ndarray] = {}
+        mine = [c for c in cells if c["benchmark"] == b.name]
+        for c in mine:
+            if c.get("status") != "ok":
+                continue
+            folder = out / "cells" / f"{c['method']}__{b.name}__{c['key']}"
+            metrics = json.loads((folder / "metrics.json").read_text())
+            c["_metrics"] = metrics
+            run = Run.load(folder / "run.json", benchmark=bench)
+            per = per_query_average_precision(bench, run, ks=KS, normalization=metrics["normalization"],
+                                              protocol=metrics["protocol"])
+            aps[c["method"]] = np.array([per[q][-1] for q in query_ids])
+            for q in query_ids:
+                per_query.append({"benchmark": b.name, "method": c["method"], "reranker": "none", "query": q,
+                                  **{metric_key(k).replace("mAP", "AP"): round(float(v), 6)
+                                     for k, v in zip(KS, per[q])}})
+        cards[b.name] = protocol_card(b, bench, mine)
+        base = aps.get(spec.baseline) if spec.baseline else None
+        for c in mine:
+            row = {"benchmark": b.name, "method": c["method"], "reranker": "none", "status": c.get("status")}
+            if c.get("status") == "ok":
+                m = c["_metrics"]
+                row.update({metric_key(k): _num(m.get(metric_key(k))) for k in KS})
+                row.update({"mIoU": _num(m.get("mIoU")), "recall@IoU0.5": _num(m.get("recall@IoU0.5")),
+                            "recall@IoU0.7": _num(m.get("recall@IoU0.7")),
+                            "regions_per_image": _num(m.get("regions_per_image")), "test_seconds": c.get("seconds")})
+                if base is not None and c["method"] != spec.baseline:
+                    diff = paired_bootstrap(aps[c["method"]], base, spec.resamples, spec.seed, spec.confidence)
+                    row.update({"vs_baseline": spec.baseline, "delta_mAP@all": round(diff.mean, 6),
+                                "ci_low": round(diff.low, 6), "ci_high": round(diff.high, 6),
+                                "ci_excludes_0": diff.excludes_zero})
+            else:
+                row["error"] = c.get("error")
+            p = c.get("provenance") or {}
+            row.update({"commit": p.get("commit"), "dirty": p.get("dirty"), "config": c.get("config"),
+                        "cell_key": c.get("key"), "checkpoint_sha256": c.get("checkpoint_sha256"),
+                        "benchmark_sha256": c.get("benchmark_sha256"), "device": p.get("device"),
+                        "torch": p.get("torch"), "faiss": p.get("faiss")})
+            rows.append(row)
+    _write_csv(out / "results.csv", rows)
+    _write_csv(out / "per_query.csv", per_query)
+    (out / "report.md").write_text(report_markdown(spec, rows, cards), encoding="utf-8")
+    return {"rows": rows, "failed": sum(r["status"] != "ok" for r in rows)}
+
+
+def _num(value: Any) -> Optional[float]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return round(float(value), 6)
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def protocol_card(spec: BenchmarkSpec, bench, cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What a benchmark's numbers mean: queries, junk rule, normalisation, protocol, sizes, hash."""
+    own_image_junk = sum(1 for q in bench.queries if q.image in set(bench.ground_truth.get(q.id).junk
+                                                                      if bench.ground_truth.get(q.id) else ()))
+    listed = set(bench.database)
+    query_in_database = sum(1 for q in bench.queries if q.image in listed)
+    whole = sum(1 for q in bench.queries
+                if tuple(q.box) == (0, 0, bench.images[q.image].width, bench.images[q.image].height))
+    metrics = [c["_metrics"] for c in cells if c.get("_metrics")]
+    normalizations = sorted({m.get("normalization") for m in metrics} - {None})
+    protocols = sorted({m.get("protocol") for m in metrics} - {None})
+    return {
+        "benchmark": str(spec.path), "sha256": _sha256(spec.path),
+        "queries": len(bench.queries),
+        "query": f"the region of the query box (a crop); {whole} of {len(bench.queries)} boxes are the whole image",
+        "query images in the database": query_in_database,
+        "junk": f"the benchmark's junk lists; the query's own image is junk for {own_image_junk} of "
+                f"{len(bench.queries)} queries",
+        "database images": len(bench.database),
+        "distractor images": sum(int(d.get("count", 0)) for d in bench.distractors),
+        "normalization": ", ".join(normalizations) or "n/a", "protocol": ", ".join(protocols) or "n/a",
+    }
+
+
+def report_markdown(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], cards: dict[str, dict]) -> str:
+    lines = [f"# Comparison: {spec.source}", ""]
+    for name, card in cards.items():
+        lines += [f"## {name}", "", "| protocol | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in card.items()]
+        lines += ["", "| method | mAP@10 | mAP@100 | mAP@all | mIoU | regions/image | Δ mAP@all vs "
+                  f"{spec.baseline or '—'} ({int(spec.confidence * 100)} % CI, {spec.resamples} resamples) | s |",
+                  "|---|---:|---:|---:|---:|---:|---|---:|"]
+        for r in rows:
+            if r["benchmark"] != name:
+                continue
+            if r["status"] != "ok":
+                lines.append(f"| {r['method']} | failed: {r.get('error')} | | | | | | |")
+                continue
+            delta = ""
+            if "delta_mAP@all" in r:
+                mark = " *" if r["ci_excludes_0"] else ""
+                delta = f"{r['delta_mAP@all']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]{mark}"
+            elif r["method"] == spec.baseline:
+                delta = "baseline"
+            fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+            lines.append(f"| {r['method']} | {fmt(r['mAP@10'])} | {fmt(r['mAP@100'])} | {fmt(r['mAP@all'])} | "
+                         f"{fmt(r['mIoU'])} | {fmt(r['regions_per_image'])} | {delta} | {r['test_seconds']} |")
+        lines += ["", "\\* the interval excludes 0.", ""]
+    if rows:
+        r = rows[0]
+        lines += ["Provenance: commit " + str(r.get("commit")) + (" (modified)" if r.get("dirty") else "")
+                  + f", {r.get('device')}, torch {r.get('torch')}, faiss {r.get('faiss')}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", required=True, help="the comparison file (configs/compare/NAME.yaml)")
+    p.add_argument("--out", default=None, help="output folder (default: the file's 'out')")
+    args = p.parse_args(argv)
+    try:
+        spec = ComparisonSpec.load(args.config, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    result = compare(spec)
+    print(f"results: {spec.out / 'results.csv'}\nreport: {spec.out / 'report.md'}")
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""`instsearch compare`: each cell is exactly `instsearch test`; cells are cached by what decides
+them; a failing method is a failed row; the paired bootstrap against a hand computation."""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from instsearch.cli import main
+from instsearch.compare_cli import ComparisonSpec, compare
+from instsearch.eval.significance import paired_bootstrap
+
+
+# ------------------------------------------------------------------------------ the bootstrap
+def test_paired_bootstrap_matches_the_exact_resampling_distribution():
+    """Three queries, d = (0.6, 0, -0.3): all 27 resamples are equally likely, so the quantiles of
+    their means are known by hand. The lowest mean, -0.3, has probability 1/27 = 3.7 % and the
+    next, -0.2 (two -0.3 and a 0), 3/27: the 2.5 % point is -0.3 and the 10 % point -0.2. At the
+    top, 0.6 has 1/27 and 0.4 (two 0.6 and a 0) 3/27: the 97.5 % point is 0.6, the 90 % point 0.4."""
+    a, b = np.array([0.9, 0.5, 0.2]), np.array([0.3, 0.5, 0.5])
+    d = a - b
+    exact = np.array([d[list(i)].mean() for i in itertools.product(range(3), repeat=3)])
+    assert np.mean(np.isclose(exact, -0.3)) == pytest.approx(1 / 27) and np.mean(np.isclose(exact, -0.2)) == \
+        pytest.approx(3 / 27)
+    got = paired_bootstrap(a, b, resamples=10_000, seed=1)
+    assert got.mean == pytest.approx(0.1)
+    assert got.low == pytest.approx(-0.3) and got.high == pytest.approx(0.6) and not got.excludes_zero
+    eighty = paired_bootstrap(a, b, resamples=10_000, seed=1, confidence=0.8)
+    assert eighty.low == pytest.approx(-0.2) and eighty.high == pytest.approx(0.4)
+    same = paired_bootstrap(a, b, resamples=10_000, seed=1)
+    assert (same.low, same.high) == (got.low, got.high)  # seeded
+
+
+def test_paired_bootstrap_of_a_constant_gain_excludes_zero():
+    a = np.linspace(0.2, 0.8, 50)
+    got = paired_bootstrap(a + 0.05, a, resamples=2_000)
+    assert got.mean == pytest.approx(0.05) and got.low == pytest.approx(0.05) and got.high == pytest.approx(0.05)
+    assert got.excludes_zero
+    with pytest.raises(ValueError, match="one value per query on both sides"):
+        paired_bootstrap(a, a[:3])
+
+
+# ------------------------------------------------------------------------------ the command
+def _method_config(tmp_path: Path, name: str, num_classes: int, top_k: int) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
+                    "default_root_dir": str(tmp_path / "runs")},
+        "model": {"class_path": "instsearch.lightning_modules.detector.DetectorModule",
+                  "init_args": {"net": {"class_path": "instsearch.networks.deep_region_cnn.DeepRegionCNN",
+                                        "init_args": {"backbone": "small", "num_classes": num_classes,
+                                                      "top_k": top_k, "feature_layers": ["conv4"]}}}},
+        "data": {"class_path": "instsearch.datamodules.benchmark.BenchmarkDataModule",
+                 "init_args": {"batch_size": 4}},
+        "retrieval": {"progress": False},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def comparison(tmp_path, small_benchmark, num_classes) -> Path:
+    spec = {
+        "out": str(tmp_path / "out"),
+        "baseline": "three",
+        "bootstrap": {"resamples": 2000, "seed": 0},
+        "benchmarks": [{"name": "small", "benchmark": str(small_benchmark)}],
+        "methods": [
+            {"name": "three", "config": str(_method_config(tmp_path, "three", num_classes, 3))},
+            {"name": "five", "config": str(_method_config(tmp_path, "five", num_classes, 5)),
+             "overrides": {"model.init_args.retrieval.normalization": "min"}},
+        ],
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _rows(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "results.csv", newline="") as f:
+        return {r["method"]: r for r in csv.DictReader(f)}
+
+
+def test_each_row_is_instsearch_test_and_cells_are_cached(comparison, tmp_path, small_benchmark, capsys):
+    assert main(["compare", "--config", str(comparison)]) == 0
+    out = tmp_path / "out"
+    rows = _rows(out)
+    # the row of "five" is `instsearch test` of its config and override, run on its own
+    logs = tmp_path / "direct"
+    assert main(["test", "--config", str(tmp_path / "five.yaml"), "--data.init_args.benchmark", str(small_benchmark),
+                 "--model.init_args.retrieval.normalization", "min", "--model.init_args.retrieval.grid_queries", "0",
+                 "--trainer.logger", json.dumps([{"class_path": "pytorch_lightning.loggers.CSVLogger",
+                                                   "init_args": {"save_dir": str(logs), "name": "t"}}])]) == 0
+    direct = json.loads(next(logs.rglob("metrics.json")).read_text())
+    for key in ("mAP@10", "mAP@100", "mAP@all", "mIoU"):
+        assert float(rows["five"][key]) == pytest.approx(direct[key], abs=5e-7), key
+    assert rows["five"]["vs_baseline"] == "three" and rows["three"].get("vs_baseline", "") == ""
+    # per_query.csv: the mean of the AP column is the row's mAP@all
+    with open(out / "per_query.csv", newline="") as f:
+        per = [r for r in csv.DictReader(f) if r["method"] == "five"]
+    assert len(per) == 4
+    assert np.mean([float(r["AP@all"]) for r in per]) == pytest.approx(float(rows["five"]["mAP@all"]), abs=1e-5)
+    report = (out / "report.md").read_text()
+    assert "| queries | 4 |" in report and "normalization | min, relevant" in report
+    # a rerun reuses both cells; a changed option makes one new cell
+    capsys.readouterr()
+    assert main(["compare", "--config", str(comparison)]) == 0
+    assert capsys.readouterr().out.count("[cached]") == 2
+    spec = yaml.safe_load(comparison.read_text())
+    spec["methods"][1]["overrides"]["model.init_args.retrieval.regions_per_image"] = 2
+    comparison.write_text(yaml.safe_dump(spec))
+    assert main(["compare", "--config", str(comparison)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("[cached]") == 1 and "[run] five on small" in printed
+
+
+def test_a_failing_method_is_a_failed_row_and_the_rest_goes_on(comparison, tmp_path):
+    spec = yaml.safe_load(comparison.read_text())
+    spec["methods"][1]["overrides"] = {"model.init_args.retrieval.normalization": "nonsense"}
+    comparison.write_text(yaml.safe_dump(spec))
+    result = compare(ComparisonSpec.load(comparison), say=lambda *_: None)
+    assert result["failed"] == 1
+    rows = _rows(tmp_path / "out")
+    assert rows["three"]["status"] == "ok" and rows["five"]["status"] == "failed"
+    assert "normalization" in rows["five"]["error"]
+
+
+def test_missing_inputs_are_named_before_any_work(comparison, tmp_path, capsys):
+    spec = yaml.safe_load(comparison.read_text())
+    spec["methods"][0]["ckpt_path"] = str(tmp_path / "nothere.ckpt")
+    spec["benchmarks"].append({"name": "gone", "benchmark": str(tmp_path / "gone.json")})
+    comparison.write_text(yaml.safe_dump(spec))
+    assert main(["compare", "--config", str(comparison)]) == 2
+    err = capsys.readouterr().err
+    assert "nothere.ckpt" in err and "gone.json" in err
+    assert not (tmp_path / "out").exists()
