@@ -11,10 +11,13 @@ checkpoint and overrides) and the baseline::
     benchmarks:
       - {name: tiny, benchmark: data/synthetic/benchmark.json, synthetic: {preset: tiny, seed: 0}}
     methods:
-      - {name: deep_region_cnn, config: configs/deep_region_cnn_synthetic.yaml, ckpt_path: null,
+      - {name: deep_region_cnn, config: configs/deep_region_cnn_synthetic.yaml, train: true,
          overrides: {model.init_args.retrieval.regions_per_image: 3}}
 
-Every cell (method x benchmark) is ``instsearch test`` of that config, checkpoint and overrides
+A method with ``train: true`` and no checkpoint is first fitted with its config (``instsearch
+fit``; the checkpoint is kept under ``DIR/checkpoints/`` by the hash of the config and overrides,
+and a killed training resumes). Every cell (method x benchmark) is ``instsearch test`` of that
+config, checkpoint and overrides
 on that benchmark, run in this process, so its numbers are exactly the command's. A cell's
 ``metrics.json`` and ``run.json`` are kept under ``DIR/cells/<key>/`` where the key hashes
 everything that decides them (the composed config, the overrides, the checkpoint's and the
@@ -55,6 +58,8 @@ class MethodSpec:
     config: Path
     ckpt_path: Optional[Path] = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: fit the config first when no checkpoint is given (the checkpoint is cached)
+    train: bool = False
 
 
 @dataclass
@@ -100,7 +105,8 @@ class ComparisonSpec:
             if not isinstance(overrides, dict):
                 raise ValueError(f"{where}: methods[{i}].overrides is a mapping of option: value")
             methods.append(MethodSpec(str(m["name"]), Path(m["config"]),
-                                      Path(m["ckpt_path"]) if m.get("ckpt_path") else None, dict(overrides)))
+                                      Path(m["ckpt_path"]) if m.get("ckpt_path") else None, dict(overrides),
+                                      bool(m.get("train", False))))
         benchmarks, seen = [], set()
         for i, b in enumerate(data["benchmarks"]):
             if not isinstance(b, dict) or "name" not in b or "benchmark" not in b:
@@ -151,6 +157,44 @@ def _override_args(overrides: dict[str, Any]) -> list[str]:
     for key, value in overrides.items():
         args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     return args
+
+
+def train_key(method: MethodSpec) -> str:
+    """What decides a trained checkpoint: the composed config and the overrides."""
+    from instsearch.config_files import load_config
+    from instsearch.eval.shards import config_sha256
+
+    return config_sha256({"format": CELL_FORMAT, "train": load_config(method.config),
+                          "overrides": method.overrides})[:16]
+
+
+def train(method: MethodSpec, folder: Path, say=print) -> Path:
+    """``instsearch fit`` of the method's config and overrides into ``folder``; returns its
+    ``last.ckpt``. A finished training is reused; one killed midway resumes from its last.ckpt."""
+    from instsearch.cli import main
+
+    last, done = folder / "last.ckpt", folder / "trained.json"
+    if done.is_file() and last.is_file():
+        say(f"[cached] training {method.name}")
+        return last
+    folder.mkdir(parents=True, exist_ok=True)
+    logger = [{"class_path": "pytorch_lightning.loggers.CSVLogger",
+               "init_args": {"save_dir": str(folder), "name": "fit", "version": "0"}}]
+    callbacks = [{"class_path": "instsearch.checkpointing.LastCheckpoint", "init_args": {"dirpath": str(folder)}}]
+    argv = ["fit", "--config", str(method.config), *_override_args(method.overrides),
+            "--trainer.logger", json.dumps(logger), "--trainer.callbacks", json.dumps(callbacks),
+            *(["--ckpt_path", str(last)] if last.is_file() else [])]
+    say(f"[train] {method.name}" + (" (resuming)" if last.is_file() else ""))
+    t0 = time.perf_counter()
+    try:
+        main(argv)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise RuntimeError(f"instsearch fit rejected the options (exit {e.code}): {' '.join(argv)}") from e
+    if not last.is_file():
+        raise RuntimeError(f"instsearch fit wrote no {last}")
+    done.write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "argv": argv}, indent=1) + "\n")
+    return last
 
 
 def run_cell(method: MethodSpec, benchmark: BenchmarkSpec, folder: Path) -> dict[str, Any]:
@@ -228,6 +272,15 @@ def compare(spec: ComparisonSpec, say=print) -> dict[str, Any]:
     cells = []
     for b in spec.benchmarks:
         for m in spec.methods:
+            if m.train and m.ckpt_path is None:
+                try:
+                    m.ckpt_path = train(m, out / "checkpoints" / f"{m.name}__{train_key(m)}", say)
+                except Exception as e:
+                    cell = {"format": CELL_FORMAT, "method": m.name, "benchmark": b.name, "key": "untrained",
+                            "status": "failed", "error": f"training: {type(e).__name__}: {e}", "provenance": prov}
+                    say(f"[failed] training {m.name}: {cell['error']}")
+                    cells.append(cell)
+                    continue
             key = cell_key(m, bench_sha[b.name])
             folder = out / "cells" / f"{m.name}__{b.name}__{key}"
             record = folder / "cell.json"

@@ -13,6 +13,7 @@ import yaml
 
 from instsearch.cli import main
 from instsearch.compare_cli import ComparisonSpec, compare
+from instsearch.eval.shards import file_sha256
 from instsearch.eval.significance import paired_bootstrap
 
 
@@ -140,3 +141,34 @@ def test_missing_inputs_are_named_before_any_work(comparison, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nothere.ckpt" in err and "gone.json" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_trainable_method_is_fitted_once_and_its_checkpoint_tested(tmp_path, synthetic_root, small_benchmark,
+                                                                    num_classes, capsys):
+    cfg = yaml.safe_load(_method_config(tmp_path, "trainable", num_classes, 3).read_text())
+    cfg["trainer"].update({"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1,
+                           "num_sanity_val_steps": 0})
+    cfg["data"] = {"class_path": "instsearch.datamodules.synthetic.SyntheticDataModule",
+                   "init_args": {"root": str(synthetic_root), "batch_size": 2, "num_workers": 0}}
+    (tmp_path / "trainable.yaml").write_text(yaml.safe_dump(cfg))
+    spec = {"out": str(tmp_path / "out"), "bootstrap": {"resamples": 100},
+            "benchmarks": [{"name": "small", "benchmark": str(small_benchmark)}],
+            "methods": [{"name": "drcnn", "config": str(tmp_path / "trainable.yaml"), "train": True}]}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["compare", "--config", str(path)]) == 0
+    assert "[train] drcnn" in capsys.readouterr().out
+    ckpt = next((tmp_path / "out" / "checkpoints").rglob("last.ckpt"))
+    row = _rows(tmp_path / "out")["drcnn"]
+    assert row["checkpoint_sha256"] == file_sha256(ckpt)
+    logs = tmp_path / "direct"
+    assert main(["test", "--config", str(tmp_path / "trainable.yaml"), "--ckpt_path", str(ckpt),
+                 "--data.init_args.benchmark", str(small_benchmark), "--model.init_args.retrieval.grid_queries", "0",
+                 "--trainer.logger", json.dumps([{"class_path": "pytorch_lightning.loggers.CSVLogger",
+                                                   "init_args": {"save_dir": str(logs), "name": "t"}}])]) == 0
+    direct = json.loads(next(logs.rglob("metrics.json")).read_text())
+    assert float(row["mAP@all"]) == pytest.approx(direct["mAP@all"], abs=5e-7)
+    capsys.readouterr()
+    assert main(["compare", "--config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "[cached] training drcnn" in printed and "[cached] drcnn on small" in printed
