@@ -132,6 +132,14 @@ def capped(regions: Regions, regions_per_image: Optional[int]) -> Regions:
     return regions
 
 
+def add_bad_items(entries: list[dict], bad: Sequence[ImageMeta]) -> None:
+    """Record each undecodable item once (file, image, query, reason) in ``entries``."""
+    for m in bad:
+        entry = {"path": m.extra.get("path"), "image": m.image_id, "query": m.query_id, "reason": m.extra.get("error")}
+        if entry not in entries:
+            entries.append(entry)
+
+
 @dataclass
 class RegionCollection:
     """What extraction produced: each database image's regions (original pixels), each query's
@@ -150,10 +158,7 @@ class RegionCollection:
             self.database[meta.image_id] = capped(regions, self.regions_per_image)
         for query in batch.queries:
             self.queries[query.meta.query_id] = query
-        for m in batch.bad:
-            entry = {"path": m.extra.get("path"), "image": m.image_id, "query": m.query_id, "reason": m.extra.get("error")}
-            if entry not in self.bad_images:
-                self.bad_images.append(entry)
+        add_bad_items(self.bad_images, batch.bad)
 
     def clear(self) -> None:
         self.database, self.queries, self.bad_images = {}, {}, []

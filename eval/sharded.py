@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from instsearch.distributed import all_gather_objects, all_reduce_sum, gather_to_rank0, rank_and_world
-from instsearch.eval.extraction import QueryFeature, SearchBatch, capped
+from instsearch.eval.extraction import QueryFeature, SearchBatch, add_bad_items, capped
 from instsearch.eval.metrics import RankedPositives, metrics_from_ranks, recall_at_iou
 from instsearch.eval.search import RegionIndex
 from instsearch.eval.shard_search import image_regions
@@ -96,10 +96,7 @@ class SpilledCollection:
                 self._flush()
         for query in batch.queries:
             self.queries[query.meta.query_id] = query
-        for m in batch.bad:
-            entry = {"path": m.extra.get("path"), "image": m.image_id, "query": m.query_id, "reason": m.extra.get("error")}
-            if entry not in self.bad_images:
-                self.bad_images.append(entry)
+        add_bad_items(self.bad_images, batch.bad)
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -149,7 +146,8 @@ class _Scored:
 
     @classmethod
     def concat(cls, parts: Sequence["_Scored"]) -> "_Scored":
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("query", "position", "score", "junk", "box")))
+        fields = ("query", "position", "score", "junk", "box")
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
 
 def _ahead(scores: np.ndarray, positions: np.ndarray, score: np.ndarray, position: np.ndarray) -> np.ndarray:

@@ -9,7 +9,8 @@ checkpoint and overrides) and the baseline::
     baseline: gem
     bootstrap: {resamples: 10000, seed: 0, confidence: 0.95}
     benchmarks:
-      - {name: tiny, benchmark: data/synthetic/benchmark.json, synthetic: {preset: tiny, seed: 0}}
+      - {name: tiny, benchmark: data/synthetic/benchmark.json, synthetic: {preset: tiny, seed: 0},
+         normalization: relevant, protocol: standard}   # imposed on every method
     methods:
       - {name: deep_region_cnn, config: configs/deep_region_cnn_synthetic.yaml, train: true,
          overrides: {model.init_args.retrieval.regions_per_image: 3}}
@@ -68,6 +69,14 @@ class BenchmarkSpec:
     path: Path
     #: ``{preset, seed}``: generate the synthetic benchmark there when it is missing
     synthetic: Optional[dict[str, Any]] = None
+    #: the benchmark's AP convention, imposed on every method (one protocol per table)
+    normalization: str = "relevant"
+    protocol: str = "standard"
+
+    @property
+    def protocol_overrides(self) -> dict[str, str]:
+        return {"model.init_args.retrieval.normalization": self.normalization,
+                "model.init_args.retrieval.protocol": self.protocol}
 
 
 @dataclass
@@ -114,7 +123,14 @@ class ComparisonSpec:
             if b["name"] in seen:
                 raise ValueError(f"{where}: benchmark name {b['name']!r} appears twice")
             seen.add(b["name"])
-            benchmarks.append(BenchmarkSpec(str(b["name"]), Path(b["benchmark"]), b.get("synthetic")))
+            from instsearch.eval.metrics import NORMALIZATIONS, PROTOCOLS
+
+            bench = BenchmarkSpec(str(b["name"]), Path(b["benchmark"]), b.get("synthetic"),
+                                  str(b.get("normalization", "relevant")), str(b.get("protocol", "standard")))
+            if bench.normalization not in NORMALIZATIONS or bench.protocol not in PROTOCOLS:
+                raise ValueError(f"{where}: benchmarks[{i}]: normalization must be one of {NORMALIZATIONS} and "
+                                 f"protocol one of {PROTOCOLS}")
+            benchmarks.append(bench)
         baseline = data.get("baseline")
         if baseline is not None and baseline not in {m.name for m in methods}:
             raise ValueError(f"{where}: baseline {baseline!r} is not one of the methods")
@@ -142,14 +158,15 @@ def _sha256(path: Optional[Path]) -> Optional[str]:
     return file_sha256(path) if path is not None else None
 
 
-def cell_key(method: MethodSpec, benchmark_sha256: str) -> str:
-    """What decides a cell's numbers, hashed: the composed config, overrides, checkpoint, benchmark."""
+def cell_key(method: MethodSpec, benchmark: BenchmarkSpec, benchmark_sha256: str) -> str:
+    """What decides a cell's numbers, hashed: the composed config, overrides, checkpoint, benchmark
+    and its protocol."""
     from instsearch.config_files import load_config
     from instsearch.eval.shards import config_sha256
 
     return config_sha256({"format": CELL_FORMAT, "config": load_config(method.config),
                           "overrides": method.overrides, "checkpoint": _sha256(method.ckpt_path),
-                          "benchmark": benchmark_sha256})[:16]
+                          "benchmark": benchmark_sha256, "protocol": benchmark.protocol_overrides})[:16]
 
 
 def _override_args(overrides: dict[str, Any]) -> list[str]:
@@ -209,7 +226,8 @@ def run_cell(method: MethodSpec, benchmark: BenchmarkSpec, folder: Path) -> dict
                "init_args": {"save_dir": str(work), "name": "test", "version": "0"}}]
     argv = ["test", "--config", str(method.config), "--data.init_args.benchmark", str(benchmark.path),
             *(["--ckpt_path", str(method.ckpt_path)] if method.ckpt_path else []),
-            *_override_args(method.overrides), "--trainer.logger", json.dumps(logger),
+            *_override_args({**method.overrides, **benchmark.protocol_overrides}),
+            "--trainer.logger", json.dumps(logger),
             "--model.init_args.retrieval.grid_queries", "0"]
     t0 = time.perf_counter()
     try:
@@ -247,7 +265,8 @@ def provenance() -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     return {"commit": commit or "unknown", "dirty": dirty, "python": platform.python_version(),
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "lightning": pytorch_lightning.__version__, "faiss": faiss.__version__, "numpy": numpy.__version__,
@@ -281,7 +300,7 @@ def compare(spec: ComparisonSpec, say=print) -> dict[str, Any]:
                     say(f"[failed] training {m.name}: {cell['error']}")
                     cells.append(cell)
                     continue
-            key = cell_key(m, bench_sha[b.name])
+            key = cell_key(m, b, bench_sha[b.name])
             folder = out / "cells" / f"{m.name}__{b.name}__{key}"
             record = folder / "cell.json"
             if record.is_file() and json.loads(record.read_text()).get("status") == "ok":
@@ -392,8 +411,6 @@ def protocol_card(spec: BenchmarkSpec, bench, cells: Sequence[dict[str, Any]]) -
     whole = sum(1 for q in bench.queries
                 if tuple(q.box) == (0, 0, bench.images[q.image].width, bench.images[q.image].height))
     metrics = [c["_metrics"] for c in cells if c.get("_metrics")]
-    normalizations = sorted({m.get("normalization") for m in metrics} - {None})
-    protocols = sorted({m.get("protocol") for m in metrics} - {None})
     return {
         "benchmark": str(spec.path), "sha256": _sha256(spec.path),
         "queries": len(bench.queries),
@@ -403,7 +420,10 @@ def protocol_card(spec: BenchmarkSpec, bench, cells: Sequence[dict[str, Any]]) -
                 f"{len(bench.queries)} queries",
         "database images": len(bench.database),
         "distractor images": sum(int(d.get("count", 0)) for d in bench.distractors),
-        "normalization": ", ".join(normalizations) or "n/a", "protocol": ", ".join(protocols) or "n/a",
+        "normalization": spec.normalization, "protocol": spec.protocol,
+        "imposed on every method": "yes (each cell's metrics.json confirms it)"
+        if all(m.get("normalization") == spec.normalization and m.get("protocol") == spec.protocol for m in metrics)
+        else "NO: a cell was scored otherwise",
     }
 
 

@@ -71,11 +71,12 @@ def comparison(tmp_path, small_benchmark, num_classes) -> Path:
         "out": str(tmp_path / "out"),
         "baseline": "three",
         "bootstrap": {"resamples": 2000, "seed": 0},
-        "benchmarks": [{"name": "small", "benchmark": str(small_benchmark)}],
+        "benchmarks": [{"name": "small", "benchmark": str(small_benchmark), "normalization": "min"}],
         "methods": [
             {"name": "three", "config": str(_method_config(tmp_path, "three", num_classes, 3))},
             {"name": "five", "config": str(_method_config(tmp_path, "five", num_classes, 5)),
-             "overrides": {"model.init_args.retrieval.normalization": "min"}},
+             "overrides": {"model.init_args.retrieval.regions_per_image": 4,
+                           "model.init_args.retrieval.normalization": "retrieved"}},  # the benchmark's wins
         ],
     }
     path = tmp_path / "compare.yaml"
@@ -95,6 +96,7 @@ def test_each_row_is_instsearch_test_and_cells_are_cached(comparison, tmp_path, 
     # the row of "five" is `instsearch test` of its config and override, run on its own
     logs = tmp_path / "direct"
     assert main(["test", "--config", str(tmp_path / "five.yaml"), "--data.init_args.benchmark", str(small_benchmark),
+                 "--model.init_args.retrieval.regions_per_image", "4",
                  "--model.init_args.retrieval.normalization", "min", "--model.init_args.retrieval.grid_queries", "0",
                  "--trainer.logger", json.dumps([{"class_path": "pytorch_lightning.loggers.CSVLogger",
                                                    "init_args": {"save_dir": str(logs), "name": "t"}}])]) == 0
@@ -108,7 +110,8 @@ def test_each_row_is_instsearch_test_and_cells_are_cached(comparison, tmp_path, 
     assert len(per) == 4
     assert np.mean([float(r["AP@all"]) for r in per]) == pytest.approx(float(rows["five"]["mAP@all"]), abs=1e-5)
     report = (out / "report.md").read_text()
-    assert "| queries | 4 |" in report and "normalization | min, relevant" in report
+    assert "| queries | 4 |" in report and "| normalization | min |" in report
+    assert "| imposed on every method | yes" in report
     # a rerun reuses both cells; a changed option makes one new cell
     capsys.readouterr()
     assert main(["compare", "--config", str(comparison)]) == 0
@@ -123,13 +126,13 @@ def test_each_row_is_instsearch_test_and_cells_are_cached(comparison, tmp_path, 
 
 def test_a_failing_method_is_a_failed_row_and_the_rest_goes_on(comparison, tmp_path):
     spec = yaml.safe_load(comparison.read_text())
-    spec["methods"][1]["overrides"] = {"model.init_args.retrieval.normalization": "nonsense"}
+    spec["methods"][1]["overrides"] = {"model.init_args.retrieval.prune_by_label": "nonsense"}
     comparison.write_text(yaml.safe_dump(spec))
     result = compare(ComparisonSpec.load(comparison), say=lambda *_: None)
     assert result["failed"] == 1
     rows = _rows(tmp_path / "out")
     assert rows["three"]["status"] == "ok" and rows["five"]["status"] == "failed"
-    assert "normalization" in rows["five"]["error"]
+    assert "prune_by_label" in rows["five"]["error"]
 
 
 def test_missing_inputs_are_named_before_any_work(comparison, tmp_path, capsys):
