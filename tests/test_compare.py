@@ -175,3 +175,12 @@ def test_a_trainable_method_is_fitted_once_and_its_checkpoint_tested(tmp_path, s
     assert main(["compare", "--config", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "[cached] training drcnn" in printed and "[cached] drcnn on small" in printed
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "compare").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_comparisons_name_existing_configs(path, monkeypatch):
+    monkeypatch.chdir(path.parents[2])  # paths in a comparison are relative to the repository, as configs' are
+    spec = ComparisonSpec.load(path)
+    assert spec.baseline in {m.name for m in spec.methods}
+    assert all(m.config.is_file() for m in spec.methods)
