@@ -48,7 +48,8 @@ def publish(trainer: pl.Trainer, pl_module: pl.LightningModule, benchmark: Bench
             result: Optional[EvaluationResult], prefix: str, grid_queries: int = 4,
             write_files: bool = False) -> dict[str, Path]:
     """Log scalar metrics (every rank) and the result grid (rank 0) to every logger; optionally
-    write ``run.json``, ``metrics.json``, ``recall_iou.json`` and ``bad_images.json``.
+    write ``run.json``, ``metrics.json``, ``costs.json`` (timings and sizes on this machine),
+    ``recall_iou.json`` and ``bad_images.json``.
 
     ``result`` is rank 0's (``None`` on the other ranks).
     """
@@ -73,6 +74,9 @@ def publish(trainer: pl.Trainer, pl_module: pl.LightningModule, benchmark: Bench
         written["run"] = result.run.save(log_dir / "run.json")
         written["metrics"] = log_dir / "metrics.json"
         written["metrics"].write_text(json.dumps(json_ready(result.metrics), indent=1) + "\n")
+        if result.costs:
+            written["costs"] = log_dir / "costs.json"
+            written["costs"].write_text(json.dumps(json_ready(result.costs), indent=1) + "\n")
         curve = log_dir / "recall_iou.json"
         curve.write_text(json.dumps(json_ready(result.recall_curve)) + "\n")
         if result.bad_images:

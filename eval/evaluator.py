@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
@@ -26,7 +27,7 @@ from instsearch.distributed import is_distributed, rank_and_world
 from instsearch.eval.extraction import QueryFeature, RegionCollection, SearchBatch, Step, extract
 from instsearch.eval.metrics import recall_at_iou, retrieval_metrics
 from instsearch.eval.search import RegionIndex
-from instsearch.eval.searchers import ExactInnerProductSearcher, Searcher, searcher_from_factory
+from instsearch.eval.searchers import ExactInnerProductSearcher, Searcher, searcher_bytes, searcher_from_factory
 from instsearch.eval.whitening import PCAWhitening
 from instsearch.formats import Benchmark, Run
 from instsearch.structures import Regions
@@ -155,6 +156,9 @@ class EvaluationResult:
     recall_curve: dict[str, list[float]]
     bad_images: list[dict] = field(default_factory=list)
     num_regions: int = 0
+    #: what the numbers cost on this machine (``costs.json``, beside ``metrics.json``, which stays
+    #: deterministic): seconds to build the index, ms per query of the search, bytes per image
+    costs: dict[str, Any] = field(default_factory=dict)
 
 
 class RetrievalEvaluator:
@@ -262,7 +266,9 @@ class RetrievalEvaluator:
             log.warning("whitening skipped: the database has %d region(s), too few to fit it", len(store))
         if whitening is not None:
             store.features = whitening.transform(store.features)
+        t0 = time.perf_counter()
         index = RegionIndex(store, self.make_searcher(store.dim), device=self.device)
+        t1 = time.perf_counter()
         self.index = index
         query_ids = [q.id for q in bench.queries if q.id in self.queries]
         if query_ids:
@@ -274,6 +280,10 @@ class RetrievalEvaluator:
                                     prune_by_label=cfg.prune_by_label)
         else:
             rankings = []
+        t2 = time.perf_counter()
+        costs = {"index_build_s": round(t1 - t0, 4),
+                 "search_ms_per_query": round(1000 * (t2 - t1) / max(len(query_ids), 1), 4),
+                 "index_bytes_per_image": round(searcher_bytes(index.searcher) / max(len(image_ids), 1), 1)}
         run = index.to_run(query_ids, rankings, method=self.method)
         metrics = retrieval_metrics(bench, run, normalization=cfg.normalization, protocol=cfg.protocol)
         if cfg.run_depth is not None:  # what is written; the metrics are the whole ranking's
@@ -282,7 +292,7 @@ class RetrievalEvaluator:
         add_database_metrics(metrics, curve, num_regions=len(store), num_images=len(image_ids),
                              bad_items=len(self.bad_images))
         return EvaluationResult(metrics=metrics, run=run, recall_curve=curve, bad_images=list(self.bad_images),
-                                num_regions=len(store))
+                                num_regions=len(store), costs=costs)
 
     def compute_sharded(self) -> Optional[EvaluationResult]:
         """The metrics of :meth:`compute` without gathering the regions

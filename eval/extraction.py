@@ -160,6 +160,10 @@ class RegionCollection:
             self.queries[query.meta.query_id] = query
         add_bad_items(self.bad_images, batch.bad)
 
+    def __len__(self) -> int:
+        """Database images collected."""
+        return len(self.database)
+
     def clear(self) -> None:
         self.database, self.queries, self.bad_images = {}, {}, []
 

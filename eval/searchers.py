@@ -29,7 +29,8 @@ import faiss
 import numpy as np
 import torch
 
-__all__ = ["Searcher", "ExactInnerProductSearcher", "FaissSearcher", "searcher_from_factory", "load_searcher"]
+__all__ = ["Searcher", "ExactInnerProductSearcher", "FaissSearcher", "searcher_from_factory", "load_searcher",
+           "searcher_bytes"]
 
 
 @runtime_checkable
@@ -205,6 +206,16 @@ class FaissSearcher:
 
     def save(self, path: str | Path) -> None:
         faiss.write_index(self.index, str(path))
+
+
+def searcher_bytes(searcher: Searcher) -> int:
+    """What a searcher holds for its database, in bytes: the float32 features of the exact
+    searcher, the serialised faiss index (codes, ids, codebooks) otherwise."""
+    if isinstance(searcher, ExactInnerProductSearcher):
+        return int(searcher.features.numel() * searcher.features.element_size())
+    if isinstance(searcher, FaissSearcher):
+        return int(faiss.serialize_index(searcher.index).nbytes)
+    return 0
 
 
 def searcher_from_factory(key: str, dim: int, device: torch.device | str = "cpu", nprobe: int = 16) -> Searcher:

@@ -48,7 +48,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 PROG = "instsearch compare"
-CELL_FORMAT = "instsearch-compare-cell/1"
+#: bumped when a cell's outputs change, so that cells of an older instsearch are redone
+CELL_FORMAT = "instsearch-compare-cell/2"
+#: the same for trained checkpoints (what training does, not what a cell writes)
+TRAIN_FORMAT = "instsearch-compare-train/1"
 KS: tuple[Optional[int], ...] = (10, 20, 50, 100, None)
 
 
@@ -181,7 +184,7 @@ def train_key(method: MethodSpec) -> str:
     from instsearch.config_files import load_config
     from instsearch.eval.shards import config_sha256
 
-    return config_sha256({"format": CELL_FORMAT, "train": load_config(method.config),
+    return config_sha256({"format": TRAIN_FORMAT, "train": load_config(method.config),
                           "overrides": method.overrides})[:16]
 
 
@@ -240,8 +243,9 @@ def run_cell(method: MethodSpec, benchmark: BenchmarkSpec, folder: Path) -> dict
     if not found:
         raise RuntimeError(f"instsearch test wrote no metrics.json under {work}")
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.json", "run.json"):
-        shutil.copyfile(found[0].parent / name, folder / name)
+    for name in ("metrics.json", "run.json", "costs.json"):
+        if (found[0].parent / name).is_file():
+            shutil.copyfile(found[0].parent / name, folder / name)
     shutil.rmtree(work, ignore_errors=True)
     return {"seconds": round(seconds, 2), "argv": argv}
 
@@ -349,6 +353,7 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
             folder = out / "cells" / f"{c['method']}__{b.name}__{c['key']}"
             metrics = json.loads((folder / "metrics.json").read_text())
             c["_metrics"] = metrics
+            c["_costs"] = json.loads((folder / "costs.json").read_text()) if (folder / "costs.json").is_file() else {}
             run = Run.load(folder / "run.json", benchmark=bench)
             per = per_query_average_precision(bench, run, ks=KS, normalization=metrics["normalization"],
                                               protocol=metrics["protocol"])
@@ -367,6 +372,10 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
                 row.update({"mIoU": _num(m.get("mIoU")), "recall@IoU0.5": _num(m.get("recall@IoU0.5")),
                             "recall@IoU0.7": _num(m.get("recall@IoU0.7")),
                             "regions_per_image": _num(m.get("regions_per_image")), "test_seconds": c.get("seconds")})
+                costs = c.get("_costs") or {}
+                row.update({"extraction_items_per_s": costs.get("extraction_items_per_s"),
+                            "search_ms_per_query": costs.get("search_ms_per_query"),
+                            "index_bytes_per_image": costs.get("index_bytes_per_image")})
                 if base is not None and c["method"] != spec.baseline:
                     diff = paired_bootstrap(aps[c["method"]], base, spec.resamples, spec.seed, spec.confidence)
                     row.update({"vs_baseline": spec.baseline, "delta_mAP@all": round(diff.mean, 6),
@@ -381,8 +390,10 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
                         "torch": p.get("torch"), "faiss": p.get("faiss")})
             rows.append(row)
     _write_csv(out / "results.csv", rows)
+    plots = {b.name: plot_costs([r for r in rows if r["benchmark"] == b.name and r["status"] == "ok"],
+                                out / f"cost_{b.name}.png", b.name) for b in spec.benchmarks}
     _write_csv(out / "per_query.csv", per_query)
-    (out / "report.md").write_text(report_markdown(spec, rows, cards), encoding="utf-8")
+    (out / "report.md").write_text(report_markdown(spec, rows, cards, plots), encoding="utf-8")
     return {"rows": rows, "failed": sum(r["status"] != "ok" for r in rows)}
 
 
@@ -427,19 +438,64 @@ def protocol_card(spec: BenchmarkSpec, bench, cells: Sequence[dict[str, Any]]) -
     }
 
 
-def report_markdown(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], cards: dict[str, dict]) -> str:
+def pareto_front(cost: Sequence[float], score: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats on both (a lower or equal cost and a higher or
+    equal score, one of them strictly), by increasing cost."""
+    points = sorted(range(len(cost)), key=lambda i: (cost[i], -score[i]))
+    front, best = [], -math.inf
+    for i in points:
+        if score[i] > best:
+            front.append(i)
+            best = score[i]
+    return front
+
+
+def plot_costs(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Optional[Path]:
+    """mAP@all against search ms/query and against index bytes/image, the Pareto front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_spec = [("search_ms_per_query", "search ms / query"), ("index_bytes_per_image", "index bytes / image")]
+    usable = [r for r in rows if r.get("mAP@all") is not None]
+    if not usable:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, (key, label) in zip(axes, axes_spec):
+        points = [r for r in usable if r.get(key)]
+        x = [float(r[key]) for r in points]
+        y = [float(r["mAP@all"]) for r in points]
+        ax.scatter(x, y, color="tab:blue")
+        for r, xi, yi in zip(points, x, y):
+            ax.annotate(r["method"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        front = pareto_front(x, y)
+        ax.plot([x[i] for i in front], [y[i] for i in front], color="tab:red", lw=1, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("mAP@all")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{title}: accuracy against cost")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_markdown(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], cards: dict[str, dict],
+                    plots: Optional[dict[str, Optional[Path]]] = None) -> str:
     lines = [f"# Comparison: {spec.source}", ""]
     for name, card in cards.items():
         lines += [f"## {name}", "", "| protocol | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in card.items()]
-        lines += ["", "| method | mAP@10 | mAP@100 | mAP@all | mIoU | regions/image | Δ mAP@all vs "
-                  f"{spec.baseline or '—'} ({int(spec.confidence * 100)} % CI, {spec.resamples} resamples) | s |",
-                  "|---|---:|---:|---:|---:|---:|---|---:|"]
+        lines += ["", "| method | mAP@10 | mAP@100 | mAP@all | mIoU | regions/image | search ms/query | "
+                  f"index bytes/image | Δ mAP@all vs {spec.baseline or '—'} ({int(spec.confidence * 100)} % CI, "
+                  f"{spec.resamples} resamples) | test s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
         for r in rows:
             if r["benchmark"] != name:
                 continue
             if r["status"] != "ok":
-                lines.append(f"| {r['method']} | failed: {r.get('error')} | | | | | | |")
+                lines.append(f"| {r['method']} | failed: {r.get('error')} | | | | | | | | |")
                 continue
             delta = ""
             if "delta_mAP@all" in r:
@@ -449,8 +505,11 @@ def report_markdown(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], cards:
                 delta = "baseline"
             fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
             lines.append(f"| {r['method']} | {fmt(r['mAP@10'])} | {fmt(r['mAP@100'])} | {fmt(r['mAP@all'])} | "
-                         f"{fmt(r['mIoU'])} | {fmt(r['regions_per_image'])} | {delta} | {r['test_seconds']} |")
+                         f"{fmt(r['mIoU'])} | {fmt(r['regions_per_image'])} | {r.get('search_ms_per_query')} | "
+                         f"{r.get('index_bytes_per_image')} | {delta} | {r['test_seconds']} |")
         lines += ["", "\\* the interval excludes 0.", ""]
+        if plots and plots.get(name):
+            lines += [f"![accuracy against cost]({plots[name].name})", ""]
     if rows:
         r = rows[0]
         lines += ["Provenance: commit " + str(r.get("commit")) + (" (modified)" if r.get("dirty") else "")

@@ -46,6 +46,15 @@ def test_paired_bootstrap_of_a_constant_gain_excludes_zero():
         paired_bootstrap(a, a[:3])
 
 
+def test_pareto_front_by_hand():
+    from instsearch.compare_cli import pareto_front
+
+    cost = [1.0, 2.0, 2.0, 3.0, 0.5, 4.0]
+    score = [0.5, 0.4, 0.7, 0.6, 0.2, 0.9]
+    # 0.5 @ 0.2, 1 @ 0.5, 2 @ 0.7 (2 @ 0.4 is beaten), 3 @ 0.6 is beaten by 2 @ 0.7, 4 @ 0.9
+    assert pareto_front(cost, score) == [4, 0, 2, 5]
+
+
 # ------------------------------------------------------------------------------ the command
 def _method_config(tmp_path: Path, name: str, num_classes: int, top_k: int) -> Path:
     cfg = {
@@ -109,6 +118,10 @@ def test_each_row_is_instsearch_test_and_cells_are_cached(comparison, tmp_path, 
         per = [r for r in csv.DictReader(f) if r["method"] == "five"]
     assert len(per) == 4
     assert np.mean([float(r["AP@all"]) for r in per]) == pytest.approx(float(rows["five"]["mAP@all"]), abs=1e-5)
+    cell_costs = json.loads(next((out / "cells").glob("five__*/costs.json")).read_text())
+    assert float(rows["five"]["search_ms_per_query"]) == cell_costs["search_ms_per_query"] > 0
+    assert float(rows["five"]["index_bytes_per_image"]) > float(rows["three"]["index_bytes_per_image"]) > 0
+    assert (out / "cost_small.png").stat().st_size > 10_000
     report = (out / "report.md").read_text()
     assert "| queries | 4 |" in report and "| normalization | min |" in report
     assert "| imposed on every method | yes" in report

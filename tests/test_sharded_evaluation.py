@@ -232,3 +232,15 @@ def test_metrics_from_ranks_by_hand(tmp_path):
     assert metrics["mIoU"] == pytest.approx((1 + 0.5) / 2)  # boxes of IoU 1 and 900/1800 with the truth
     with pytest.raises(ValueError, match="distinct positives in ascending rank order"):
         metrics_from_ranks(bench, {"q6": RankedPositives(np.array([2, 0]), hits)})
+
+
+def test_the_gathered_path_reports_its_costs(tmp_path):
+    bench, batches = _benchmark(tmp_path), _batches()
+    evaluator = RetrievalEvaluator(bench, RetrievalConfig(grid_queries=0))
+    for b in batches:
+        evaluator.process(b)
+    result = evaluator.compute()
+    # the exact searcher holds float32 features: 4·D bytes per region
+    images = NUM_IMAGES + NUM_DISTRACTORS
+    assert result.costs["index_bytes_per_image"] == pytest.approx(4 * DIM * result.num_regions / images, abs=0.05)
+    assert result.costs["search_ms_per_query"] > 0 and result.costs["index_build_s"] >= 0
