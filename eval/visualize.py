@@ -34,11 +34,12 @@ def _thumb(image: Image.Image, size: int) -> tuple[Image.Image, float, tuple[int
 
 
 def _open(benchmark: Benchmark, image_id: str) -> Image.Image:
+    """The image, or a dark red stand-in of its size (64 px for an unlisted one) when it cannot be read."""
     try:
         return load_rgb(benchmark.image_path(image_id))
-    except BadImageError:
-        e = benchmark.images[image_id]
-        return Image.new("RGB", (e.width, e.height), (60, 0, 0))
+    except (BadImageError, KeyError, OSError):
+        e = benchmark.images.get(image_id)
+        return Image.new("RGB", (e.width, e.height) if e is not None else (64, 64), (60, 0, 0))
 
 
 def result_grid(benchmark: Benchmark, run: Run, query_ids: Optional[Sequence[str]] = None, num_queries: int = 4,

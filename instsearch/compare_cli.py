@@ -28,8 +28,11 @@ on. Missing configs, checkpoints and benchmarks are named before any cell runs.
 
 Written to ``DIR``: ``results.csv`` (one row per cell: mAP@k, mIoU, recall@IoU, regions per
 image, seconds, the paired difference in mAP@all to the baseline with its bootstrap interval over
-queries, provenance), ``per_query.csv`` (AP of every query in every cell) and ``report.md`` (a
-protocol card per benchmark, then its table).
+queries, provenance, search ms/query and index bytes/image from the cell's ``costs.json``),
+``per_query.csv`` (AP of every query in every cell), ``cost_<benchmark>.png`` (mAP@all against
+cost, the Pareto front joined), ``report.md`` (a protocol card per benchmark, then its table) and
+``report.html`` (the same with the plots and a gallery of the queries where the methods disagree
+most; self-contained: open it from disk).
 """
 from __future__ import annotations
 
@@ -92,6 +95,8 @@ class ComparisonSpec:
     seed: int = 0
     confidence: float = 0.95
     source: Optional[Path] = None
+    #: queries shown in report.html's gallery
+    gallery_queries: int = 30
 
     @classmethod
     def load(cls, path: str | Path, out: Optional[str | Path] = None) -> "ComparisonSpec":
@@ -140,7 +145,7 @@ class ComparisonSpec:
         boot = data.get("bootstrap") or {}
         spec = cls(methods, benchmarks, baseline, Path(out or data.get("out") or "runs/compare"),
                    int(boot.get("resamples", 10_000)), int(boot.get("seed", 0)), float(boot.get("confidence", 0.95)),
-                   path)
+                   path, int(data.get("gallery_queries", 30)))
         spec.check_inputs()
         return spec
 
@@ -333,7 +338,7 @@ def compare(spec: ComparisonSpec, say=print) -> dict[str, Any]:
 
 
 def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``results.csv``, ``per_query.csv`` and ``report.md`` from the cells."""
+    """``results.csv``, ``per_query.csv``, the cost plots, ``report.md`` and ``report.html`` from the cells."""
     import numpy as np
 
     from instsearch.eval.metrics import metric_key, per_query_average_precision
@@ -342,10 +347,14 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
 
     out = spec.out
     rows, per_query, cards = [], [], {}
+    loaded: dict[str, Benchmark] = {}
+    all_runs: dict[str, dict[str, Run]] = {}
+    all_aps: dict[str, dict[str, np.ndarray]] = {}
     for b in spec.benchmarks:
-        bench = Benchmark.load(b.path)
+        bench = loaded[b.name] = Benchmark.load(b.path)
         query_ids = [q.id for q in bench.queries]
-        aps: dict[str, np.ndarray] = {}
+        aps: dict[str, np.ndarray] = all_aps.setdefault(b.name, {})
+        runs = all_runs.setdefault(b.name, {})
         mine = [c for c in cells if c["benchmark"] == b.name]
         for c in mine:
             if c.get("status") != "ok":
@@ -354,7 +363,7 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
             metrics = json.loads((folder / "metrics.json").read_text())
             c["_metrics"] = metrics
             c["_costs"] = json.loads((folder / "costs.json").read_text()) if (folder / "costs.json").is_file() else {}
-            run = Run.load(folder / "run.json", benchmark=bench)
+            run = runs[c["method"]] = Run.load(folder / "run.json", benchmark=bench)
             per = per_query_average_precision(bench, run, ks=KS, normalization=metrics["normalization"],
                                               protocol=metrics["protocol"])
             aps[c["method"]] = np.array([per[q][-1] for q in query_ids])
@@ -394,6 +403,14 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
                                 out / f"cost_{b.name}.png", b.name) for b in spec.benchmarks}
     _write_csv(out / "per_query.csv", per_query)
     (out / "report.md").write_text(report_markdown(spec, rows, cards, plots), encoding="utf-8")
+    from instsearch.eval.report_html import comparison_html
+
+    first = rows[0] if rows else {}
+    prov = (f"commit {first.get('commit')}{' (modified)' if first.get('dirty') else ''}, {first.get('device')}, "
+            f"torch {first.get('torch')}, faiss {first.get('faiss')}")
+    page = comparison_html(f"Comparison: {spec.source}", loaded, cards, rows, all_runs, all_aps, plots,
+                           provenance=prov, queries=spec.gallery_queries)
+    (out / "report.html").write_text(page, encoding="utf-8")
     return {"rows": rows, "failed": sum(r["status"] != "ok" for r in rows)}
 
 
@@ -470,8 +487,11 @@ def plot_costs(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Option
         for r, xi, yi in zip(points, x, y):
             ax.annotate(r["method"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
         front = pareto_front(x, y)
-        ax.plot([x[i] for i in front], [y[i] for i in front], color="tab:red", lw=1, label="Pareto front")
-        ax.set_xscale("log")
+        ax.plot([x[i] for i in front], [y[i] for i in front], color="tab:red", lw=1, marker="o", ms=11,
+                mfc="none", label="Pareto front")
+        if x and max(x) > 10 * min(x):  # costs spanning decades on a log axis
+            ax.set_xscale("log")
+        ax.margins(0.2)  # labels of the extreme points stay inside
         ax.set_xlabel(label)
         ax.set_ylabel("mAP@all")
         ax.legend(loc="lower right", fontsize=8)
@@ -530,7 +550,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     result = compare(spec)
-    print(f"results: {spec.out / 'results.csv'}\nreport: {spec.out / 'report.md'}")
+    print(f"results: {spec.out / 'results.csv'}\nreport: {spec.out / 'report.md'}, {spec.out / 'report.html'}")
     return 1 if result["failed"] else 0
 
 

@@ -82,7 +82,15 @@ class Benchmark:
 
     # ------------------------------------------------------------------ paths
     def image_path(self, image_id: str) -> Path:
-        return self.root / self.image_root / self.images[image_id].file
+        """The file of a listed image, or of a distractor (its id is the folder's prefix + path)."""
+        entry = self.images.get(image_id)
+        if entry is not None:
+            return self.root / self.image_root / entry.file
+        for d in self.distractors:
+            prefix = str(d.get("id_prefix", "distractor:"))
+            if image_id.startswith(prefix):
+                return self.distractor_root(d) / image_id[len(prefix):]
+        raise KeyError(f"benchmark '{self.name}' has no image '{image_id}'")
 
     @property
     def query_by_id(self) -> dict[str, Query]:

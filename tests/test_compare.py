@@ -197,3 +197,44 @@ def test_shipped_comparisons_name_existing_configs(path, monkeypatch):
     spec = ComparisonSpec.load(path)
     assert spec.baseline in {m.name for m in spec.methods}
     assert all(m.config.is_file() for m in spec.methods)
+
+
+def test_disagreement_order_by_hand():
+    from instsearch.eval.report_html import disagreement_order
+
+    aps = {"a": np.array([0.5, 1.0, 0.0, 0.2]), "b": np.array([0.5, 0.0, 0.4, 0.2])}
+    # spreads: 0, 0.5, 0.2, 0 -> query 1, then 2, then 0 and 3 in the benchmark's order
+    assert disagreement_order(aps).tolist() == [1, 2, 0, 3]
+
+
+def _browser() -> str | None:
+    import shutil
+
+    return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+def test_report_html_renders_in_a_headless_browser(comparison, tmp_path):
+    """The page opens from disk with everything inlined; a real browser lays it out (its DOM holds
+    the tables and every thumbnail) and draws it (the screenshot is not blank)."""
+    import subprocess
+
+    from PIL import Image
+
+    assert main(["compare", "--config", str(comparison)]) == 0
+    page = tmp_path / "out" / "report.html"
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text and 'src="data:image/' in text  # self-contained
+    # 4 queries x (1 query crop + 2 methods x 5 hits) thumbnails, and the cost plot
+    assert text.count('src="data:image/jpeg') == 4 * (1 + 2 * 5) and text.count('src="data:image/png') == 1
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no headless Chromium here: `apt-get update && apt-get install -y chromium` to run this check")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'p'}"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert dom.count("<img") == 4 * (1 + 2 * 5) + 1 and dom.count("<table") == 2
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()],
+                   capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (1600, 1200) and pixels.std() > 10  # text, tables and thumbnails drawn
