@@ -97,6 +97,8 @@ class ComparisonSpec:
     source: Optional[Path] = None
     #: queries shown in report.html's gallery
     gallery_queries: int = 30
+    #: ``{project, name}``: log the table and the plots to wandb (offline without credentials)
+    wandb: Optional[dict[str, Any]] = None
 
     @classmethod
     def load(cls, path: str | Path, out: Optional[str | Path] = None) -> "ComparisonSpec":
@@ -145,7 +147,7 @@ class ComparisonSpec:
         boot = data.get("bootstrap") or {}
         spec = cls(methods, benchmarks, baseline, Path(out or data.get("out") or "runs/compare"),
                    int(boot.get("resamples", 10_000)), int(boot.get("seed", 0)), float(boot.get("confidence", 0.95)),
-                   path, int(data.get("gallery_queries", 30)))
+                   path, int(data.get("gallery_queries", 30)), data.get("wandb"))
         spec.check_inputs()
         return spec
 
@@ -411,7 +413,33 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
     page = comparison_html(f"Comparison: {spec.source}", loaded, cards, rows, all_runs, all_aps, plots,
                            provenance=prov, queries=spec.gallery_queries)
     (out / "report.html").write_text(page, encoding="utf-8")
+    if spec.wandb is not None:
+        log_to_wandb(spec, rows, plots)
     return {"rows": rows, "failed": sum(r["status"] != "ok" for r in rows)}
+
+
+def log_to_wandb(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], plots: dict[str, Optional[Path]]) -> str:
+    """The results as a wandb Table and the cost plots as images, in a run of their own (online
+    with credentials, else offline under ``DIR/wandb``: ``wandb sync`` uploads it). Returns the
+    run's folder."""
+    import wandb
+
+    from instsearch.loggers import wandb_credentials_available
+
+    offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_credentials_available()
+    run = wandb.init(project=str(spec.wandb.get("project", "instsearch")), name=spec.wandb.get("name"),
+                     dir=str(spec.out), mode="offline" if offline else "online", job_type="compare",
+                     config={"comparison": str(spec.source), "baseline": spec.baseline})
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    table = wandb.Table(columns=columns, data=[[None if r.get(c) is None else str(r.get(c)) if isinstance(
+        r.get(c), (dict, list)) else r.get(c) for c in columns] for r in rows])
+    run.log({"comparison/results": table,
+             **{f"comparison/cost_{name}": wandb.Image(str(path)) for name, path in plots.items() if path}})
+    folder = str(run.dir)
+    run.finish()
+    return folder
 
 
 def _num(value: Any) -> Optional[float]:

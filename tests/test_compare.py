@@ -238,3 +238,18 @@ def test_report_html_renders_in_a_headless_browser(comparison, tmp_path):
                    capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.shape == (1600, 1200) and pixels.std() > 10  # text, tables and thumbnails drawn
+
+
+def test_the_table_and_plots_go_to_wandb_offline(comparison, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    spec = yaml.safe_load(comparison.read_text())
+    spec["wandb"] = {"project": "instsearch-tests", "name": "compare"}
+    comparison.write_text(yaml.safe_dump(spec))
+    assert main(["compare", "--config", str(comparison)]) == 0
+    runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # the table (every row) and the plot as the run's media files
+    tables = list(runs[0].rglob("media/table/comparison/results_*.table.json"))
+    assert len(tables) == 1 and len(json.loads(tables[0].read_text())["data"]) == 2
+    assert len(list(runs[0].rglob("media/images/comparison/cost_small_*.png"))) == 1
