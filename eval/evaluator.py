@@ -177,6 +177,7 @@ class RetrievalEvaluator:
                                                                                  device=self.device))
         #: the index of the last :meth:`compute` (rank 0), e.g. to write the encoded database
         self.index: Optional[RegionIndex] = None
+        self.searched_queries: Optional[tuple[list[str], np.ndarray]] = None
         self.reset()
 
     def reset(self) -> None:
@@ -281,6 +282,8 @@ class RetrievalEvaluator:
         else:
             rankings = []
         t2 = time.perf_counter()
+        #: the query features as searched (whitened when the database is): what re-ranking expands
+        self.searched_queries = (query_ids, features if query_ids else np.zeros((0, store.dim), np.float32))
         costs = {"index_build_s": round(t1 - t0, 4),
                  "search_ms_per_query": round(1000 * (t2 - t1) / max(len(query_ids), 1), 4),
                  "index_bytes_per_image": round(searcher_bytes(index.searcher) / max(len(image_ids), 1), 1)}

@@ -101,7 +101,7 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-TABLE_COLUMNS = ("method", "status", "mAP@10", "mAP@100", "mAP@all", "mIoU", "regions_per_image",
+TABLE_COLUMNS = ("method", "reranker", "status", "mAP@10", "mAP@100", "mAP@all", "mIoU", "regions_per_image",
                  "search_ms_per_query", "index_bytes_per_image", "delta_mAP@all", "ci_low", "ci_high",
                  "ci_excludes_0", "error")
 

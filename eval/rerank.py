@@ -142,6 +142,40 @@ class Diffusion:
         return f.astype(np.float32)
 
 
+@dataclass
+class RerankInputs:
+    """What re-ranking a finished search needs: every database region's feature and image, and
+    the query features as searched (``features.npz`` of an ``instsearch compare`` cell)."""
+
+    image_ids: list[str]
+    image_index: np.ndarray  # (M,) int64, ascending: regions grouped by image
+    features: np.ndarray  # (M, D) float32
+    query_ids: list[str]
+    queries: np.ndarray  # (Q, D) float32
+
+    def save(self, path) -> None:
+        np.savez(path, image_ids=np.array(self.image_ids, dtype=str), image_index=self.image_index,
+                 features=self.features, query_ids=np.array(self.query_ids, dtype=str), queries=self.queries)
+
+    @classmethod
+    def load(cls, path) -> "RerankInputs":
+        with np.load(path, allow_pickle=False) as z:
+            return cls([str(i) for i in z["image_ids"]], z["image_index"].astype(np.int64),
+                       z["features"].astype(np.float32), [str(q) for q in z["query_ids"]],
+                       z["queries"].astype(np.float32))
+
+    def shortlist(self, query: int, images: np.ndarray, scores: np.ndarray) -> Shortlist:
+        """Query ``query``'s shortlist of image positions ``images`` (best first) with ``scores``."""
+        from instsearch.eval.shard_search import image_regions
+
+        starts = np.searchsorted(self.image_index, np.arange(len(self.image_ids) + 1))
+        images = np.asarray(images, np.int64)
+        lengths = starts[images + 1] - starts[images]
+        regions, _ = image_regions(starts, images)
+        return Shortlist(self.queries[query], np.asarray(scores, np.float32), self.features[regions],
+                         np.repeat(np.arange(len(images)), lengths))
+
+
 RERANKERS = {"aqe": AverageQueryExpansion, "alpha_qe": AlphaQueryExpansion, "dba": DatabaseAugmentation,
              "diffusion": Diffusion}
 
@@ -153,6 +187,27 @@ def build_reranker(spec: dict) -> Reranker:
     if kind not in RERANKERS:
         raise ValueError(f"reranker type must be one of {', '.join(RERANKERS)}, got {kind!r}")
     return RERANKERS[kind](**spec)
+
+
+def rerank_run(run, inputs: RerankInputs, reranker: Reranker, shortlist: int = 100):
+    """``run`` with each query's first ``shortlist`` hits reordered by ``reranker`` (their new
+    scores; each keeps the box of its first search's best region), the rest after them as they
+    were. A query without stored features keeps its ranking."""
+    from instsearch.formats import Hit, Run
+
+    position = {image_id: k for k, image_id in enumerate(inputs.image_ids)}
+    row_of = {q: i for i, q in enumerate(inputs.query_ids)}
+    rankings = {}
+    for qid, hits in run.rankings.items():
+        head = hits[:shortlist]
+        if qid not in row_of or not head:
+            rankings[qid] = list(hits)
+            continue
+        images = np.array([position[h.image] for h in head], np.int64)
+        order, scores = rerank_order(inputs.shortlist(row_of[qid], images, [h.score for h in head]), reranker)
+        rankings[qid] = [Hit(head[i].image, float(v), head[i].box) for i, v in zip(order.tolist(), scores.tolist())]
+        rankings[qid] += hits[shortlist:]
+    return Run(method=f"{run.method}+{reranker.name}", rankings=rankings)
 
 
 def rerank_order(shortlist: Shortlist, reranker: Reranker) -> tuple[np.ndarray, np.ndarray]:

@@ -99,6 +99,10 @@ class ComparisonSpec:
     gallery_queries: int = 30
     #: ``{project, name}``: log the table and the plots to wandb (offline without credentials)
     wandb: Optional[dict[str, Any]] = None
+    #: re-rankers applied to every cell's shortlist (``{type, name?, ...parameters}``)
+    rerankers: list[dict[str, Any]] = field(default_factory=list)
+    #: images per query the re-rankers reorder
+    shortlist: int = 100
 
     @classmethod
     def load(cls, path: str | Path, out: Optional[str | Path] = None) -> "ComparisonSpec":
@@ -147,7 +151,19 @@ class ComparisonSpec:
         boot = data.get("bootstrap") or {}
         spec = cls(methods, benchmarks, baseline, Path(out or data.get("out") or "runs/compare"),
                    int(boot.get("resamples", 10_000)), int(boot.get("seed", 0)), float(boot.get("confidence", 0.95)),
-                   path, int(data.get("gallery_queries", 30)), data.get("wandb"))
+                   path, int(data.get("gallery_queries", 30)), data.get("wandb"),
+                   list(data.get("rerankers") or []), int(data.get("shortlist", 100)))
+        from instsearch.eval.rerank import build_reranker
+
+        names = set()
+        for i, r in enumerate(spec.rerankers):
+            try:
+                built = build_reranker(r)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}: rerankers[{i}]: {e}") from e
+            if built.name in names or built.name == "none":
+                raise ValueError(f"{where}: rerankers[{i}]: name {built.name!r} is taken (give each a name)")
+            names.add(built.name)
         spec.check_inputs()
         return spec
 
@@ -229,7 +245,7 @@ def run_cell(method: MethodSpec, benchmark: BenchmarkSpec, folder: Path) -> dict
     import shutil
     import tempfile
 
-    from instsearch.cli import main
+    from instsearch.lightning_cli import lightning_cli
 
     work = Path(tempfile.mkdtemp(prefix="cell_", dir=folder.parent))
     logger = [{"class_path": "pytorch_lightning.loggers.CSVLogger",
@@ -241,10 +257,9 @@ def run_cell(method: MethodSpec, benchmark: BenchmarkSpec, folder: Path) -> dict
             "--model.init_args.retrieval.grid_queries", "0"]
     t0 = time.perf_counter()
     try:
-        main(argv)
+        cli = lightning_cli(argv)
     except SystemExit as e:  # the command line parser exits on a bad option
-        if e.code not in (0, None):
-            raise RuntimeError(f"instsearch test rejected the options (exit {e.code}): {' '.join(argv)}") from e
+        raise RuntimeError(f"instsearch test rejected the options (exit {e.code}): {' '.join(argv)}") from e
     seconds = time.perf_counter() - t0
     found = sorted(work.rglob("metrics.json"))
     if not found:
@@ -254,7 +269,27 @@ def run_cell(method: MethodSpec, benchmark: BenchmarkSpec, folder: Path) -> dict
         if (found[0].parent / name).is_file():
             shutil.copyfile(found[0].parent / name, folder / name)
     shutil.rmtree(work, ignore_errors=True)
-    return {"seconds": round(seconds, 2), "argv": argv}
+    reranking = save_rerank_inputs(getattr(cli.model, "_evaluator", None), folder / "features.npz")
+    return {"seconds": round(seconds, 2), "argv": argv, "rerankable": reranking}
+
+
+def save_rerank_inputs(evaluator, path: Path) -> Optional[str]:
+    """The cell's region features and searched queries for re-ranking; ``None`` when saved, else
+    why not (a method searched from codes alone keeps no features)."""
+    import numpy as np
+
+    from instsearch.eval.rerank import RerankInputs
+
+    index = getattr(evaluator, "index", None)
+    if index is None or evaluator.searched_queries is None:
+        return "no index of the gathered search to re-rank (sharded evaluation)"
+    store = index.store
+    if len(store) and store.features.shape[1] == 0:
+        return "the method searches codes alone: no region features to expand with"
+    query_ids, queries = evaluator.searched_queries
+    RerankInputs(list(store.image_ids), store.image_index, store.features, list(query_ids),
+                 np.asarray(queries, np.float32)).save(path)
+    return None
 
 
 def provenance() -> dict[str, Any]:
@@ -343,7 +378,8 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
     """``results.csv``, ``per_query.csv``, the cost plots, ``report.md`` and ``report.html`` from the cells."""
     import numpy as np
 
-    from instsearch.eval.metrics import metric_key, per_query_average_precision
+    from instsearch.eval.metrics import per_query_average_precision, retrieval_metrics
+    from instsearch.eval.rerank import RerankInputs, build_reranker, rerank_run
     from instsearch.eval.significance import paired_bootstrap
     from instsearch.formats import Benchmark, Run
 
@@ -369,39 +405,48 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
             per = per_query_average_precision(bench, run, ks=KS, normalization=metrics["normalization"],
                                               protocol=metrics["protocol"])
             aps[c["method"]] = np.array([per[q][-1] for q in query_ids])
-            for q in query_ids:
-                per_query.append({"benchmark": b.name, "method": c["method"], "reranker": "none", "query": q,
-                                  **{metric_key(k).replace("mAP", "AP"): round(float(v), 6)
-                                     for k, v in zip(KS, per[q])}})
+            per_query += _per_query_rows(b.name, c["method"], "none", query_ids, per)
         cards[b.name] = protocol_card(b, bench, mine)
         base = aps.get(spec.baseline) if spec.baseline else None
+
+        def delta(ap: np.ndarray) -> dict[str, Any]:
+            diff = paired_bootstrap(ap, base, spec.resamples, spec.seed, spec.confidence)
+            return {"vs_baseline": spec.baseline, "delta_mAP@all": round(diff.mean, 6), "ci_low": round(diff.low, 6),
+                    "ci_high": round(diff.high, 6), "ci_excludes_0": diff.excludes_zero}
+
         for c in mine:
             row = {"benchmark": b.name, "method": c["method"], "reranker": "none", "status": c.get("status")}
             if c.get("status") == "ok":
-                m = c["_metrics"]
-                row.update({metric_key(k): _num(m.get(metric_key(k))) for k in KS})
-                row.update({"mIoU": _num(m.get("mIoU")), "recall@IoU0.5": _num(m.get("recall@IoU0.5")),
-                            "recall@IoU0.7": _num(m.get("recall@IoU0.7")),
-                            "regions_per_image": _num(m.get("regions_per_image")), "test_seconds": c.get("seconds")})
-                costs = c.get("_costs") or {}
-                row.update({"extraction_items_per_s": costs.get("extraction_items_per_s"),
-                            "search_ms_per_query": costs.get("search_ms_per_query"),
-                            "index_bytes_per_image": costs.get("index_bytes_per_image")})
+                row.update(_metric_columns(c["_metrics"], c.get("_costs") or {}, c.get("seconds")))
                 if base is not None and c["method"] != spec.baseline:
-                    diff = paired_bootstrap(aps[c["method"]], base, spec.resamples, spec.seed, spec.confidence)
-                    row.update({"vs_baseline": spec.baseline, "delta_mAP@all": round(diff.mean, 6),
-                                "ci_low": round(diff.low, 6), "ci_high": round(diff.high, 6),
-                                "ci_excludes_0": diff.excludes_zero})
+                    row.update(delta(aps[c["method"]]))
             else:
                 row["error"] = c.get("error")
-            p = c.get("provenance") or {}
-            row.update({"commit": p.get("commit"), "dirty": p.get("dirty"), "config": c.get("config"),
-                        "cell_key": c.get("key"), "checkpoint_sha256": c.get("checkpoint_sha256"),
-                        "benchmark_sha256": c.get("benchmark_sha256"), "device": p.get("device"),
-                        "torch": p.get("torch"), "faiss": p.get("faiss")})
-            rows.append(row)
+            rows.append({**row, **_provenance_columns(c)})
+            if c.get("status") != "ok":
+                continue
+            folder = out / "cells" / f"{c['method']}__{b.name}__{c['key']}"
+            for r_spec in spec.rerankers:
+                reranker = build_reranker(r_spec)
+                row = {"benchmark": b.name, "method": c["method"], "reranker": reranker.name}
+                if not (folder / "features.npz").is_file():
+                    row.update(status="failed", error=f"re-ranking: {c.get('rerankable') or 'no features.npz'}")
+                    rows.append({**row, **_provenance_columns(c)})
+                    continue
+                m = c["_metrics"]
+                run = rerank_run(runs[c["method"]], RerankInputs.load(folder / "features.npz"), reranker,
+                                 spec.shortlist)
+                metrics = retrieval_metrics(bench, run, normalization=m["normalization"], protocol=m["protocol"])
+                per = per_query_average_precision(bench, run, ks=KS, normalization=m["normalization"],
+                                                  protocol=m["protocol"])
+                per_query += _per_query_rows(b.name, c["method"], reranker.name, query_ids, per)
+                row.update(status="ok", **_metric_columns({**m, **metrics}, {}, None), shortlist=spec.shortlist)
+                if base is not None:
+                    row.update(delta(np.array([per[q][-1] for q in query_ids])))
+                rows.append({**row, **_provenance_columns(c)})
     _write_csv(out / "results.csv", rows)
-    plots = {b.name: plot_costs([r for r in rows if r["benchmark"] == b.name and r["status"] == "ok"],
+    plots = {b.name: plot_costs([r for r in rows if r["benchmark"] == b.name and r["status"] == "ok"
+                                 and r["reranker"] == "none"],
                                 out / f"cost_{b.name}.png", b.name) for b in spec.benchmarks}
     _write_csv(out / "per_query.csv", per_query)
     (out / "report.md").write_text(report_markdown(spec, rows, cards, plots), encoding="utf-8")
@@ -440,6 +485,35 @@ def log_to_wandb(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], plots: di
     folder = str(run.dir)
     run.finish()
     return folder
+
+
+def _per_query_rows(benchmark: str, method: str, reranker: str, query_ids: Sequence[str],
+                    per: dict) -> list[dict[str, Any]]:
+    from instsearch.eval.metrics import metric_key
+
+    return [{"benchmark": benchmark, "method": method, "reranker": reranker, "query": q,
+             **{metric_key(k).replace("mAP", "AP"): round(float(v), 6) for k, v in zip(KS, per[q])}}
+            for q in query_ids]
+
+
+def _metric_columns(metrics: dict[str, Any], costs: dict[str, Any], seconds: Optional[float]) -> dict[str, Any]:
+    from instsearch.eval.metrics import metric_key
+
+    return {**{metric_key(k): _num(metrics.get(metric_key(k))) for k in KS},
+            "mIoU": _num(metrics.get("mIoU")), "recall@IoU0.5": _num(metrics.get("recall@IoU0.5")),
+            "recall@IoU0.7": _num(metrics.get("recall@IoU0.7")),
+            "regions_per_image": _num(metrics.get("regions_per_image")), "test_seconds": seconds,
+            "extraction_items_per_s": costs.get("extraction_items_per_s"),
+            "search_ms_per_query": costs.get("search_ms_per_query"),
+            "index_bytes_per_image": costs.get("index_bytes_per_image")}
+
+
+def _provenance_columns(cell: dict[str, Any]) -> dict[str, Any]:
+    p = cell.get("provenance") or {}
+    return {"commit": p.get("commit"), "dirty": p.get("dirty"), "config": cell.get("config"),
+            "cell_key": cell.get("key"), "checkpoint_sha256": cell.get("checkpoint_sha256"),
+            "benchmark_sha256": cell.get("benchmark_sha256"), "device": p.get("device"),
+            "torch": p.get("torch"), "faiss": p.get("faiss")}
 
 
 def _num(value: Any) -> Optional[float]:
@@ -542,8 +616,9 @@ def report_markdown(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], cards:
         for r in rows:
             if r["benchmark"] != name:
                 continue
+            label = r["method"] if r["reranker"] == "none" else f"{r['method']} + {r['reranker']}"
             if r["status"] != "ok":
-                lines.append(f"| {r['method']} | failed: {r.get('error')} | | | | | | | | |")
+                lines.append(f"| {label} | failed: {r.get('error')} | | | | | | | | |")
                 continue
             delta = ""
             if "delta_mAP@all" in r:
@@ -552,7 +627,7 @@ def report_markdown(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], cards:
             elif r["method"] == spec.baseline:
                 delta = "baseline"
             fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-            lines.append(f"| {r['method']} | {fmt(r['mAP@10'])} | {fmt(r['mAP@100'])} | {fmt(r['mAP@all'])} | "
+            lines.append(f"| {label} | {fmt(r['mAP@10'])} | {fmt(r['mAP@100'])} | {fmt(r['mAP@all'])} | "
                          f"{fmt(r['mIoU'])} | {fmt(r['regions_per_image'])} | {r.get('search_ms_per_query')} | "
                          f"{r.get('index_bytes_per_image')} | {delta} | {r['test_seconds']} |")
         lines += ["", "\\* the interval excludes 0.", ""]

@@ -253,3 +253,44 @@ def test_the_table_and_plots_go_to_wandb_offline(comparison, tmp_path, monkeypat
     tables = list(runs[0].rglob("media/table/comparison/results_*.table.json"))
     assert len(tables) == 1 and len(json.loads(tables[0].read_text())["data"]) == 2
     assert len(list(runs[0].rglob("media/images/comparison/cost_small_*.png"))) == 1
+
+
+def test_reranked_rows_are_the_expanded_search_of_the_shortlist(comparison, tmp_path, small_benchmark):
+    """AQE (k = 2) computed here by hand from the cell's features: the query plus the best region
+    (for the query) of its two first images, normalised, scores every region of the shortlist; an
+    image takes its best; the shortlist is re-sorted."""
+    from instsearch.eval.metrics import retrieval_metrics
+    from instsearch.formats import Benchmark, Hit, Run
+
+    spec = yaml.safe_load(comparison.read_text())
+    spec["rerankers"] = [{"type": "aqe", "k": 2}, {"type": "diffusion", "k": 3, "name": "diffusion3"}]
+    spec["shortlist"] = 10
+    comparison.write_text(yaml.safe_dump(spec))
+    assert main(["compare", "--config", str(comparison)]) == 0
+    out = tmp_path / "out"
+    with open(out / "results.csv", newline="") as f:
+        rows = {(r["method"], r["reranker"]): r for r in csv.DictReader(f)}
+    assert {k[1] for k in rows} == {"none", "aqe", "diffusion3"} and all(r["status"] == "ok" for r in rows.values())
+    folder = next((out / "cells").glob("three__*"))
+    z = np.load(folder / "features.npz")
+    ids, owner, feats = list(z["image_ids"]), z["image_index"], z["features"]
+    run = json.loads((folder / "run.json").read_text())["rankings"]
+    expanded = {}
+    for qi, qid in enumerate(z["query_ids"]):
+        q = z["queries"][qi]
+        head = run[str(qid)][:10]
+        best = []
+        for h in head[:2]:
+            mine = feats[owner == ids.index(h["image"])]
+            best.append(mine[np.argmax(mine @ q)])
+        q2 = q + best[0] + best[1]
+        q2 = q2 / np.linalg.norm(q2)
+        new = [max(feats[owner == ids.index(h["image"])] @ q2) for h in head]
+        order = sorted(range(len(head)), key=lambda i: (-new[i], i))
+        expanded[str(qid)] = [Hit(head[i]["image"], float(new[i]), tuple(head[i]["box"])) for i in order] + \
+            [Hit(h["image"], h["score"], tuple(h["box"])) for h in run[str(qid)][10:]]
+    bench = Benchmark.load(small_benchmark)
+    by_hand = retrieval_metrics(bench, Run("aqe", expanded), normalization="min")
+    assert float(rows[("three", "aqe")]["mAP@all"]) == pytest.approx(by_hand["mAP@all"], abs=2e-6)
+    assert float(rows[("three", "aqe")]["mAP@all"]) != float(rows[("three", "none")]["mAP@all"])  # it moved
+    assert rows[("three", "aqe")]["vs_baseline"] == "three"  # compared with the plain baseline
