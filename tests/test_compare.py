@@ -193,10 +193,19 @@ def test_a_trainable_method_is_fitted_once_and_its_checkpoint_tested(tmp_path, s
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "compare").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_shipped_comparisons_name_existing_configs(path, monkeypatch):
+    """Every method config exists and each method's overrides are options its config accepts (the
+    CLI parses them); the data and weights they name are the user's."""
+    from instsearch.lightning_cli import lightning_cli
+
     monkeypatch.chdir(path.parents[2])  # paths in a comparison are relative to the repository, as configs' are
-    spec = ComparisonSpec.load(path)
+    spec = ComparisonSpec.load(path, check_inputs=False)
     assert spec.baseline in {m.name for m in spec.methods}
-    assert all(m.config.is_file() for m in spec.methods)
+    for m in spec.methods:
+        assert m.config.is_file(), m.name
+        argv = ["--config", str(m.config)]  # parsed as the test command parses it (no subcommand)
+        for key, value in m.overrides.items():
+            argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        lightning_cli(argv, run=False, cli_class=_parse_only())
 
 
 def test_disagreement_order_by_hand():
@@ -205,6 +214,16 @@ def test_disagreement_order_by_hand():
     aps = {"a": np.array([0.5, 1.0, 0.0, 0.2]), "b": np.array([0.5, 0.0, 0.4, 0.2])}
     # spreads: 0, 0.5, 0.2, 0 -> query 1, then 2, then 0 and 3 in the benchmark's order
     assert disagreement_order(aps).tolist() == [1, 2, 0, 3]
+
+
+def _parse_only():
+    from instsearch.lightning_cli import InstsearchCLI
+
+    class ParseOnly(InstsearchCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    return ParseOnly
 
 
 def _browser() -> str | None:
