@@ -52,7 +52,7 @@ from typing import Any, Optional, Sequence
 
 PROG = "instsearch compare"
 #: bumped when a cell's outputs change, so that cells of an older instsearch are redone
-CELL_FORMAT = "instsearch-compare-cell/2"
+CELL_FORMAT = "instsearch-compare-cell/3"
 #: the same for trained checkpoints (what training does, not what a cell writes)
 TRAIN_FORMAT = "instsearch-compare-train/1"
 KS: tuple[Optional[int], ...] = (10, 20, 50, 100, None)
@@ -272,7 +272,9 @@ def run_cell(method: MethodSpec, benchmark: BenchmarkSpec, folder: Path) -> dict
             shutil.copyfile(found[0].parent / name, folder / name)
     shutil.rmtree(work, ignore_errors=True)
     reranking = save_rerank_inputs(getattr(cli.model, "_evaluator", None), folder / "features.npz")
-    return {"seconds": round(seconds, 2), "argv": argv, "rerankable": reranking}
+    # the long side images are served at (at most); a network may resize them further itself
+    max_side = getattr(cli.datamodule, "benchmark_max_side", None)
+    return {"seconds": round(seconds, 2), "argv": argv, "rerankable": reranking, "served_max_side": max_side}
 
 
 def save_rerank_inputs(evaluator, path: Path) -> Optional[str]:
@@ -552,6 +554,9 @@ def protocol_card(spec: BenchmarkSpec, bench, cells: Sequence[dict[str, Any]]) -
                 f"{len(bench.queries)} queries",
         "database images": len(bench.database),
         "distractor images": sum(int(d.get("count", 0)) for d in bench.distractors),
+        "images served at (long side at most; the network may resize further)":
+            ", ".join(f"{c['method']}: {c.get('served_max_side') or 'original'}" for c in cells
+                      if c.get("status") == "ok") or "n/a",
         "normalization": spec.normalization, "protocol": spec.protocol,
         "imposed on every method": "yes (each cell's metrics.json confirms it)"
         if all(m.get("normalization") == spec.normalization and m.get("protocol") == spec.protocol for m in metrics)

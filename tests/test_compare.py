@@ -125,6 +125,7 @@ def test_each_row_is_instsearch_test_and_cells_are_cached(comparison, tmp_path, 
     report = (out / "report.md").read_text()
     assert "| queries | 4 |" in report and "| normalization | min |" in report
     assert "| imposed on every method | yes" in report
+    assert "| images served at (long side at most; the network may resize further) | three: 1600, five: 1600 |" in report
     # a rerun reuses both cells; a changed option makes one new cell
     capsys.readouterr()
     assert main(["compare", "--config", str(comparison)]) == 0
