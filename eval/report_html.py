@@ -96,7 +96,7 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
             v = r.get(c)
             text = "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
             cells.append(f"<td>{html.escape(text)}</td>")
-        cls = ' class="failed"' if r.get("status") != "ok" else ""
+        cls = ' class="failed"' if r.get("status") == "failed" else ""
         body.append(f"<tr{cls}>{''.join(cells)}</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 

@@ -433,8 +433,8 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
             for r_spec in spec.rerankers:
                 reranker = build_reranker(r_spec)
                 row = {"benchmark": b.name, "method": c["method"], "reranker": reranker.name}
-                if not (folder / "features.npz").is_file():
-                    row.update(status="failed", error=f"re-ranking: {c.get('rerankable') or 'no features.npz'}")
+                if not (folder / "features.npz").is_file():  # not applicable to this method, not a failure
+                    row.update(status="n/a", error=f"re-ranking: {c.get('rerankable') or 'no features.npz'}")
                     rows.append({**row, **_provenance_columns(c)})
                     continue
                 m = c["_metrics"]
@@ -464,7 +464,7 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
     (out / "report.html").write_text(page, encoding="utf-8")
     if spec.wandb is not None:
         log_to_wandb(spec, rows, plots)
-    return {"rows": rows, "failed": sum(r["status"] != "ok" for r in rows)}
+    return {"rows": rows, "failed": sum(r["status"] == "failed" for r in rows)}
 
 
 def log_to_wandb(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], plots: dict[str, Optional[Path]]) -> str:
@@ -625,7 +625,7 @@ def report_markdown(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], cards:
                 continue
             label = r["method"] if r["reranker"] == "none" else f"{r['method']} + {r['reranker']}"
             if r["status"] != "ok":
-                lines.append(f"| {label} | failed: {r.get('error')} | | | | | | | | |")
+                lines.append(f"| {label} | {r['status']}: {r.get('error')} | | | | | | | | |")
                 continue
             delta = ""
             if "delta_mAP@all" in r:

@@ -314,3 +314,15 @@ def test_reranked_rows_are_the_expanded_search_of_the_shortlist(comparison, tmp_
     assert float(rows[("three", "aqe")]["mAP@all"]) == pytest.approx(by_hand["mAP@all"], abs=2e-6)
     assert float(rows[("three", "aqe")]["mAP@all"]) != float(rows[("three", "none")]["mAP@all"])  # it moved
     assert rows[("three", "aqe")]["vs_baseline"] == "three"  # compared with the plain baseline
+
+
+def test_a_method_without_features_gets_a_not_applicable_rerank_row(comparison, tmp_path):
+    spec = yaml.safe_load(comparison.read_text())
+    spec["methods"][1]["overrides"] = {"model.init_args.retrieval.evaluation": "sharded"}  # ranks without an index
+    spec["rerankers"] = [{"type": "aqe", "k": 2}]
+    comparison.write_text(yaml.safe_dump(spec))
+    assert main(["compare", "--config", str(comparison)]) == 0  # not applicable is not a failure
+    with open(tmp_path / "out" / "results.csv", newline="") as f:
+        rows = {(r["method"], r["reranker"]): r for r in csv.DictReader(f)}
+    assert rows[("five", "none")]["status"] == "ok" and rows[("three", "aqe")]["status"] == "ok"
+    assert rows[("five", "aqe")]["status"] == "n/a" and "sharded evaluation" in rows[("five", "aqe")]["error"]
