@@ -579,6 +579,7 @@ def pareto_front(cost: Sequence[float], score: Sequence[float]) -> list[int]:
 def plot_costs(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Optional[Path]:
     """mAP@all against search ms/query and against index bytes/image, the Pareto front joined."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -600,6 +601,7 @@ def plot_costs(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Option
                 mfc="none", label="Pareto front")
         if x and max(x) > 10 * min(x):  # costs spanning decades on a log axis
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
         ax.margins(0.2)  # labels of the extreme points stay inside
         ax.set_xlabel(label)
         ax.set_ylabel("mAP@all")
@@ -634,9 +636,10 @@ def report_markdown(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], cards:
             elif r["method"] == spec.baseline:
                 delta = "baseline"
             fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+            plain = lambda v: "" if v is None else str(v)  # noqa: E731
             lines.append(f"| {label} | {fmt(r['mAP@10'])} | {fmt(r['mAP@100'])} | {fmt(r['mAP@all'])} | "
-                         f"{fmt(r['mIoU'])} | {fmt(r['regions_per_image'])} | {r.get('search_ms_per_query')} | "
-                         f"{r.get('index_bytes_per_image')} | {delta} | {r['test_seconds']} |")
+                         f"{fmt(r['mIoU'])} | {fmt(r['regions_per_image'])} | {plain(r.get('search_ms_per_query'))} | "
+                         f"{plain(r.get('index_bytes_per_image'))} | {delta} | {plain(r.get('test_seconds'))} |")
         lines += ["", "\\* the interval excludes 0.", ""]
         if plots and plots.get(name):
             lines += [f"![accuracy against cost]({plots[name].name})", ""]
