@@ -28,6 +28,7 @@ th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 .card td { text-align: left; }
 .failed { color: #b00; }
+td.error { text-align: left; min-width: 30em; }
 .query { display: flex; align-items: flex-start; gap: 16px; margin: 14px 0; padding-top: 10px;
          border-top: 1px solid #ddd; }
 .methods { display: flex; flex-direction: column; gap: 4px; }
@@ -95,7 +96,7 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
         for c in columns:
             v = r.get(c)
             text = "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-            cells.append(f"<td>{html.escape(text)}</td>")
+            cells.append(f'<td class="{c}">{html.escape(text)}</td>' if c == "error" else f"<td>{html.escape(text)}</td>")
         cls = ' class="failed"' if r.get("status") == "failed" else ""
         body.append(f"<tr{cls}>{''.join(cells)}</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
