@@ -124,6 +124,8 @@ def comparison_html(title: str, benchmarks: Mapping[str, Benchmark], cards: Mapp
             + f"<h3>Queries where the methods disagree most (top {top}; frame: green positive, red negative, "
               f"grey junk; yellow box: the returned region)</h3>"
             + gallery(bench, runs.get(name, {}), aps.get(name, {}), queries=queries, top=top))
+    sizes = "".join(f'<img alt="{html.escape(key[6:])}: mAP against database size" src="{_png_uri(plot)}">'
+                    for key, plot in plots.items() if key.startswith("group:") and plot)
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{sizes}{''.join(sections)}"
             f"<p>{html.escape(provenance)}</p></body></html>\n")

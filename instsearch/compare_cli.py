@@ -78,6 +78,9 @@ class BenchmarkSpec:
     #: the benchmark's AP convention, imposed on every method (one protocol per table)
     normalization: str = "relevant"
     protocol: str = "standard"
+    #: benchmarks of one group are one collection at several sizes (+0 / +N distractors): their
+    #: mAP is plotted against the database size
+    group: Optional[str] = None
 
     @property
     def protocol_overrides(self) -> dict[str, str]:
@@ -141,7 +144,8 @@ class ComparisonSpec:
             from instsearch.eval.metrics import NORMALIZATIONS, PROTOCOLS
 
             bench = BenchmarkSpec(str(b["name"]), Path(b["benchmark"]), b.get("synthetic"),
-                                  str(b.get("normalization", "relevant")), str(b.get("protocol", "standard")))
+                                  str(b.get("normalization", "relevant")), str(b.get("protocol", "standard")),
+                                  b.get("group"))
             if bench.normalization not in NORMALIZATIONS or bench.protocol not in PROTOCOLS:
                 raise ValueError(f"{where}: benchmarks[{i}]: normalization must be one of {NORMALIZATIONS} and "
                                  f"protocol one of {PROTOCOLS}")
@@ -453,6 +457,11 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
                                  and r["reranker"] == "none"],
                                 out / f"cost_{b.name}.png", b.name) for b in spec.benchmarks}
     _write_csv(out / "per_query.csv", per_query)
+    for group in sorted({b.group for b in spec.benchmarks if b.group}):
+        members = [b for b in spec.benchmarks if b.group == group]
+        if len(members) > 1:
+            sizes = {b.name: cards[b.name]["database images"] + cards[b.name]["distractor images"] for b in members}
+            plots[f"group:{group}"] = plot_database_size(rows, sizes, out / f"size_{group}.png", group)
     (out / "report.md").write_text(report_markdown(spec, rows, cards, plots), encoding="utf-8")
     from instsearch.eval.report_html import comparison_html
 
@@ -612,9 +621,41 @@ def plot_costs(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Option
     return path
 
 
+def plot_database_size(rows: Sequence[dict[str, Any]], sizes: dict[str, int], path: Path,
+                       group: str) -> Optional[Path]:
+    """mAP@all of each method (plain search) against the database size of the group's benchmarks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    drawn = False
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((sizes[r["benchmark"]], r["mAP@all"]) for r in rows
+                        if r["method"] == method and r["reranker"] == "none" and r["status"] == "ok"
+                        and r["benchmark"] in sizes and r.get("mAP@all") is not None)
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("database images (+ distractors)")
+    ax.set_ylabel("mAP@all")
+    ax.set_title(f"{group}: mAP against database size")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def report_markdown(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], cards: dict[str, dict],
                     plots: Optional[dict[str, Optional[Path]]] = None) -> str:
     lines = [f"# Comparison: {spec.source}", ""]
+    for key, plot in (plots or {}).items():
+        if key.startswith("group:") and plot:
+            lines += [f"![{key[6:]}: mAP against database size]({plot.name})", ""]
     for name, card in cards.items():
         lines += [f"## {name}", "", "| protocol | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in card.items()]

@@ -326,3 +326,31 @@ def test_a_method_without_features_gets_a_not_applicable_rerank_row(comparison, 
         rows = {(r["method"], r["reranker"]): r for r in csv.DictReader(f)}
     assert rows[("five", "none")]["status"] == "ok" and rows[("three", "aqe")]["status"] == "ok"
     assert rows[("five", "aqe")]["status"] == "n/a" and "sharded evaluation" in rows[("five", "aqe")]["error"]
+
+
+def test_a_group_of_benchmark_sizes_is_plotted_against_database_size(comparison, tmp_path, small_benchmark,
+                                                                      synthetic_root):
+    """The small benchmark, and the same with a folder of 6 distractor images: distractors are never
+    positive, so no method's mAP@all can rise with them."""
+    import shutil
+
+    bench = json.loads(small_benchmark.read_text())
+    bench["image_root"] = str((small_benchmark.parent / bench["image_root"]).resolve())
+    (tmp_path / "flickr").mkdir()
+    for k, path in enumerate(sorted((synthetic_root / "images").rglob("*.jpg"))[-6:]):
+        shutil.copy(path, tmp_path / "flickr" / f"d{k}.jpg")
+    bench["distractors"] = [{"root": "flickr", "count": 6, "id_prefix": "distractor:"}]
+    (tmp_path / "plus6.json").write_text(json.dumps(bench))
+    spec = yaml.safe_load(comparison.read_text())
+    spec["benchmarks"] = [{"name": "small", "benchmark": str(small_benchmark), "group": "sizes"},
+                          {"name": "plus6", "benchmark": str(tmp_path / "plus6.json"), "group": "sizes"}]
+    comparison.write_text(yaml.safe_dump(spec))
+    assert main(["compare", "--config", str(comparison)]) == 0
+    out = tmp_path / "out"
+    with open(out / "results.csv", newline="") as f:
+        rows = {(r["benchmark"], r["method"]): r for r in csv.DictReader(f) if r["reranker"] == "none"}
+    for method in ("three", "five"):
+        assert float(rows[("plus6", method)]["mAP@all"]) <= float(rows[("small", method)]["mAP@all"]) + 1e-9
+    assert (out / "size_sizes.png").stat().st_size > 10_000
+    assert "](size_sizes.png)" in (out / "report.md").read_text()
+    assert "| distractor images | 6 |" in (out / "report.md").read_text()
