@@ -30,7 +30,8 @@ Written to ``DIR``: ``results.csv`` (one row per cell: mAP@k, mIoU, recall@IoU, 
 image, seconds, the paired difference in mAP@all to the baseline with its bootstrap interval over
 queries, provenance, search ms/query and index bytes/image from the cell's ``costs.json``),
 ``per_query.csv`` (AP of every query in every cell), ``cost_<benchmark>.png`` (mAP@all against
-cost, the Pareto front joined), ``report.md`` (a protocol card per benchmark, then its table) and
+cost, the Pareto front joined), ``size_<group>.png`` (mAP@all against database size for the
+benchmarks of one ``group:``, e.g. a collection at +0 and +N distractors), ``report.md`` (a protocol card per benchmark, then its table) and
 ``report.html`` (the same with the plots and a gallery of the queries where the methods disagree
 most; self-contained: open it from disk).
 """
