@@ -305,9 +305,11 @@ class RetrievalEvaluator:
         return evaluate_sharded(self)
 
     def detector_recall(self, thresholds: Sequence[float] = RECALL_THRESHOLDS) -> dict[str, list[float]]:
-        """:func:`detector_recall` of the extracted database regions."""
+        """:func:`detector_recall` of the extracted regions of the benchmark's database images (the
+        images the ground truth judges; a box it gives elsewhere is not counted)."""
+        listed = set(self.benchmark.database)
         return detector_recall(self.benchmark, lambda ids: [self.database[i].boxes for i in ids],
-                               available=self.database.__contains__, thresholds=thresholds)
+                               available=lambda i: i in listed and i in self.database, thresholds=thresholds)
 
 
 def detector_recall(benchmark: Benchmark, boxes_of: Callable[[list[str]], Sequence[Any]],

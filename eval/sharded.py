@@ -21,10 +21,11 @@ How the exact metrics come out of shards (``retrieval.evaluation: sharded``):
 With ``run_depth`` unset every process sends its whole ranking (``run.json`` then holds every
 image, as the gathered path writes it); at scale a depth is what keeps rank 0's memory bounded.
 
-No process holds anything of the database's size: processes learn of each other's images by
-64-bit hashes of their ids (an image two processes extracted is ranked by the lower one), and
-order equal scores by a key each computes for its own images (listed images by their place in
-the benchmark, distractors by id; rank 0 compares distractor ids across processes). Measured in
+No process holds the whole database's regions or ids: processes learn of each other's images
+by 64-bit hashes of their ids, 8 bytes an image (an image two processes extracted is ranked by
+the lower one), and order equal scores by a key each computes for its own images (listed images
+by their place in the benchmark, distractors by id; rank 0 compares distractor ids across
+processes). Spilled regions are read twice: once to score the judged images, once to count. Measured in
 docs/scale.md ("Sharded evaluation"): peak memory per process at 1 M and 10 M regions.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ from instsearch.eval.metrics import RankedPositives, metrics_from_ranks, recall_
 from instsearch.eval.search import RegionIndex
 from instsearch.eval.shard_search import image_regions
 from instsearch.eval.shards import RegionShards, ShardImage, ShardWriter
-from instsearch.eval.streamed import ImageTopK, stream_image_scores
+from instsearch.eval.streamed import BLOCK_SCORES, ImageTopK, stream_image_scores
 from instsearch.formats import Benchmark, Hit, Run
 
 if TYPE_CHECKING:
@@ -57,7 +58,8 @@ SPILL_PART_REGIONS = 1 << 16
 class SpilledCollection:
     """One process's extraction with the database regions written to region shards under
     ``root`` as they arrive (float32, the rows the in-memory path would hold: the same bits), the
-    queries and undecodable items kept. Memory: one part's buffer; nothing per image.
+    queries and undecodable items kept. Memory: one part's buffer; the ids come back from the parts'
+    records when ranking.
 
     A folder from an earlier evaluation is cleared first. ``transform`` (a whitening loaded from a
     file) is applied to each part's features before they are written.
@@ -83,13 +85,14 @@ class SpilledCollection:
 
     def add(self, batch: SearchBatch) -> None:
         for meta, regions in batch.database:
-            # a padded sampler's repeat is written too (no id set is kept): evaluation ranks the first copy
+            # a padded sampler's repeat is written too (no id set is kept): evaluation ranks the last copy
             self._images += 1
             r = capped(regions, self.regions_per_image)
             labels = getattr(r, "labels", None)
             self._buffer.append(ShardImage(meta.image_id, r.boxes.detach().cpu().numpy().astype(np.float32),
                                            r.scores.detach().cpu().numpy().astype(np.float32),
-                                           r.features.detach().cpu().float().numpy(),
+                                           r.features.detach().cpu().float().numpy() if r.features is not None
+                                           else np.zeros((0, 0), np.float32),  # an image without regions
                                            None if labels is None else labels.detach().cpu().numpy()))
             self._buffered += len(r)
             if self._buffered >= self.part_regions:
@@ -158,6 +161,22 @@ def _ahead(scores: np.ndarray, positions: np.ndarray, score: np.ndarray, positio
     return above.sum(axis=1)
 
 
+def _count_above(query_scores: np.ndarray, positions: np.ndarray, scored: "_Scored",
+                 pairs: Optional[np.ndarray] = None) -> np.ndarray:
+    """:func:`_ahead` for the judged ``pairs`` (default: all) against images whose scores are the
+    rows of ``query_scores`` (one per query, or a single row for all), in chunks of pairs so that
+    no temporary exceeds a streamed block's size (a query may judge hundreds of images)."""
+    pairs = np.arange(len(scored.query)) if pairs is None else pairs
+    out = np.zeros(len(pairs), np.int64)
+    step = max(1, BLOCK_SCORES // max(len(positions), 1))
+    for a in range(0, len(pairs), step):
+        sel = pairs[a:a + step]
+        rows = query_scores[scored.query[sel]] if len(query_scores) > 1 else \
+            np.broadcast_to(query_scores, (len(sel), len(positions)))
+        out[a:a + step] = _ahead(rows, positions, scored.score[sel], scored.position[sel])
+    return out
+
+
 class _InMemoryRanking:
     """This process's images in a :class:`RegionIndex` of the model's searcher (any searcher)."""
 
@@ -200,7 +219,7 @@ class _InMemoryRanking:
             sel = np.flatnonzero(scored.query == q)
             positions = local_position[r.images]
             if len(sel):
-                counts[sel] = _ahead(r.scores[None, :], positions, scored.score[sel], scored.position[sel])
+                counts[sel] = _count_above(r.scores[None, :], positions, scored, sel)
             top.append((positions[:depth], r.scores[:depth].astype(np.float32), r.regions[:depth]))
         return counts, top
 
@@ -250,13 +269,19 @@ class _StreamedRanking:
                       ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
         counts = np.zeros(len(scored.query), np.int64)
         k = int(self.keep.sum()) if depth is None else min(int(depth), int(self.keep.sum()))
-        best = ImageTopK.empty(len(self.queries), k)
+        best = ImageTopK.empty(len(self.queries), k if depth is not None else 0)
+        blocks = []  # without a depth the whole ranking is kept: gathered once and sorted once
         for images, scores, regions in self._blocks():
             positions = local_position[images]
             if len(scored.query):
-                counts += _ahead(scores[scored.query], positions, scored.score, scored.position)
-            if k:
+                counts += _count_above(scores, positions, scored)
+            if depth is None:
+                blocks.append((scores, np.broadcast_to(positions, scores.shape), regions))
+            elif k:
                 best = best.merge(scores, positions, regions)
+        if blocks:
+            s, im, reg = (np.concatenate([b[i] for b in blocks], axis=1) for i in range(3))
+            best = ImageTopK.empty(len(s), k).merge(s, im, reg)
         top = []
         for q in range(len(self.queries)):
             real = best.images[q] >= 0
@@ -283,8 +308,9 @@ def _order_keys(bench: Benchmark, local_ids: Sequence[str], rank: int) -> np.nda
     by id (key: ``len(database)`` + the id's rank among this process's distractors, which orders
     them as the global sort does; rank 0 compares ids across processes) -- or ``-1`` where this
     process does not rank the image: another process extracted it first (the lowest rank that has
-    it ranks it), it repeats here, or the benchmark names it neither listed nor distractor.
-    Nothing of size ``N`` is held: only the hashes of the ids are exchanged."""
+    it ranks it), it repeats here (the last copy counts), or the benchmark names it neither listed
+    nor distractor. Every process holds the 8-byte hashes of all ids (about 40 bytes an image with
+    the sort's temporaries), not the ids."""
     listing: dict[str, int] = {}
     for k, image_id in enumerate(bench.database):
         listing.setdefault(image_id, k)
@@ -299,9 +325,11 @@ def _order_keys(bench: Benchmark, local_ids: Sequence[str], rank: int) -> np.nda
     distinct, first = np.unique(np.concatenate(everyone), return_index=True)  # first: the lowest rank's copy
     owner = np.repeat(np.arange(len(everyone)), [len(h) for h in everyone])[first]
     at = np.searchsorted(distinct, hashes)
-    mine_first = np.zeros(len(local_ids), bool)
-    mine_first[np.unique(hashes, return_index=True)[1]] = True
-    keys[(owner[at] != rank) | ~mine_first] = -1
+    # an image this process extracted twice counts once, its last copy: as the in-memory
+    # collection, keyed by id, keeps it
+    mine_last = np.zeros(len(local_ids), bool)
+    mine_last[len(hashes) - 1 - np.unique(hashes[::-1], return_index=True)[1]] = True
+    keys[(owner[at] != rank) | ~mine_last] = -1
     return keys
 
 
@@ -393,7 +421,9 @@ def evaluate_sharded(evaluator: "RetrievalEvaluator") -> Optional["EvaluationRes
 
 def _judged_pairs(bench: Benchmark, query_ids: Sequence[str], local_ids: Sequence[str],
                   local_position: np.ndarray) -> _Judged:
-    """The (query, local image) pairs the ground truth names, for images this process ranks."""
+    """The (query, local image) pairs the ground truth names, for listed images this process ranks
+    (the ground truth judges only the benchmark's database, never a distractor)."""
+    listed = len(bench.database)
     named: dict[str, list[tuple[int, bool]]] = {}
     for q, qid in enumerate(query_ids):
         gt = bench.ground_truth.get(qid)
@@ -406,7 +436,7 @@ def _judged_pairs(bench: Benchmark, query_ids: Sequence[str], local_ids: Sequenc
             named.setdefault(image_id, []).append((q, False))
     query, local, is_junk = [], [], []
     for k, image_id in enumerate(local_ids):
-        if image_id in named and local_position[k] >= 0:
+        if image_id in named and 0 <= local_position[k] < listed:
             for q, j in named[image_id]:
                 query.append(q)
                 local.append(k)

@@ -47,7 +47,7 @@ def stream_image_scores(shards: RegionShards, queries: np.ndarray, max_scores: i
     nq = len(q)
     label_of = None
     if query_labels is not None:
-        if not shards.has_labels:
+        if shards.num_regions and not shards.has_labels:  # shards without regions have nothing to prune
             raise ValueError(f"{shards.root}: category pruning needs region labels, and these shards hold none")
         label_of = torch.tensor([-1 if v is None else int(v) for v in query_labels], dtype=torch.int64)
     starts = shards.image_starts
@@ -72,11 +72,11 @@ def stream_image_scores(shards: RegionShards, queries: np.ndarray, max_scores: i
                 scores = torch.empty(nq, len(x))
                 block_labels = labels[r0 - o0:r1 - o0]
                 for label in torch.unique(label_of).tolist():  # a loop over categories, not regions
-                    rows = torch.nonzero(label_of == label).flatten()
-                    s = q[rows] @ x.T
+                    members = torch.nonzero(label_of == label).flatten()
+                    s = q[members] @ x.T
                     if label >= 0:
                         s = s.masked_fill(block_labels[None, :] != label, -np.inf)
-                    scores[rows] = s
+                    scores[members] = s
             yield _best_per_image(scores.numpy(), starts, block, r0)
             at = stop
 

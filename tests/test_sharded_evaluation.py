@@ -244,3 +244,33 @@ def test_the_gathered_path_reports_its_costs(tmp_path):
     images = NUM_IMAGES + NUM_DISTRACTORS
     assert result.costs["index_bytes_per_image"] == pytest.approx(4 * DIM * result.num_regions / images, abs=0.05)
     assert result.costs["search_ms_per_query"] > 0 and result.costs["index_build_s"] >= 0
+
+
+def test_streamed_pruning_gives_the_same_scores_in_blocks_of_any_size(tmp_path):
+    """Category pruning over spilled shards read in blocks of a few images (many blocks a part)
+    ranks and boxes every image as one block does (scores to float32 rounding: a product of a few
+    columns rounds differently)."""
+    from instsearch.eval.sharded import SpilledCollection
+    from instsearch.eval.streamed import exact_image_ranking
+
+    collection = SpilledCollection(tmp_path / "spill")
+    for b in _batches():
+        collection.add(b)
+    shards = collection.shards()
+    q = np.stack([f.feature.numpy() for b in _batches() for f in b.queries])
+    labels = [k % NUM_LABELS for k in range(len(q))]
+    whole = exact_image_ranking(shards, q, 50, query_labels=labels)
+    small = exact_image_ranking(shards, q, 50, max_scores=3 * len(q), query_labels=labels)
+    assert small.images.tolist() == whole.images.tolist() and small.regions.tolist() == whole.regions.tolist()
+    np.testing.assert_allclose(small.scores, whole.scores, rtol=0, atol=1e-6)
+
+
+def test_an_image_without_features_and_ground_truth_naming_a_distractor(tmp_path):
+    """Regions.empty() (no feature tensor) is an image without regions on every path; a ground
+    truth that names a distractor id judges nothing there (only database images are judged)."""
+    bench, batches = _benchmark(tmp_path), _batches()
+    batches.append(SearchBatch(database=[(ImageMeta("d5", (80, 100)), Regions.empty(image_size=(80, 100)))]))
+    bench.ground_truth["q1"].positives["distractor:0.jpg"] = [(1.0, 1.0, 9.0, 9.0)]
+    gathered = _evaluate(bench, batches, evaluation="gather")
+    assert _evaluate(bench, batches, evaluation="sharded") == gathered
+    assert _evaluate(bench, batches, evaluation="sharded", spill_dir=str(tmp_path / "spill")) == gathered
