@@ -62,6 +62,16 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
+def _nearest(best: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shortlisted images' similarities (an image not its own neighbour: ``-inf`` on the
+    diagonal) and each one's ``min(k, S - 1)`` nearest others, nearest first."""
+    sim = best @ best.T
+    np.fill_diagonal(sim, -np.inf)
+    k = min(k, len(best) - 1)
+    neighbours = np.argsort(-sim, axis=1, kind="stable")[:, :max(k, 0)]
+    return sim, neighbours
+
+
 @runtime_checkable
 class Reranker(Protocol):
     """New scores for a query's shortlisted images (higher is better)."""
@@ -101,12 +111,9 @@ class DatabaseAugmentation:
 
     def rerank(self, shortlist: Shortlist) -> np.ndarray:
         best = shortlist.best_regions()
-        sim = best @ best.T
-        np.fill_diagonal(sim, -np.inf)  # an image is not its own neighbour
-        k = min(self.k, len(best) - 1)
+        sim, neighbours = _nearest(best, self.k)
         augmented = best.copy()
-        if k > 0:
-            neighbours = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        if neighbours.shape[1]:
             weights = np.maximum(np.take_along_axis(sim, neighbours, 1), 0.0) ** self.alpha
             augmented = best + np.einsum("sk,skd->sd", weights, best[neighbours])
         return (_unit(augmented) @ shortlist.query).astype(np.float32)
@@ -121,12 +128,9 @@ class Diffusion:
 
     def affinity(self, best: np.ndarray) -> np.ndarray:
         """``W``: max(0, sim)^gamma between mutual k-nearest neighbours, zero elsewhere."""
-        sim = best @ best.T
-        np.fill_diagonal(sim, -np.inf)
-        k = min(self.k, len(best) - 1)
+        sim, neighbours = _nearest(best, self.k)
         knn = np.zeros(sim.shape, bool)
-        if k > 0:
-            np.put_along_axis(knn, np.argsort(-sim, axis=1, kind="stable")[:, :k], True, axis=1)
+        np.put_along_axis(knn, neighbours, True, axis=1)
         mutual = knn & knn.T
         return np.where(mutual, np.maximum(sim, 0.0) ** self.gamma, 0.0)
 
