@@ -122,26 +122,16 @@ class ComparisonSpec:
         where = str(path)
         if not isinstance(data, dict) or not data.get("methods") or not data.get("benchmarks"):
             raise ValueError(f"{where}: a comparison lists 'methods' and 'benchmarks' (see instsearch compare --help)")
-        methods, seen = [], set()
-        for i, m in enumerate(data["methods"]):
-            if not isinstance(m, dict) or "name" not in m or "config" not in m:
-                raise ValueError(f"{where}: methods[{i}] needs a name and a config")
-            if m["name"] in seen:
-                raise ValueError(f"{where}: method name {m['name']!r} appears twice")
-            seen.add(m["name"])
+        methods = []
+        for i, m in _named_entries(data, "methods", "config", where):
             overrides = m.get("overrides") or {}
             if not isinstance(overrides, dict):
                 raise ValueError(f"{where}: methods[{i}].overrides is a mapping of option: value")
             methods.append(MethodSpec(str(m["name"]), Path(m["config"]),
                                       Path(m["ckpt_path"]) if m.get("ckpt_path") else None, dict(overrides),
                                       bool(m.get("train", False))))
-        benchmarks, seen = [], set()
-        for i, b in enumerate(data["benchmarks"]):
-            if not isinstance(b, dict) or "name" not in b or "benchmark" not in b:
-                raise ValueError(f"{where}: benchmarks[{i}] needs a name and a benchmark (path of benchmark.json)")
-            if b["name"] in seen:
-                raise ValueError(f"{where}: benchmark name {b['name']!r} appears twice")
-            seen.add(b["name"])
+        benchmarks = []
+        for i, b in _named_entries(data, "benchmarks", "benchmark", where, " (path of benchmark.json)"):
             from instsearch.eval.metrics import NORMALIZATIONS, PROTOCOLS
 
             bench = BenchmarkSpec(str(b["name"]), Path(b["benchmark"]), b.get("synthetic"),
@@ -184,6 +174,18 @@ class ComparisonSpec:
             raise FileNotFoundError(f"{self.source}: missing before any work could start: " + "; ".join(missing))
 
 
+def _named_entries(data: dict, key: str, required: str, where: str, hint: str = ""):
+    """``(i, entry)`` of the file's list ``key``, each a mapping with a unique ``name`` and ``required``."""
+    seen = set()
+    for i, entry in enumerate(data[key]):
+        if not isinstance(entry, dict) or "name" not in entry or required not in entry:
+            raise ValueError(f"{where}: {key}[{i}] needs a name and a {required}{hint}")
+        if entry["name"] in seen:
+            raise ValueError(f"{where}: {key[:-1]} name {entry['name']!r} appears twice")
+        seen.add(entry["name"])
+        yield i, entry
+
+
 # ------------------------------------------------------------------------------ cells
 def _sha256(path: Optional[Path]) -> Optional[str]:
     from instsearch.eval.shards import file_sha256
@@ -221,30 +223,39 @@ def train_key(method: MethodSpec) -> str:
 def train(method: MethodSpec, folder: Path, say=print) -> Path:
     """``instsearch fit`` of the method's config and overrides into ``folder``; returns its
     ``last.ckpt``. A finished training is reused; one killed midway resumes from its last.ckpt."""
-    from instsearch.cli import main
-
     last, done = folder / "last.ckpt", folder / "trained.json"
     if done.is_file() and last.is_file():
         say(f"[cached] training {method.name}")
         return last
     folder.mkdir(parents=True, exist_ok=True)
-    logger = [{"class_path": "pytorch_lightning.loggers.CSVLogger",
-               "init_args": {"save_dir": str(folder), "name": "fit", "version": "0"}}]
     callbacks = [{"class_path": "instsearch.checkpointing.LastCheckpoint", "init_args": {"dirpath": str(folder)}}]
     argv = ["fit", "--config", str(method.config), *_override_args(method.overrides),
-            "--trainer.logger", json.dumps(logger), "--trainer.callbacks", json.dumps(callbacks),
+            "--trainer.logger", _csv_logger(folder, "fit"), "--trainer.callbacks", json.dumps(callbacks),
             *(["--ckpt_path", str(last)] if last.is_file() else [])]
     say(f"[train] {method.name}" + (" (resuming)" if last.is_file() else ""))
     t0 = time.perf_counter()
-    try:
-        main(argv)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise RuntimeError(f"instsearch fit rejected the options (exit {e.code}): {' '.join(argv)}") from e
+    _lightning(argv)
     if not last.is_file():
         raise RuntimeError(f"instsearch fit wrote no {last}")
     done.write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "argv": argv}, indent=1) + "\n")
     return last
+
+
+def _csv_logger(save_dir: Path, name: str) -> str:
+    """A ``--trainer.logger`` value: one CSV logger writing to ``save_dir/name/0``."""
+    return json.dumps([{"class_path": "pytorch_lightning.loggers.CSVLogger",
+                        "init_args": {"save_dir": str(save_dir), "name": name, "version": "0"}}])
+
+
+def _lightning(argv: list[str]):
+    """The LightningCLI run of ``argv`` (``fit`` / ``test`` ...); a rejected option (the parser
+    exits) becomes an error naming the command line, so that the cell fails and the rest goes on."""
+    from instsearch.lightning_cli import lightning_cli
+
+    try:
+        return lightning_cli(argv)
+    except SystemExit as e:
+        raise RuntimeError(f"instsearch {argv[0]} rejected the options (exit {e.code}): {' '.join(argv)}") from e
 
 
 def run_cell(method: MethodSpec, benchmark: BenchmarkSpec, folder: Path) -> dict[str, Any]:
@@ -252,21 +263,14 @@ def run_cell(method: MethodSpec, benchmark: BenchmarkSpec, folder: Path) -> dict
     import shutil
     import tempfile
 
-    from instsearch.lightning_cli import lightning_cli
-
     work = Path(tempfile.mkdtemp(prefix="cell_", dir=folder.parent))
-    logger = [{"class_path": "pytorch_lightning.loggers.CSVLogger",
-               "init_args": {"save_dir": str(work), "name": "test", "version": "0"}}]
     argv = ["test", "--config", str(method.config), "--data.init_args.benchmark", str(benchmark.path),
             *(["--ckpt_path", str(method.ckpt_path)] if method.ckpt_path else []),
             *_override_args({**method.overrides, **benchmark.protocol_overrides}),
-            "--trainer.logger", json.dumps(logger),
+            "--trainer.logger", _csv_logger(work, "test"),
             "--model.init_args.retrieval.grid_queries", "0"]
     t0 = time.perf_counter()
-    try:
-        cli = lightning_cli(argv)
-    except SystemExit as e:  # the command line parser exits on a bad option
-        raise RuntimeError(f"instsearch test rejected the options (exit {e.code}): {' '.join(argv)}") from e
+    cli = _lightning(argv)
     seconds = time.perf_counter() - t0
     found = sorted(work.rglob("metrics.json"))
     if not found:
