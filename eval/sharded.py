@@ -371,7 +371,7 @@ def evaluate_sharded(evaluator: "RetrievalEvaluator") -> Optional["EvaluationRes
         ranked_local = mine
 
     # 2. this process's judged pairs scored, then everyone's
-    judged = _judged_pairs(bench, query_ids, ranked_local, local_position)
+    judged = _judged_pairs(bench, query_ids, local_position)
     found, score, region = ranking.scores_of(judged)
     sel = np.flatnonzero(found)
     mine_scored = _Scored(judged.query[sel], local_position[judged.local[sel]], score[sel], judged.junk[sel],
@@ -419,29 +419,28 @@ def evaluate_sharded(evaluator: "RetrievalEvaluator") -> Optional["EvaluationRes
                             num_regions=int(sums[-1]))
 
 
-def _judged_pairs(bench: Benchmark, query_ids: Sequence[str], local_ids: Sequence[str],
-                  local_position: np.ndarray) -> _Judged:
-    """The (query, local image) pairs the ground truth names, for listed images this process ranks
-    (the ground truth judges only the benchmark's database, never a distractor)."""
-    listed = len(bench.database)
-    named: dict[str, list[tuple[int, bool]]] = {}
-    for q, qid in enumerate(query_ids):
-        gt = bench.ground_truth.get(qid)
-        if gt is None:
-            continue
-        junk = set(gt.junk)
-        for image_id in junk:
-            named.setdefault(image_id, []).append((q, True))
-        for image_id in set(gt.positives) - junk:  # an image both positive and junk is junk
-            named.setdefault(image_id, []).append((q, False))
+def _judged_pairs(bench: Benchmark, query_ids: Sequence[str], local_position: np.ndarray) -> _Judged:
+    """The (query, local image) pairs the ground truth judges, for images this process ranks: the
+    metrics' own rule (:func:`~instsearch.eval.metrics._judged_sets`: database images only, an
+    image both positive and junk is junk), matched on the order keys, which for a listed image are
+    its database index."""
+    from instsearch.eval.metrics import _database_index, _judged_sets
+
+    db_index = _database_index(bench)
+    order = np.argsort(local_position, kind="stable")
+    keys = local_position[order]
     query, local, is_junk = [], [], []
-    for k, image_id in enumerate(local_ids):
-        if image_id in named and 0 <= local_position[k] < listed:
-            for q, j in named[image_id]:
-                query.append(q)
-                local.append(k)
-                is_junk.append(j)
-    return _Judged(np.array(query, np.int64), np.array(local, np.int64), np.array(is_junk, bool))
+    for q, qid in enumerate(query_ids):  # a loop over queries; the images are matched by one search each
+        positives, junk = _judged_sets(bench.ground_truth.get(qid), db_index)
+        for named, junk_flag in ((junk, True), (positives, False)):
+            at = np.minimum(np.searchsorted(keys, named), max(len(keys) - 1, 0))
+            hit = keys[at] == named if len(keys) else np.zeros(len(named), bool)
+            query.append(np.full(int(hit.sum()), q, np.int64))
+            local.append(order[at[hit]])
+            is_junk.append(np.full(int(hit.sum()), junk_flag))
+    if not query:
+        return _Judged(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
+    return _Judged(np.concatenate(query), np.concatenate(local).astype(np.int64), np.concatenate(is_junk))
 
 
 def _image_boxes(collection, image_ids: Sequence[str]) -> list[torch.Tensor]:
