@@ -88,6 +88,17 @@ def gallery(bench: Benchmark, runs: Mapping[str, Run], aps: Mapping[str, np.ndar
     return "\n".join(parts)
 
 
+def _seed_table(families: Sequence[dict[str, Any]]) -> str:
+    """``seeds.csv``'s rows as one ``mean ± std`` cell per figure."""
+    if not families:
+        return ""
+    keys = list(dict.fromkeys(k[:-5] for f in families for k in f if k.endswith(" mean")))
+    rows = [{"method": f["family"], "reranker": f["reranker"], "seeds": f["seeds"],
+             **{k: "" if f.get(f"{k} mean") is None else f"{f[f'{k} mean']:.4f}" + (
+                 "" if f.get(f"{k} std") is None else f" ± {f[f'{k} std']:.4f}") for k in keys}} for f in families]
+    return "<h3>Over seeds (mean ± sample standard deviation)</h3>" + _table(rows, ["method", "reranker", "seeds", *keys])
+
+
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
@@ -104,14 +115,17 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 TABLE_COLUMNS = ("method", "reranker", "status", "mAP@10", "mAP@100", "mAP@all", "mIoU", "regions_per_image",
                  "search_ms_per_query", "index_bytes_per_image", "delta_mAP@all", "ci_low", "ci_high",
-                 "ci_excludes_0", "error")
+                 "ci_excludes_0", "vs_plain_delta_mAP@all", "vs_plain_ci_low", "vs_plain_ci_high", "error")
 
 
 def comparison_html(title: str, benchmarks: Mapping[str, Benchmark], cards: Mapping[str, dict],
                     rows: Sequence[dict[str, Any]], runs: Mapping[str, Mapping[str, Run]],
                     aps: Mapping[str, Mapping[str, np.ndarray]], plots: Mapping[str, Optional[Path]],
-                    provenance: str = "", queries: int = 30, top: int = 5) -> str:
-    """The page: per benchmark its protocol card, table, cost plot and gallery."""
+                    provenance: str = "", queries: int = 30, top: int = 5, extra_columns: Sequence[str] = (),
+                    seeds: Sequence[dict[str, Any]] = ()) -> str:
+    """The page: per benchmark its protocol card, table (with the comparison's extra columns),
+    the mean ± standard deviation of the methods run with seeds, cost plot and gallery."""
+    columns = (*TABLE_COLUMNS[:-1], *extra_columns, TABLE_COLUMNS[-1])
     sections = []
     for name, bench in benchmarks.items():
         card = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
@@ -119,7 +133,8 @@ def comparison_html(title: str, benchmarks: Mapping[str, Benchmark], cards: Mapp
         plot = plots.get(name)
         sections.append(
             f"<h2>{html.escape(name)}</h2><table class=\"card\">{card}</table>"
-            + _table([r for r in rows if r["benchmark"] == name], TABLE_COLUMNS)
+            + _table([r for r in rows if r["benchmark"] == name], columns)
+            + _seed_table([f for f in seeds if f["benchmark"] == name])
             + (f'<img alt="accuracy against cost" src="{_png_uri(plot)}" style="max-width:100%">' if plot else "")
             + f"<h3>Queries where the methods disagree most (top {top}; frame: green positive, red negative, "
               f"grey junk; yellow box: the returned region)</h3>"

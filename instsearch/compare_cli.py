@@ -49,11 +49,11 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 PROG = "instsearch compare"
 #: bumped when a cell's outputs change, so that cells of an older instsearch are redone
-CELL_FORMAT = "instsearch-compare-cell/3"
+CELL_FORMAT = "instsearch-compare-cell/4"
 #: the same for trained checkpoints (what training does, not what a cell writes)
 TRAIN_FORMAT = "instsearch-compare-train/1"
 KS: tuple[Optional[int], ...] = (10, 20, 50, 100, None)
@@ -61,13 +61,63 @@ KS: tuple[Optional[int], ...] = (10, 20, 50, 100, None)
 
 # ------------------------------------------------------------------------------ the comparison file
 @dataclass
+class CheckpointOf:
+    """``{checkpoint_of: NAME}`` in a method's ``ckpt_path`` or in an override's value: the
+    checkpoint of method NAME (its own ``ckpt_path``, or the one this comparison trains for it).
+    Lets a variant test another method's trained weights with other options, and a method use them
+    as its backbone's weights. ``path`` is set once that checkpoint exists."""
+    name: str
+    path: Optional[Path] = None
+
+
+@dataclass
 class MethodSpec:
     name: str
     config: Path
-    ckpt_path: Optional[Path] = None
+    ckpt_path: Union[Path, CheckpointOf, None] = None
     overrides: dict[str, Any] = field(default_factory=dict)
     #: fit the config first when no checkpoint is given (the checkpoint is cached)
     train: bool = False
+    #: a method listed with ``seeds:`` runs once per seed, as ``NAME@seedS`` of family NAME
+    family: Optional[str] = None
+    seed: Optional[int] = None
+    #: the training log (``metrics.csv``) of the checkpoint, once known: ``from: fit`` columns
+    training_log: Optional[Path] = None
+
+    def references(self) -> list[CheckpointOf]:
+        refs = [v for v in self.overrides.values() if isinstance(v, CheckpointOf)]
+        return ([self.ckpt_path] if isinstance(self.ckpt_path, CheckpointOf) else []) + refs
+
+    @property
+    def checkpoint(self) -> Optional[Path]:
+        """The checkpoint file tested (``None``: the config's own initialisation)."""
+        return self.ckpt_path.path if isinstance(self.ckpt_path, CheckpointOf) else self.ckpt_path
+
+    def command_overrides(self) -> dict[str, Any]:
+        """The overrides as given to the command line (a checkpoint reference as its path)."""
+        return {k: str(v.path) if isinstance(v, CheckpointOf) else v for k, v in self.overrides.items()}
+
+    def hashed_overrides(self) -> dict[str, Any]:
+        """The overrides as hashed into keys: a referenced checkpoint by its content, not its path."""
+        return {k: {"checkpoint_sha256": _sha256(v.path)} if isinstance(v, CheckpointOf) else v
+                for k, v in self.overrides.items()}
+
+
+@dataclass
+class ExtraColumn:
+    """A method-specific figure as a results column (``columns:`` of the comparison file).
+
+    ``from``: ``fit`` -- the value logged under ``key`` in the training log of the cell's
+    checkpoint (its last value, or one column per epoch with ``every_epoch``; logged under the
+    method config's own protocol); ``costs`` -- the cell's ``costs.json`` (``network.KEY``: the
+    network's own figures, e.g. CLAID's ``cuts/img``); ``metrics`` -- the cell's ``metrics.json``.
+    A cell without the figure leaves the column empty."""
+    name: str
+    key: str
+    source: str = "fit"
+    every_epoch: bool = False
+
+    SOURCES = ("fit", "costs", "metrics")
 
 
 @dataclass
@@ -107,6 +157,8 @@ class ComparisonSpec:
     rerankers: list[dict[str, Any]] = field(default_factory=list)
     #: images per query the re-rankers reorder
     shortlist: int = 100
+    #: method-specific figures as extra columns of the plain-search rows
+    columns: list[ExtraColumn] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | Path, out: Optional[str | Path] = None, check_inputs: bool = True) -> "ComparisonSpec":
@@ -124,12 +176,11 @@ class ComparisonSpec:
             raise ValueError(f"{where}: a comparison lists 'methods' and 'benchmarks' (see instsearch compare --help)")
         methods = []
         for i, m in _named_entries(data, "methods", "config", where):
-            overrides = m.get("overrides") or {}
-            if not isinstance(overrides, dict):
-                raise ValueError(f"{where}: methods[{i}].overrides is a mapping of option: value")
-            methods.append(MethodSpec(str(m["name"]), Path(m["config"]),
-                                      Path(m["ckpt_path"]) if m.get("ckpt_path") else None, dict(overrides),
-                                      bool(m.get("train", False))))
+            methods += _method_specs(i, m, where)
+        twice = sorted({m.name for m in methods if sum(n.name == m.name for n in methods) > 1})
+        if twice:
+            raise ValueError(f"{where}: method names {twice} appear twice (with a family's seeds)")
+        _check_references(methods, where)
         benchmarks = []
         for i, b in _named_entries(data, "benchmarks", "benchmark", where, " (path of benchmark.json)"):
             from instsearch.eval.metrics import NORMALIZATIONS, PROTOCOLS
@@ -143,12 +194,14 @@ class ComparisonSpec:
             benchmarks.append(bench)
         baseline = data.get("baseline")
         if baseline is not None and baseline not in {m.name for m in methods}:
-            raise ValueError(f"{where}: baseline {baseline!r} is not one of the methods")
+            raise ValueError(f"{where}: baseline {baseline!r} is not one of the methods (a method run with seeds "
+                             f"is named NAME@seedS)")
         boot = data.get("bootstrap") or {}
         spec = cls(methods, benchmarks, baseline, Path(out or data.get("out") or "runs/compare"),
                    int(boot.get("resamples", 10_000)), int(boot.get("seed", 0)), float(boot.get("confidence", 0.95)),
                    path, int(data.get("gallery_queries", 30)), data.get("wandb"),
-                   list(data.get("rerankers") or []), int(data.get("shortlist", 100)))
+                   list(data.get("rerankers") or []), int(data.get("shortlist", 100)),
+                   _extra_columns(data.get("columns") or [], where))
         from instsearch.eval.rerank import build_reranker
 
         names = set()
@@ -167,11 +220,100 @@ class ComparisonSpec:
     def check_inputs(self) -> None:
         missing = [f"method {m.name}: config {m.config}" for m in self.methods if not m.config.is_file()]
         missing += [f"method {m.name}: checkpoint {m.ckpt_path}" for m in self.methods
-                    if m.ckpt_path is not None and not m.ckpt_path.is_file()]
+                    if isinstance(m.ckpt_path, Path) and not m.ckpt_path.is_file()]
         missing += [f"benchmark {b.name}: {b.path}" for b in self.benchmarks
                     if not b.path.is_file() and b.synthetic is None]
         if missing:
             raise FileNotFoundError(f"{self.source}: missing before any work could start: " + "; ".join(missing))
+
+
+def _method_specs(i: int, entry: dict, where: str) -> list[MethodSpec]:
+    """One entry of ``methods:``; with ``seeds: [S, ...]`` one method ``NAME@seedS`` per seed, each
+    with ``seed_everything`` and every option of ``seed_options`` (e.g. a module's own ``seed``) set
+    to S."""
+    overrides = entry.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{where}: methods[{i}].overrides is a mapping of option: value")
+    overrides = {k: _checkpoint_ref(v, f"{where}: methods[{i}].overrides.{k}") for k, v in overrides.items()}
+    ckpt = entry.get("ckpt_path")
+    ckpt = _checkpoint_ref(ckpt, f"{where}: methods[{i}].ckpt_path") if isinstance(ckpt, dict) else \
+        Path(ckpt) if ckpt else None
+    base = MethodSpec(str(entry["name"]), Path(entry["config"]), ckpt, overrides, bool(entry.get("train", False)))
+    if "seeds" not in entry:
+        if entry.get("seed_options"):
+            raise ValueError(f"{where}: methods[{i}].seed_options needs seeds")
+        return [base]
+    seeds, options = entry["seeds"], entry.get("seed_options") or []
+    if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) for x in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"{where}: methods[{i}].seeds is a list of distinct integers")
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        raise ValueError(f"{where}: methods[{i}].seed_options is a list of option names")
+    return [MethodSpec(f"{base.name}@seed{seed}", base.config, base.ckpt_path and _copy_ref(base.ckpt_path),
+                       {**{k: _copy_ref(v) for k, v in base.overrides.items()}, "seed_everything": seed,
+                        **{o: seed for o in options}}, base.train, family=base.name, seed=seed)
+            for seed in seeds]
+
+
+def _checkpoint_ref(value: Any, where: str) -> Any:
+    if isinstance(value, dict) and "checkpoint_of" in value:
+        if set(value) != {"checkpoint_of"}:
+            raise ValueError(f"{where}: a checkpoint reference is {{checkpoint_of: METHOD}} alone")
+        return CheckpointOf(str(value["checkpoint_of"]))
+    if isinstance(value, dict) and where.endswith("ckpt_path"):
+        raise ValueError(f"{where}: a path or {{checkpoint_of: METHOD}}")
+    return value
+
+
+def _copy_ref(value: Any) -> Any:
+    return CheckpointOf(value.name) if isinstance(value, CheckpointOf) else value
+
+
+def _check_references(methods: list[MethodSpec], where: str) -> None:
+    """Every ``checkpoint_of`` names a method with a checkpoint (given or trained), without a
+    cycle; a method run with seeds may name a family run with the same seed."""
+    for m in methods:
+        for ref in m.references():
+            target = _referenced(methods, m, ref.name)
+            if target is None:
+                raise ValueError(f"{where}: method {m.name}: checkpoint_of {ref.name!r} is not a method (a method "
+                                 f"run with seeds is named NAME@seedS; a seeded method may name a family of the "
+                                 f"same seeds)")
+            if target.ckpt_path is None and not target.train:
+                raise ValueError(f"{where}: method {m.name}: checkpoint_of {ref.name!r}, which has no checkpoint "
+                                 f"(give it a ckpt_path or train: true)")
+    for m in methods:  # a cycle would train forever
+        seen, todo = set(), [m]
+        while todo:
+            current = todo.pop()
+            for ref in current.references():
+                target = _referenced(methods, current, ref.name)
+                if target is m:
+                    raise ValueError(f"{where}: method {m.name}: its checkpoint references lead back to it")
+                if target.name not in seen:
+                    seen.add(target.name)
+                    todo.append(target)
+
+
+def _referenced(methods: Sequence[MethodSpec], by: MethodSpec, name: str) -> Optional[MethodSpec]:
+    found = {m.name: m for m in methods}
+    if name in found:
+        return found[name]
+    return found.get(f"{name}@seed{by.seed}") if by.seed is not None else None
+
+
+def _extra_columns(entries: list, where: str) -> list[ExtraColumn]:
+    columns = []
+    for i, c in enumerate(entries):
+        if not isinstance(c, dict) or "name" not in c or "key" not in c:
+            raise ValueError(f"{where}: columns[{i}] needs a name and a key")
+        column = ExtraColumn(str(c["name"]), str(c["key"]), str(c.get("from", "fit")), bool(c.get("every_epoch")))
+        if column.source not in ExtraColumn.SOURCES:
+            raise ValueError(f"{where}: columns[{i}].from is one of {ExtraColumn.SOURCES}")
+        if column.every_epoch and column.source != "fit":
+            raise ValueError(f"{where}: columns[{i}]: every_epoch reads a training log (from: fit)")
+        columns.append(column)
+    return columns
 
 
 def _named_entries(data: dict, key: str, required: str, where: str, hint: str = ""):
@@ -200,7 +342,7 @@ def cell_key(method: MethodSpec, benchmark: BenchmarkSpec, benchmark_sha256: str
     from instsearch.eval.shards import config_sha256
 
     return config_sha256({"format": CELL_FORMAT, "config": load_config(method.config),
-                          "overrides": method.overrides, "checkpoint": _sha256(method.ckpt_path),
+                          "overrides": method.hashed_overrides(), "checkpoint": _sha256(method.checkpoint),
                           "benchmark": benchmark_sha256, "protocol": benchmark.protocol_overrides})[:16]
 
 
@@ -217,7 +359,7 @@ def train_key(method: MethodSpec) -> str:
     from instsearch.eval.shards import config_sha256
 
     return config_sha256({"format": TRAIN_FORMAT, "train": load_config(method.config),
-                          "overrides": method.overrides})[:16]
+                          "overrides": method.hashed_overrides()})[:16]
 
 
 def train(method: MethodSpec, folder: Path, say=print) -> Path:
@@ -229,7 +371,7 @@ def train(method: MethodSpec, folder: Path, say=print) -> Path:
         return last
     folder.mkdir(parents=True, exist_ok=True)
     callbacks = [{"class_path": "instsearch.checkpointing.LastCheckpoint", "init_args": {"dirpath": str(folder)}}]
-    argv = ["fit", "--config", str(method.config), *_override_args(method.overrides),
+    argv = ["fit", "--config", str(method.config), *_override_args(method.command_overrides()),
             "--trainer.logger", _csv_logger(folder, "fit"), "--trainer.callbacks", json.dumps(callbacks),
             *(["--ckpt_path", str(last)] if last.is_file() else [])]
     say(f"[train] {method.name}" + (" (resuming)" if last.is_file() else ""))
@@ -239,6 +381,42 @@ def train(method: MethodSpec, folder: Path, say=print) -> Path:
         raise RuntimeError(f"instsearch fit wrote no {last}")
     done.write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "argv": argv}, indent=1) + "\n")
     return last
+
+
+def prepare_checkpoints(methods: Sequence[MethodSpec], folder: Path, say=print) -> dict[str, str]:
+    """Train every ``train: true`` method without a checkpoint (under ``folder``, cached by
+    :func:`train_key`) and resolve every ``checkpoint_of`` reference, a referenced method before the
+    one that names it. Returns ``{method: why it cannot run}`` for the methods whose training (or a
+    training they depend on) failed; the others run."""
+    by_name = {m.name: m for m in methods}
+    failed: dict[str, str] = {}
+    done: set[str] = set()
+
+    def prepare(m: MethodSpec) -> None:
+        if m.name in done:
+            return
+        done.add(m.name)
+        for ref in m.references():
+            target = _referenced(methods, m, ref.name)
+            prepare(target)
+            if target.name in failed:
+                failed[m.name] = f"checkpoint_of {target.name}: {failed[target.name]}"
+                return
+            ref.path = target.checkpoint
+            if ref is m.ckpt_path:
+                m.training_log = target.training_log
+        if m.train and m.ckpt_path is None:
+            try:
+                run = folder / f"{m.name}__{train_key(m)}"
+                m.ckpt_path = train(m, run, say)
+                m.training_log = next(iter(sorted((run / "fit").rglob("metrics.csv"))), None)
+            except Exception as e:  # the method's cells are failed rows; the comparison goes on
+                failed[m.name] = f"training: {type(e).__name__}: {e}"
+                say(f"[failed] training {m.name}: {failed[m.name]}")
+
+    for m in by_name.values():
+        prepare(m)
+    return failed
 
 
 def _csv_logger(save_dir: Path, name: str) -> str:
@@ -265,8 +443,8 @@ def run_cell(method: MethodSpec, benchmark: BenchmarkSpec, folder: Path) -> dict
 
     work = Path(tempfile.mkdtemp(prefix="cell_", dir=folder.parent))
     argv = ["test", "--config", str(method.config), "--data.init_args.benchmark", str(benchmark.path),
-            *(["--ckpt_path", str(method.ckpt_path)] if method.ckpt_path else []),
-            *_override_args({**method.overrides, **benchmark.protocol_overrides}),
+            *(["--ckpt_path", str(method.checkpoint)] if method.checkpoint else []),
+            *_override_args({**method.command_overrides(), **benchmark.protocol_overrides}),
             "--trainer.logger", _csv_logger(work, "test"),
             "--model.init_args.retrieval.grid_queries", "0"]
     t0 = time.perf_counter()
@@ -347,31 +525,30 @@ def compare(spec: ComparisonSpec, say=print) -> dict[str, Any]:
                 raise FileNotFoundError(f"benchmark {b.name}: generating the synthetic set wrote no {b.path}")
     bench_sha = {b.name: _sha256(b.path) for b in spec.benchmarks}
     prov = provenance()
+    unusable = prepare_checkpoints(spec.methods, out / "checkpoints", say)
     cells = []
     for b in spec.benchmarks:
         for m in spec.methods:
-            if m.train and m.ckpt_path is None:
-                try:
-                    m.ckpt_path = train(m, out / "checkpoints" / f"{m.name}__{train_key(m)}", say)
-                except Exception as e:
-                    cell = {"format": CELL_FORMAT, "method": m.name, "benchmark": b.name, "key": "untrained",
-                            "status": "failed", "error": f"training: {type(e).__name__}: {e}", "provenance": prov}
-                    say(f"[failed] training {m.name}: {cell['error']}")
-                    cells.append(cell)
-                    continue
+            if m.name in unusable:
+                cells.append({"format": CELL_FORMAT, "method": m.name, "benchmark": b.name, "key": "untrained",
+                              "status": "failed", "error": unusable[m.name], "provenance": prov})
+                continue
             key = cell_key(m, b, bench_sha[b.name])
             folder = out / "cells" / f"{m.name}__{b.name}__{key}"
             record = folder / "cell.json"
             if record.is_file() and json.loads(record.read_text()).get("status") == "ok":
                 say(f"[cached] {m.name} on {b.name}")
-                cells.append(json.loads(record.read_text()))
+                cached = json.loads(record.read_text())
+                cached["training_log"] = str(m.training_log) if m.training_log else None  # where it is now
+                cells.append(cached)
                 continue
             say(f"[run] {m.name} on {b.name}")
             cell = {"format": CELL_FORMAT, "method": m.name, "benchmark": b.name, "key": key,
-                    "config": str(m.config), "config_key": key, "overrides": m.overrides,
-                    "checkpoint": str(m.ckpt_path) if m.ckpt_path else None,
-                    "checkpoint_sha256": _sha256(m.ckpt_path), "benchmark_sha256": bench_sha[b.name],
-                    "provenance": prov}
+                    "config": str(m.config), "config_key": key, "overrides": m.command_overrides(),
+                    "family": m.family, "seed": m.seed,
+                    "checkpoint": str(m.checkpoint) if m.checkpoint else None,
+                    "checkpoint_sha256": _sha256(m.checkpoint), "benchmark_sha256": bench_sha[b.name],
+                    "training_log": str(m.training_log) if m.training_log else None, "provenance": prov}
             try:
                 cell.update(run_cell(m, b, folder))
                 cell["status"] = "ok"
@@ -422,17 +599,19 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
         cards[b.name] = protocol_card(b, bench, mine)
         base = aps.get(spec.baseline) if spec.baseline else None
 
-        def delta(ap: np.ndarray) -> dict[str, Any]:
-            diff = paired_bootstrap(ap, base, spec.resamples, spec.seed, spec.confidence)
-            return {"vs_baseline": spec.baseline, "delta_mAP@all": round(diff.mean, 6), "ci_low": round(diff.low, 6),
-                    "ci_high": round(diff.high, 6), "ci_excludes_0": diff.excludes_zero}
+        def delta(ap: np.ndarray, reference: np.ndarray, prefix: str = "") -> dict[str, Any]:
+            diff = paired_bootstrap(ap, reference, spec.resamples, spec.seed, spec.confidence)
+            return {f"{prefix}delta_mAP@all": round(diff.mean, 6), f"{prefix}ci_low": round(diff.low, 6),
+                    f"{prefix}ci_high": round(diff.high, 6), f"{prefix}ci_excludes_0": diff.excludes_zero}
 
         for c in mine:
-            row = {"benchmark": b.name, "method": c["method"], "reranker": "none", "status": c.get("status")}
+            row = {"benchmark": b.name, "method": c["method"], "reranker": "none", "status": c.get("status"),
+                   "family": c.get("family"), "seed": c.get("seed")}
             if c.get("status") == "ok":
                 row.update(_metric_columns(c["_metrics"], c.get("_costs") or {}, c.get("seconds")))
+                row.update(extra_columns(spec.columns, c))
                 if base is not None and c["method"] != spec.baseline:
-                    row.update(delta(aps[c["method"]]))
+                    row.update(vs_baseline=spec.baseline, **delta(aps[c["method"]], base))
             else:
                 row["error"] = c.get("error")
             rows.append({**row, **_provenance_columns(c)})
@@ -441,7 +620,8 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
             folder = out / "cells" / f"{c['method']}__{b.name}__{c['key']}"
             for r_spec in spec.rerankers:
                 reranker = build_reranker(r_spec)
-                row = {"benchmark": b.name, "method": c["method"], "reranker": reranker.name}
+                row = {"benchmark": b.name, "method": c["method"], "reranker": reranker.name,
+                       "family": c.get("family"), "seed": c.get("seed")}
                 if not (folder / "features.npz").is_file():  # not applicable to this method, not a failure
                     row.update(status="n/a", error=f"re-ranking: {c.get('rerankable') or 'no features.npz'}")
                     rows.append({**row, **_provenance_columns(c)})
@@ -454,10 +634,16 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
                                                   protocol=m["protocol"])
                 per_query += _per_query_rows(b.name, c["method"], reranker.name, query_ids, per)
                 row.update(status="ok", **_metric_columns({**m, **metrics}, {}, None), shortlist=spec.shortlist)
+                reranked = np.array([per[q][-1] for q in query_ids])
                 if base is not None:
-                    row.update(delta(np.array([per[q][-1] for q in query_ids])))
+                    row.update(vs_baseline=spec.baseline, **delta(reranked, base))
+                # the re-ranker's own effect: against the plain search of the same cell
+                row.update(delta(reranked, aps[c["method"]], "vs_plain_"))
                 rows.append({**row, **_provenance_columns(c)})
     _write_csv(out / "results.csv", rows)
+    seeds = seed_summary(rows, spec.columns)
+    if seeds:
+        _write_csv(out / "seeds.csv", seeds)
     plots = {b.name: plot_costs([r for r in rows if r["benchmark"] == b.name and r["status"] == "ok"
                                  and r["reranker"] == "none"],
                                 out / f"cost_{b.name}.png", b.name) for b in spec.benchmarks}
@@ -467,14 +653,15 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
         if len(members) > 1:
             sizes = {b.name: cards[b.name]["database images"] + cards[b.name]["distractor images"] for b in members}
             plots[f"group:{group}"] = plot_database_size(rows, sizes, out / f"size_{group}.png", group)
-    (out / "report.md").write_text(report_markdown(spec, rows, cards, plots), encoding="utf-8")
+    (out / "report.md").write_text(report_markdown(spec, rows, cards, plots, seeds), encoding="utf-8")
     from instsearch.eval.report_html import comparison_html
 
     first = rows[0] if rows else {}
     prov = (f"commit {first.get('commit')}{' (modified)' if first.get('dirty') else ''}, {first.get('device')}, "
             f"torch {first.get('torch')}, faiss {first.get('faiss')}")
     page = comparison_html(f"Comparison: {spec.source}", loaded, cards, rows, all_runs, all_aps, plots,
-                           provenance=prov, queries=spec.gallery_queries)
+                           provenance=prov, queries=spec.gallery_queries, extra_columns=_extra_names(rows, spec.columns),
+                           seeds=seeds)
     (out / "report.html").write_text(page, encoding="utf-8")
     if spec.wandb is not None:
         log_to_wandb(spec, rows, plots)
@@ -503,6 +690,75 @@ def log_to_wandb(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], plots: di
     folder = str(run.dir)
     run.finish()
     return folder
+
+
+def extra_columns(columns: Sequence[ExtraColumn], cell: dict[str, Any]) -> dict[str, Optional[float]]:
+    """The ``columns:`` figures of one cell (``None`` where the cell has no such figure)."""
+    values: dict[str, Optional[float]] = {}
+    log = cell.get("training_log")
+    logged = _read_training_log(Path(log)) if log and Path(log).is_file() else []
+    for column in columns:
+        if column.source == "fit":
+            series = [(r.get("epoch"), r[column.key]) for r in logged if r.get(column.key) not in (None, "")]
+            if column.every_epoch:
+                per_epoch = {int(float(e)): v for e, v in series if e not in (None, "")}
+                values.update({f"{column.name} e{e + 1}": _num(v) for e, v in sorted(per_epoch.items())})
+            else:
+                values[column.name] = _num(series[-1][1]) if series else None
+        else:
+            values[column.name] = _num(_lookup(cell.get("_costs" if column.source == "costs" else "_metrics") or {},
+                                               column.key))
+    return values
+
+
+def _read_training_log(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _lookup(data: dict[str, Any], key: str) -> Any:
+    """``data[key]``, or a nested value by a dotted key (``network.cuts/img``)."""
+    if key in data:
+        return data[key]
+    head, _, rest = key.partition(".")
+    return _lookup(data[head], rest) if rest and isinstance(data.get(head), dict) else None
+
+
+def _extra_names(rows: Sequence[dict[str, Any]], columns: Sequence[ExtraColumn]) -> list[str]:
+    """The ``columns:`` names as they appear in the rows (a per-epoch column as one per epoch)."""
+    names: list[str] = []
+    for column in columns:
+        found = [k for r in rows for k in r if k == column.name or (column.every_epoch and k.startswith(
+            f"{column.name} e") and k[len(column.name) + 2:].isdigit())]
+        names += [k for k in dict.fromkeys(found) if k not in names]
+    return names
+
+
+SEED_METRICS = ("mAP@10", "mAP@100", "mAP@all", "mIoU", "regions_per_image", "delta_mAP@all")
+
+
+def seed_summary(rows: Sequence[dict[str, Any]], columns: Sequence[ExtraColumn] = ()) -> list[dict[str, Any]]:
+    """Per benchmark, family run with seeds and re-ranker: the mean and sample standard deviation
+    over its seeds of each metric and extra column (``seeds.csv``) -- the noise band a gain has to
+    clear."""
+    import numpy as np
+
+    families: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("family") and r.get("status") == "ok":
+            families.setdefault((r["benchmark"], r["family"], r["reranker"]), []).append(r)
+    extra = _extra_names(rows, columns)
+    out = []
+    for (bench, family, reranker), members in families.items():
+        row = {"benchmark": bench, "family": family, "reranker": reranker,
+               "seeds": " ".join(str(m["seed"]) for m in members), "n": len(members)}
+        for key in (*SEED_METRICS, *extra):
+            values = [float(m[key]) for m in members if m.get(key) is not None]
+            if values:
+                row[f"{key} mean"] = round(float(np.mean(values)), 6)
+                row[f"{key} std"] = round(float(np.std(values, ddof=1)), 6) if len(values) > 1 else None
+        out.append(row)
+    return out
 
 
 def _per_query_rows(benchmark: str, method: str, reranker: str, query_ids: Sequence[str],
@@ -656,7 +912,11 @@ def plot_database_size(rows: Sequence[dict[str, Any]], sizes: dict[str, int], pa
 
 
 def report_markdown(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], cards: dict[str, dict],
-                    plots: Optional[dict[str, Optional[Path]]] = None) -> str:
+                    plots: Optional[dict[str, Optional[Path]]] = None,
+                    seeds: Sequence[dict[str, Any]] = ()) -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    plain = lambda v: "" if v is None else str(v)  # noqa: E731
+    extra = _extra_names(rows, spec.columns)
     lines = [f"# Comparison: {spec.source}", ""]
     for key, plot in (plots or {}).items():
         if key.startswith("group:") and plot:
@@ -677,16 +937,29 @@ def report_markdown(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], cards:
                 continue
             delta = ""
             if "delta_mAP@all" in r:
-                mark = " *" if r["ci_excludes_0"] else ""
-                delta = f"{r['delta_mAP@all']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]{mark}"
+                delta = _interval(r)
             elif r["method"] == spec.baseline:
                 delta = "baseline"
-            fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-            plain = lambda v: "" if v is None else str(v)  # noqa: E731
+            if "vs_plain_delta_mAP@all" in r:
+                delta += f" (vs plain search: {_interval(r, 'vs_plain_')})"
             lines.append(f"| {label} | {fmt(r['mAP@10'])} | {fmt(r['mAP@100'])} | {fmt(r['mAP@all'])} | "
                          f"{fmt(r['mIoU'])} | {fmt(r['regions_per_image'])} | {plain(r.get('search_ms_per_query'))} | "
                          f"{plain(r.get('index_bytes_per_image'))} | {delta} | {plain(r.get('test_seconds'))} |")
         lines += ["", "\\* the interval excludes 0.", ""]
+        mine = [r for r in rows if r["benchmark"] == name and r["reranker"] == "none" and r["status"] == "ok"]
+        if extra and mine:
+            lines += ["| method | " + " | ".join(extra) + " |", "|---|" + "---:|" * len(extra)]
+            lines += [f"| {r['method']} | " + " | ".join(fmt(r.get(k)) for k in extra) + " |" for r in mine]
+            lines += [""]
+        families = [f for f in seeds if f["benchmark"] == name]
+        if families:
+            keys = [k for k in (*SEED_METRICS, *extra) if any(f"{k} mean" in f for f in families)]
+            lines += [f"Over seeds (mean ± sample standard deviation):", "",
+                      "| method | re-ranker | seeds | " + " | ".join(keys) + " |", "|---|---|---|" + "---:|" * len(keys)]
+            for f in families:
+                lines.append(f"| {f['family']} | {f['reranker']} | {f['seeds']} | " + " | ".join(
+                    _band(f.get(f"{k} mean"), f.get(f"{k} std")) for k in keys) + " |")
+            lines += [""]
         if plots and plots.get(name):
             lines += [f"![accuracy against cost]({plots[name].name})", ""]
     if rows:
@@ -694,6 +967,18 @@ def report_markdown(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], cards:
         lines += ["Provenance: commit " + str(r.get("commit")) + (" (modified)" if r.get("dirty") else "")
                   + f", {r.get('device')}, torch {r.get('torch')}, faiss {r.get('faiss')}.", ""]
     return "\n".join(lines)
+
+
+def _interval(row: dict[str, Any], prefix: str = "") -> str:
+    mark = " *" if row[f"{prefix}ci_excludes_0"] else ""
+    return (f"{row[f'{prefix}delta_mAP@all']:+.4f} [{row[f'{prefix}ci_low']:+.4f}, "
+            f"{row[f'{prefix}ci_high']:+.4f}]{mark}")
+
+
+def _band(mean: Optional[float], std: Optional[float]) -> str:
+    if mean is None:
+        return ""
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

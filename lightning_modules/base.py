@@ -216,14 +216,17 @@ class RegionSearchModule(pl.LightningModule):
         self._evaluator.process(self.search_step(batch))
         self._show_progress_metrics()
 
-    def _show_progress_metrics(self) -> None:
+    def _network_metrics(self) -> dict[str, float]:
         """A network's running cost figures (``progress_metrics()``, e.g. DASR's peaks and seconds
-        per image) in the progress bar, not in the logs."""
+        per image, CLAID's cuts per image); empty for a network without them."""
         metrics = getattr(getattr(self, "net", None), "progress_metrics", None)
-        if callable(metrics):
-            for name, value in metrics().items():
-                self.log(name, float(value), prog_bar=True, logger=False, on_step=True, on_epoch=False,
-                         batch_size=1)
+        return {k: float(v) for k, v in metrics().items()} if callable(metrics) else {}
+
+    def _show_progress_metrics(self) -> None:
+        """The network's running figures in the progress bar, not in the logs (``costs.json``
+        gets their final values)."""
+        for name, value in self._network_metrics().items():
+            self.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
 
     def on_test_epoch_end(self) -> None:
         extraction_s = time.perf_counter() - self._test_started
@@ -232,6 +235,9 @@ class RegionSearchModule(pl.LightningModule):
         if result is not None:  # this process's extraction: every process runs as fast under DDP
             result.costs.update({"extraction_s": round(extraction_s, 3),  # rank 0's images and queries
                                  "extraction_items_per_s": round(items / max(extraction_s, 1e-9), 2)})
+            network = self._network_metrics()
+            if network:  # the network's own running figures over rank 0's images (e.g. CLAID's cuts)
+                result.costs["network"] = network
         self.test_result = result
         written = publish(self.trainer, self, self._evaluator.benchmark, result, prefix="test/",
                           grid_queries=self.retrieval.grid_queries, write_files=True)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
@@ -212,6 +213,9 @@ class CLAID(ClassAgnostic, nn.Module):
         # the pad multiple of a descriptor input: the deepest stride, so every map covers the
         # padded tensor exactly and the pooler's scale is the same on both axes
         self._pad_multiple = max(s.stride for s in self.describe_backbone.feature_info)
+        #: running totals of :meth:`detect_regions` (:meth:`progress_metrics`): the paper's Table V
+        #: reports cuts per image and time per cut
+        self._cost = {"images": 0, "cuts": 0, "regions": 0, "grid_s": 0.0, "decomposition_s": 0.0}
 
     @property
     def feature_dim(self) -> int:
@@ -311,7 +315,11 @@ class CLAID(ClassAgnostic, nn.Module):
         boxes, scores, masks = [], [], []
         for image in images:
             height, width = int(image.shape[-2]), int(image.shape[-1])
-            nodes = self.hierarchy(image)
+            start = time.perf_counter()
+            grid = self.patch_grid(image)
+            split = time.perf_counter()
+            nodes = self.hierarchy_of_grid(grid)
+            self._count(nodes, split - start, time.perf_counter() - split)
             kept = self.kept_nodes(nodes)
             b, m = self.nodes_in_pixels(kept, height, width)
             boxes.append(b.to(image.device, torch.float32))
@@ -323,6 +331,24 @@ class CLAID(ClassAgnostic, nn.Module):
             out.append(Regions(boxes=b, scores=s, features=f, masks=m if self.return_masks else None,
                                image_size=(int(image.shape[-2]), int(image.shape[-1]))))
         return out
+
+    def _count(self, nodes: Sequence[RegionNode], grid_s: float, decomposition_s: float) -> None:
+        self._cost["images"] += 1
+        self._cost["cuts"] += sum(n.bisected for n in nodes)
+        self._cost["regions"] += len(output_nodes(nodes, self.decomposition["filter_dummy"]))
+        self._cost["grid_s"] += grid_s
+        self._cost["decomposition_s"] += decomposition_s
+
+    def progress_metrics(self) -> dict[str, float]:
+        """Per database image so far: cuts (bisections), output regions of the decomposition
+        (before the whole-image fallback), seconds of the patch grid and of the decomposition, and
+        seconds per cut (the CLAID paper's Table V columns; ``instsearch test`` shows them in its
+        progress bar and writes them to ``costs.json``)."""
+        c = self._cost
+        n = max(c["images"], 1)
+        return {"cuts/img": c["cuts"] / n, "regions/img": c["regions"] / n, "grid s/img": c["grid_s"] / n,
+                "decomposition s/img": c["decomposition_s"] / n,
+                "decomposition s/cut": c["decomposition_s"] / max(c["cuts"], 1)}
 
     @torch.no_grad()
     def describe_boxes(self, images: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:

@@ -165,6 +165,25 @@ def test_instsearch_test_runs_the_claid_config_without_a_checkpoint(tmp_path, sm
     assert metrics["regions_per_image"] >= 1.0  # every image keeps at least its whole frame
     assert set(run["rankings"]) == {q["id"] for q in json.loads(small_benchmark.read_text())["queries"]}
     assert run["method"] == "CLAID"  # the network, not the generic TrainingFreeModule
+    # the decomposition's figures (the paper's Table V columns) reach costs.json
+    costs = json.loads(next(tmp_path.rglob("costs.json")).read_text())
+    assert set(costs["network"]) == {"cuts/img", "regions/img", "grid s/img", "decomposition s/img",
+                                     "decomposition s/cut"}
+
+
+def test_running_figures_count_the_cuts_and_regions_of_each_database_image():
+    image, _, _ = planted_image()
+    net = colour_claid()
+    with torch.no_grad():
+        cuts = sum(n.bisected for n in net.hierarchy(image))
+        net.detect_regions([image, image.flip(-1)])
+        net.describe_boxes([image], [torch.tensor([[0.0, 0.0, 50.0, 50.0]])])  # a query: not counted
+    figures = net.progress_metrics()
+    # the planted image: one cut of the root into background and objects, whose half falls into
+    # two connected components (red, green), both output regions; its mirror image decomposes alike
+    assert cuts == 1
+    assert figures["cuts/img"] == 1.0 and figures["regions/img"] == 2.0
+    assert figures["decomposition s/cut"] == pytest.approx(figures["decomposition s/img"])
 
 
 # ------------------------------------------------------------------ paper defaults, public options

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from instsearch.cli import main
-from instsearch.compare_cli import ComparisonSpec, compare
+from instsearch.compare_cli import CheckpointOf, ComparisonSpec, compare
 from instsearch.eval.shards import file_sha256
 from instsearch.eval.significance import paired_bootstrap
 
@@ -204,7 +204,8 @@ def test_shipped_comparisons_name_existing_configs(path, monkeypatch):
     for m in spec.methods:
         assert m.config.is_file(), m.name
         argv = ["--config", str(m.config)]  # parsed as the test command parses it (no subcommand)
-        for key, value in m.overrides.items():
+        for key, value in m.overrides.items():  # a checkpoint reference is a path on the command line
+            value = "weights.ckpt" if isinstance(value, CheckpointOf) else value
             argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
         lightning_cli(argv, run=False, cli_class=_parse_only())
 
@@ -314,6 +315,13 @@ def test_reranked_rows_are_the_expanded_search_of_the_shortlist(comparison, tmp_
     assert float(rows[("three", "aqe")]["mAP@all"]) == pytest.approx(by_hand["mAP@all"], abs=2e-6)
     assert float(rows[("three", "aqe")]["mAP@all"]) != float(rows[("three", "none")]["mAP@all"])  # it moved
     assert rows[("three", "aqe")]["vs_baseline"] == "three"  # compared with the plain baseline
+    # and with its own plain search: the mean of the per-query AP differences
+    with open(out / "per_query.csv", newline="") as f:
+        per = [r for r in csv.DictReader(f) if r["method"] == "three"]
+    plain = {r["query"]: float(r["AP@all"]) for r in per if r["reranker"] == "none"}
+    gain = np.mean([float(r["AP@all"]) - plain[r["query"]] for r in per if r["reranker"] == "aqe"])
+    assert float(rows[("three", "aqe")]["vs_plain_delta_mAP@all"]) == pytest.approx(gain, abs=2e-6)
+    assert rows[("three", "none")].get("vs_plain_delta_mAP@all", "") == ""
 
 
 def test_a_method_without_features_gets_a_not_applicable_rerank_row(comparison, tmp_path):
@@ -354,3 +362,114 @@ def test_a_group_of_benchmark_sizes_is_plotted_against_database_size(comparison,
     assert (out / "size_sizes.png").stat().st_size > 10_000
     assert "](size_sizes.png)" in (out / "report.md").read_text()
     assert "| distractor images | 6 |" in (out / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------ variants, seeds, columns
+def test_seeds_run_once_each_and_their_spread_is_reported(comparison, tmp_path):
+    """A method with seeds is one row per seed (seed_everything and each seed option set to the
+    seed); seeds.csv and report.md give the mean and the sample standard deviation over them."""
+    spec = yaml.safe_load(comparison.read_text())
+    spec["methods"].append({"name": "rand", "config": spec["methods"][0]["config"], "seeds": [0, 1, 2],
+                            "seed_options": ["trainer.max_epochs"]})  # any option; tested: it is set
+    comparison.write_text(yaml.safe_dump(spec))
+    assert main(["compare", "--config", str(comparison)]) == 0
+    out = tmp_path / "out"
+    rows = _rows(out)
+    seeded = [rows[f"rand@seed{s}"] for s in (0, 1, 2)]
+    assert [r["family"] for r in seeded] == ["rand"] * 3 and [r["seed"] for r in seeded] == ["0", "1", "2"]
+    cell = json.loads(next((out / "cells").glob("rand@seed2__*/cell.json")).read_text())
+    assert cell["overrides"] == {"seed_everything": 2, "trainer.max_epochs": 2}
+    # the seed draws the network's random initialisation: the rows differ
+    maps = [float(r["mAP@all"]) for r in seeded]
+    assert len(set(maps)) > 1
+    with open(out / "seeds.csv", newline="") as f:
+        (family,) = list(csv.DictReader(f))
+    assert family["family"] == "rand" and family["seeds"] == "0 1 2" and family["n"] == "3"
+    mean = sum(maps) / 3
+    std = (sum((m - mean) ** 2 for m in maps) / 2) ** 0.5
+    assert float(family["mAP@all mean"]) == pytest.approx(mean, abs=2e-6)
+    assert float(family["mAP@all std"]) == pytest.approx(std, abs=2e-6)
+    report = (out / "report.md").read_text()
+    assert f"| rand | none | 0 1 2 | " in report and f"{mean:.4f} ± {std:.4f}" in report
+
+
+def test_checkpoint_of_reuses_a_trained_method_and_columns_read_its_training_log(tmp_path, synthetic_root,
+                                                                               small_benchmark, num_classes, capsys):
+    """A variant tests another method's trained checkpoint with its own options (trained once);
+    columns read the training log (last value and per epoch), costs.json and metrics.json."""
+    cfg = yaml.safe_load(_method_config(tmp_path, "trainable", num_classes, 3).read_text())
+    cfg["trainer"].update({"max_epochs": 2, "limit_train_batches": 2, "limit_val_batches": 1,
+                           "num_sanity_val_steps": 0, "log_every_n_steps": 1})
+    cfg["data"] = {"class_path": "instsearch.datamodules.synthetic.SyntheticDataModule",
+                   "init_args": {"root": str(synthetic_root), "batch_size": 2, "num_workers": 0}}
+    (tmp_path / "trainable.yaml").write_text(yaml.safe_dump(cfg))
+    spec = {"out": str(tmp_path / "out"), "bootstrap": {"resamples": 100},
+            "benchmarks": [{"name": "small", "benchmark": str(small_benchmark)}],
+            "methods": [{"name": "drcnn", "config": str(tmp_path / "trainable.yaml"), "train": True},
+                        {"name": "drcnn_k5", "config": str(tmp_path / "trainable.yaml"),
+                         "ckpt_path": {"checkpoint_of": "drcnn"},
+                         "overrides": {"model.init_args.net.init_args.top_k": 5}}],
+            "columns": [{"name": "loss", "key": "train/loss"},
+                        {"name": "loss", "key": "train/loss", "every_epoch": True},
+                        {"name": "ms", "key": "search_ms_per_query", "from": "costs"},
+                        {"name": "r07", "key": "recall@IoU0.7", "from": "metrics"}]}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["compare", "--config", str(path)]) == 0
+    assert capsys.readouterr().out.count("[train]") == 1
+    out = tmp_path / "out"
+    rows = _rows(out)
+    ckpt = next((out / "checkpoints").rglob("last.ckpt"))
+    assert rows["drcnn"]["checkpoint_sha256"] == rows["drcnn_k5"]["checkpoint_sha256"] == file_sha256(ckpt)
+    assert float(rows["drcnn_k5"]["regions_per_image"]) > float(rows["drcnn"]["regions_per_image"])
+    with open(next((out / "checkpoints").rglob("metrics.csv")), newline="") as f:
+        logged = [(int(r["epoch"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
+    for name in ("drcnn", "drcnn_k5"):
+        row = rows[name]
+        assert float(row["loss"]) == pytest.approx(logged[-1][1], abs=1e-6)
+        assert float(row["loss e1"]) == pytest.approx([v for e, v in logged if e == 0][-1], abs=1e-6)
+        assert float(row["loss e2"]) == pytest.approx([v for e, v in logged if e == 1][-1], abs=1e-6)
+        cell = next((out / "cells").glob(f"{name}__*"))
+        assert float(row["ms"]) == json.loads((cell / "costs.json").read_text())["search_ms_per_query"]
+        assert float(row["r07"]) == pytest.approx(json.loads((cell / "metrics.json").read_text())["recall@IoU0.7"],
+                                                  abs=1e-6)
+    assert "| method | loss | loss e1 | loss e2 | ms | r07 |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": [{"name": "a", "config": "a.yaml", "ckpt_path": {"checkpoint_of": "b"}}]}, "'b' is not a method"),
+    ({"methods": [{"name": "a", "config": "a.yaml"}, {"name": "b", "config": "b.yaml",
+                                                     "ckpt_path": {"checkpoint_of": "a"}}]}, "has no checkpoint"),
+    ({"methods": [{"name": "a", "config": "a.yaml", "train": True,
+                   "overrides": {"x.weights": {"checkpoint_of": "b"}}},
+                  {"name": "b", "config": "b.yaml", "train": True,
+                   "overrides": {"x.weights": {"checkpoint_of": "a"}}}]}, "lead back"),
+    ({"methods": [{"name": "a", "config": "a.yaml", "seeds": [0, "one"]}]}, "distinct integers"),
+    ({"methods": [{"name": "a", "config": "a.yaml", "seeds": [0, 1]}, {"name": "a@seed1", "config": "a.yaml"}]},
+     "appear twice"),
+    ({"methods": [{"name": "a", "config": "a.yaml", "seed_options": ["x"]}]}, "needs seeds"),
+    ({"columns": [{"name": "c", "key": "k", "from": "somewhere"}]}, "columns\\[0\\].from"),
+    ({"columns": [{"name": "c", "key": "k", "from": "costs", "every_epoch": True}]}, "every_epoch"),
+])
+def test_bad_references_seeds_and_columns_are_named(tmp_path, change, message):
+    spec = {"benchmarks": [{"name": "b", "benchmark": "b.json"}],
+            "methods": [{"name": "a", "config": "a.yaml"}], **change}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=message):
+        ComparisonSpec.load(path, check_inputs=False)
+
+
+def test_a_seeded_variant_names_the_checkpoint_of_the_same_seed(tmp_path):
+    spec = {"benchmarks": [{"name": "b", "benchmark": "b.json"}],
+            "methods": [{"name": "udq", "config": "u.yaml", "train": True, "seeds": [0, 1]},
+                        {"name": "exact", "config": "u.yaml", "ckpt_path": {"checkpoint_of": "udq"},
+                         "seeds": [0, 1]}]}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    loaded = ComparisonSpec.load(path, check_inputs=False)
+    by_name = {m.name: m for m in loaded.methods}
+    assert list(by_name) == ["udq@seed0", "udq@seed1", "exact@seed0", "exact@seed1"]
+    from instsearch.compare_cli import _referenced
+
+    assert _referenced(loaded.methods, by_name["exact@seed1"], "udq") is by_name["udq@seed1"]
