@@ -159,6 +159,32 @@ class ComparisonSpec:
     shortlist: int = 100
     #: method-specific figures as extra columns of the plain-search rows
     columns: list[ExtraColumn] = field(default_factory=list)
+    #: where trained checkpoints are cached (default ``out/checkpoints``); comparisons that train
+    #: the same config with the same overrides can share one folder (the key is the content's hash)
+    checkpoints: Optional[Path] = None
+
+    @property
+    def checkpoint_folder(self) -> Path:
+        return self.checkpoints or self.out / "checkpoints"
+
+    def only(self, names: Sequence[str]) -> None:
+        """Keep the named methods (a family by its name), the baseline and every method whose
+        checkpoint they use; raises ValueError naming an unknown one."""
+        unknown = [n for n in names if not any(m.name == n or m.family == n for m in self.methods)]
+        if unknown:
+            raise ValueError(f"{self.source}: --only {unknown}: not methods of this comparison "
+                             f"({sorted(dict.fromkeys(m.family or m.name for m in self.methods))})")
+        keep = {m.name for m in self.methods if m.name in names or m.family in names or m.name == self.baseline}
+        by_name = {m.name: m for m in self.methods}
+        todo = list(keep)
+        while todo:
+            m = by_name[todo.pop()]
+            for ref in m.references():
+                target = _referenced(self.methods, m, ref.name)
+                if target.name not in keep:
+                    keep.add(target.name)
+                    todo.append(target.name)
+        self.methods = [m for m in self.methods if m.name in keep]
 
     @classmethod
     def load(cls, path: str | Path, out: Optional[str | Path] = None, check_inputs: bool = True) -> "ComparisonSpec":
@@ -201,7 +227,8 @@ class ComparisonSpec:
                    int(boot.get("resamples", 10_000)), int(boot.get("seed", 0)), float(boot.get("confidence", 0.95)),
                    path, int(data.get("gallery_queries", 30)), data.get("wandb"),
                    list(data.get("rerankers") or []), int(data.get("shortlist", 100)),
-                   _extra_columns(data.get("columns") or [], where))
+                   _extra_columns(data.get("columns") or [], where),
+                   Path(data["checkpoints"]) if data.get("checkpoints") else None)
         from instsearch.eval.rerank import build_reranker
 
         names = set()
@@ -407,7 +434,7 @@ def prepare_checkpoints(methods: Sequence[MethodSpec], folder: Path, say=print) 
                 m.training_log = target.training_log
         if m.train and m.ckpt_path is None:
             try:
-                run = folder / f"{m.name}__{train_key(m)}"
+                run = folder / f"{m.config.stem}__{train_key(m)}"  # shared by every method of that training
                 m.ckpt_path = train(m, run, say)
                 m.training_log = next(iter(sorted((run / "fit").rglob("metrics.csv"))), None)
             except Exception as e:  # the method's cells are failed rows; the comparison goes on
@@ -525,7 +552,7 @@ def compare(spec: ComparisonSpec, say=print) -> dict[str, Any]:
                 raise FileNotFoundError(f"benchmark {b.name}: generating the synthetic set wrote no {b.path}")
     bench_sha = {b.name: _sha256(b.path) for b in spec.benchmarks}
     prov = provenance()
-    unusable = prepare_checkpoints(spec.methods, out / "checkpoints", say)
+    unusable = prepare_checkpoints(spec.methods, spec.checkpoint_folder, say)
     cells = []
     for b in spec.benchmarks:
         for m in spec.methods:
@@ -987,9 +1014,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", required=True, help="the comparison file (configs/compare/NAME.yaml)")
     p.add_argument("--out", default=None, help="output folder (default: the file's 'out')")
+    p.add_argument("--only", nargs="+", metavar="METHOD", default=None,
+                   help="run these methods only (a method run with seeds by its name), with the baseline and "
+                        "the methods whose checkpoints they use")
     args = p.parse_args(argv)
     try:
         spec = ComparisonSpec.load(args.config, args.out)
+        if args.only:
+            spec.only(args.only)
     except (FileNotFoundError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

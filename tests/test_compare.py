@@ -200,7 +200,7 @@ def test_shipped_comparisons_name_existing_configs(path, monkeypatch):
 
     monkeypatch.chdir(path.parents[2])  # paths in a comparison are relative to the repository, as configs' are
     spec = ComparisonSpec.load(path, check_inputs=False)
-    assert spec.baseline in {m.name for m in spec.methods}
+    assert spec.baseline is None or spec.baseline in {m.name for m in spec.methods}
     for m in spec.methods:
         assert m.config.is_file(), m.name
         argv = ["--config", str(m.config)]  # parsed as the test command parses it (no subcommand)
@@ -473,3 +473,21 @@ def test_a_seeded_variant_names_the_checkpoint_of_the_same_seed(tmp_path):
     from instsearch.compare_cli import _referenced
 
     assert _referenced(loaded.methods, by_name["exact@seed1"], "udq") is by_name["udq@seed1"]
+
+
+def test_only_keeps_the_named_methods_the_baseline_and_the_checkpoints_they_use(tmp_path):
+    spec = {"benchmarks": [{"name": "b", "benchmark": "b.json"}], "baseline": "gem",
+            "methods": [{"name": "gem", "config": "g.yaml"},
+                        {"name": "stand_in", "config": "d.yaml", "train": True},
+                        {"name": "udq", "config": "u.yaml", "train": True, "seeds": [0, 1],
+                         "overrides": {"x.detector_weights": {"checkpoint_of": "stand_in"}}},
+                        {"name": "exact", "config": "u.yaml", "ckpt_path": {"checkpoint_of": "udq"}, "seeds": [0, 1]},
+                        {"name": "other", "config": "o.yaml"}]}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    loaded = ComparisonSpec.load(path, check_inputs=False)
+    loaded.only(["exact"])
+    assert [m.name for m in loaded.methods] == ["gem", "stand_in", "udq@seed0", "udq@seed1", "exact@seed0",
+                                                "exact@seed1"]
+    with pytest.raises(ValueError, match="nope"):
+        ComparisonSpec.load(path, check_inputs=False).only(["nope"])
