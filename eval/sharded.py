@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
@@ -342,6 +343,7 @@ def evaluate_sharded(evaluator: "RetrievalEvaluator") -> Optional["EvaluationRes
 
     bench, cfg = evaluator.benchmark, evaluator.config
     collection = evaluator.collection
+    started = time.perf_counter()
     rank, _ = rank_and_world()
     spilled = isinstance(collection, SpilledCollection)
     local_ids = collection.shards().image_ids if spilled else list(collection.database)
@@ -395,8 +397,9 @@ def evaluate_sharded(evaluator: "RetrievalEvaluator") -> Optional["EvaluationRes
     gt_ids, gt = gt_boxes(bench, available=ranked_here.__contains__)
     counts_iou = recall_at_iou(gt, _image_boxes(collection, gt_ids), thresholds=RECALL_THRESHOLDS)
     covered = np.nan_to_num(np.asarray(counts_iou["recall"], dtype=np.float64)) * counts_iou["num_gt"]
-    sums = all_reduce_sum(torch.tensor([*np.rint(covered), counts_iou["num_gt"], int((local_position >= 0).sum()),
-                                        ranking.num_regions],
+    feature_bytes = ranking.num_regions * (features.shape[1] if len(features) else 0) * 4  # float32
+    sums = all_reduce_sum(torch.tensor([*np.rint(covered), counts_iou["num_gt"], feature_bytes,
+                                        int((local_position >= 0).sum()), ranking.num_regions],
                                        dtype=torch.float64))
     bad = gather_to_rank0(collection.bad_images)
     parts = gather_to_rank0(top)
@@ -415,8 +418,15 @@ def evaluate_sharded(evaluator: "RetrievalEvaluator") -> Optional["EvaluationRes
     bad_images = [e for k, e in enumerate(bad_images) if e not in bad_images[:k]]
     add_database_metrics(metrics, curve, num_regions=int(sums[-1]), num_images=int(sums[-2]),
                          bad_items=len(bad_images))
+    seconds = time.perf_counter() - started
+    # every process ranks its share at once: rank 0's wall time of the whole distributed ranking
+    # (scoring, counting, merging), not one index's search as in the gathered evaluation
+    costs = {"sharded_ranking_s": round(seconds, 4),
+             "search_ms_per_query": round(1000 * seconds / max(len(query_ids), 1), 4),
+             "index_bytes_per_image": round(float(sums[-3]) / max(int(sums[-2]), 1), 1),
+             "search_rule": "sharded: scoring, counting and merging over processes (rank 0's wall time)"}
     return EvaluationResult(metrics=metrics, run=run, recall_curve=curve, bad_images=bad_images,
-                            num_regions=int(sums[-1]))
+                            num_regions=int(sums[-1]), costs=costs)
 
 
 def _judged_pairs(bench: Benchmark, query_ids: Sequence[str], local_position: np.ndarray) -> _Judged:

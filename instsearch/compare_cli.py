@@ -16,9 +16,27 @@ checkpoint and overrides) and the baseline::
          overrides: {model.init_args.retrieval.regions_per_image: 3}}
 
 A method with ``train: true`` and no checkpoint is first fitted with its config (``instsearch
-fit``; the checkpoint is kept under ``DIR/checkpoints/`` by the hash of the config and overrides,
-and a killed training resumes). Every cell (method x benchmark) is ``instsearch test`` of that
-config, checkpoint and overrides
+fit``; the checkpoint is kept under ``DIR/checkpoints/``, or the file's ``checkpoints:`` folder
+shared by several comparisons, by the hash of the config and overrides, and a killed training
+resumes). Variants are methods too::
+
+      - {name: conv4_only, config: configs/fcis_xd_small.yaml, ckpt_path: {checkpoint_of: fcis_xd},
+         overrides: {model.init_args.net.init_args.feature_layers: [conv4]}}
+      - {name: claid, config: configs/claid_synthetic.yaml,
+         overrides: {model.init_args.net.init_args.patch_weights: {checkpoint_of: stand_in}}}
+      - {name: udq, config: configs/udq_synthetic.yaml, train: true, seeds: [0, 1, 2],
+         seed_options: [model.init_args.seed]}     # udq@seed0, udq@seed1, udq@seed2
+      - {name: drcnn_oxford, config: ..., train: true, benchmarks: [oxford5k]}   # runs there only
+
+``{checkpoint_of: METHOD}`` is that method's checkpoint (trained first when it trains); a method
+with ``seeds`` runs once per seed with ``seed_everything`` and every ``seed_options`` option set to
+it, and its family's mean ± sample standard deviation over seeds goes to ``seeds.csv`` and the
+reports. ``columns:`` adds method-specific figures to the rows: ``{name, key, from: fit}`` (the
+last value logged under ``key`` in the training log of the row's checkpoint; ``every_epoch: true``
+one column per epoch), ``from: costs`` (``costs.json``, e.g. ``network.cuts/img``) or ``from:
+metrics`` (``metrics.json``). ``--only NAME ...`` runs some methods (with the baseline and the
+methods whose checkpoints they use). Every cell (method x benchmark) is ``instsearch test`` of
+that config, checkpoint and overrides
 on that benchmark, run in this process, so its numbers are exactly the command's. A cell's
 ``metrics.json`` and ``run.json`` are kept under ``DIR/cells/<key>/`` where the key hashes
 everything that decides them (the composed config, the overrides, the checkpoint's and the
@@ -28,7 +46,8 @@ on. Missing configs, checkpoints and benchmarks are named before any cell runs.
 
 Written to ``DIR``: ``results.csv`` (one row per cell: mAP@k, mIoU, recall@IoU, regions per
 image, seconds, the paired difference in mAP@all to the baseline with its bootstrap interval over
-queries, provenance, search ms/query and index bytes/image from the cell's ``costs.json``),
+queries -- a re-ranked row also against its own plain search --, provenance, search ms/query
+and index bytes/image from the cell's ``costs.json``, the ``columns:``),
 ``per_query.csv`` (AP of every query in every cell), ``cost_<benchmark>.png`` (mAP@all against
 cost, the Pareto front joined), ``size_<group>.png`` (mAP@all against database size for the
 benchmarks of one ``group:``, e.g. a collection at +0 and +N distractors), ``report.md`` (a protocol card per benchmark, then its table) and
@@ -83,6 +102,8 @@ class MethodSpec:
     seed: Optional[int] = None
     #: the training log (``metrics.csv``) of the checkpoint, once known: ``from: fit`` columns
     training_log: Optional[Path] = None
+    #: the benchmarks the method runs on (default: all), e.g. a detector fine-tuned on one of them
+    benchmarks: Optional[list[str]] = None
 
     def references(self) -> list[CheckpointOf]:
         refs = [v for v in self.overrides.values() if isinstance(v, CheckpointOf)]
@@ -218,6 +239,11 @@ class ComparisonSpec:
                 raise ValueError(f"{where}: benchmarks[{i}]: normalization must be one of {NORMALIZATIONS} and "
                                  f"protocol one of {PROTOCOLS}")
             benchmarks.append(bench)
+        names = {b.name for b in benchmarks}
+        for m in methods:
+            unknown = sorted(set(m.benchmarks or ()) - names)
+            if unknown:
+                raise ValueError(f"{where}: method {m.name}: benchmarks {unknown} are not benchmarks of this file")
         baseline = data.get("baseline")
         if baseline is not None and baseline not in {m.name for m in methods}:
             raise ValueError(f"{where}: baseline {baseline!r} is not one of the methods (a method run with seeds "
@@ -265,7 +291,11 @@ def _method_specs(i: int, entry: dict, where: str) -> list[MethodSpec]:
     ckpt = entry.get("ckpt_path")
     ckpt = _checkpoint_ref(ckpt, f"{where}: methods[{i}].ckpt_path") if isinstance(ckpt, dict) else \
         Path(ckpt) if ckpt else None
-    base = MethodSpec(str(entry["name"]), Path(entry["config"]), ckpt, overrides, bool(entry.get("train", False)))
+    only_on = entry.get("benchmarks")
+    if only_on is not None and (not isinstance(only_on, list) or not all(isinstance(b, str) for b in only_on)):
+        raise ValueError(f"{where}: methods[{i}].benchmarks is a list of benchmark names")
+    base = MethodSpec(str(entry["name"]), Path(entry["config"]), ckpt, overrides, bool(entry.get("train", False)),
+                      benchmarks=only_on)
     if "seeds" not in entry:
         if entry.get("seed_options"):
             raise ValueError(f"{where}: methods[{i}].seed_options needs seeds")
@@ -278,7 +308,8 @@ def _method_specs(i: int, entry: dict, where: str) -> list[MethodSpec]:
         raise ValueError(f"{where}: methods[{i}].seed_options is a list of option names")
     return [MethodSpec(f"{base.name}@seed{seed}", base.config, base.ckpt_path and _copy_ref(base.ckpt_path),
                        {**{k: _copy_ref(v) for k, v in base.overrides.items()}, "seed_everything": seed,
-                        **{o: seed for o in options}}, base.train, family=base.name, seed=seed)
+                        **{o: seed for o in options}}, base.train, family=base.name, seed=seed,
+                       benchmarks=base.benchmarks)
             for seed in seeds]
 
 
@@ -556,6 +587,8 @@ def compare(spec: ComparisonSpec, say=print) -> dict[str, Any]:
     cells = []
     for b in spec.benchmarks:
         for m in spec.methods:
+            if m.benchmarks is not None and b.name not in m.benchmarks:
+                continue
             if m.name in unusable:
                 cells.append({"format": CELL_FORMAT, "method": m.name, "benchmark": b.name, "key": "untrained",
                               "status": "failed", "error": unusable[m.name], "provenance": prov})

@@ -334,6 +334,13 @@ def test_a_method_without_features_gets_a_not_applicable_rerank_row(comparison, 
         rows = {(r["method"], r["reranker"]): r for r in csv.DictReader(f)}
     assert rows[("five", "none")]["status"] == "ok" and rows[("three", "aqe")]["status"] == "ok"
     assert rows[("five", "aqe")]["status"] == "n/a" and "sharded evaluation" in rows[("five", "aqe")]["error"]
+    # the sharded cell reports its costs too: float32 features of every region, per image, as the
+    # gathered exact search of the same network (three) counts them
+    three, five = rows[("three", "none")], rows[("five", "none")]
+    dim = float(three["index_bytes_per_image"]) / float(three["regions_per_image"]) / 4
+    assert dim == pytest.approx(round(dim)) and dim > 0
+    assert float(five["index_bytes_per_image"]) == pytest.approx(float(five["regions_per_image"]) * dim * 4, abs=0.1)
+    assert float(five["search_ms_per_query"]) > 0
 
 
 def test_a_group_of_benchmark_sizes_is_plotted_against_database_size(comparison, tmp_path, small_benchmark,
@@ -360,6 +367,13 @@ def test_a_group_of_benchmark_sizes_is_plotted_against_database_size(comparison,
     for method in ("three", "five"):
         assert float(rows[("plus6", method)]["mAP@all"]) <= float(rows[("small", method)]["mAP@all"]) + 1e-9
     assert (out / "size_sizes.png").stat().st_size > 10_000
+    # a method limited to some benchmarks (e.g. a detector fine-tuned on one) runs on those only
+    spec["methods"].append({**spec["methods"][0], "name": "three_small_only", "benchmarks": ["small"]})
+    comparison.write_text(yaml.safe_dump(spec))
+    assert main(["compare", "--config", str(comparison)]) == 0
+    with open(out / "results.csv", newline="") as f:
+        ran = {(r["benchmark"], r["method"]) for r in csv.DictReader(f)}
+    assert ("small", "three_small_only") in ran and ("plus6", "three_small_only") not in ran
     assert "](size_sizes.png)" in (out / "report.md").read_text()
     assert "| distractor images | 6 |" in (out / "report.md").read_text()
 
@@ -449,6 +463,7 @@ def test_checkpoint_of_reuses_a_trained_method_and_columns_read_its_training_log
      "appear twice"),
     ({"methods": [{"name": "a", "config": "a.yaml", "seed_options": ["x"]}]}, "needs seeds"),
     ({"columns": [{"name": "c", "key": "k", "from": "somewhere"}]}, "columns\\[0\\].from"),
+    ({"methods": [{"name": "a", "config": "a.yaml", "benchmarks": ["elsewhere"]}]}, "'elsewhere'\\] are not"),
     ({"columns": [{"name": "c", "key": "k", "from": "costs", "every_epoch": True}]}, "every_epoch"),
 ])
 def test_bad_references_seeds_and_columns_are_named(tmp_path, change, message):
