@@ -31,7 +31,7 @@ resumes). Variants are methods too::
 ``{checkpoint_of: METHOD}`` is that method's checkpoint (trained first when it trains); a method
 with ``seeds`` runs once per seed with ``seed_everything`` and every ``seed_options`` option set to
 it, and its family's mean ± sample standard deviation over seeds goes to ``seeds.csv`` and the
-reports. ``columns:`` adds method-specific figures to the rows: ``{name, key, from: fit}`` (the
+reports; a family as the ``baseline`` compares each seed's row with the baseline's row of that seed. ``columns:`` adds method-specific figures to the rows: ``{name, key, from: fit}`` (the
 last value logged under ``key`` in the training log of the row's checkpoint; ``every_epoch: true``
 one column per epoch), ``from: costs`` (``costs.json``, e.g. ``network.cuts/img``) or ``from:
 metrics`` (``metrics.json``). ``--only NAME ...`` runs some methods (with the baseline and the
@@ -195,7 +195,8 @@ class ComparisonSpec:
         if unknown:
             raise ValueError(f"{self.source}: --only {unknown}: not methods of this comparison "
                              f"({sorted(dict.fromkeys(m.family or m.name for m in self.methods))})")
-        keep = {m.name for m in self.methods if m.name in names or m.family in names or m.name == self.baseline}
+        keep = {m.name for m in self.methods if m.name in names or m.family in names
+                or self.baseline in (m.name, m.family)}
         by_name = {m.name: m for m in self.methods}
         todo = list(keep)
         while todo:
@@ -245,9 +246,9 @@ class ComparisonSpec:
             if unknown:
                 raise ValueError(f"{where}: method {m.name}: benchmarks {unknown} are not benchmarks of this file")
         baseline = data.get("baseline")
-        if baseline is not None and baseline not in {m.name for m in methods}:
-            raise ValueError(f"{where}: baseline {baseline!r} is not one of the methods (a method run with seeds "
-                             f"is named NAME@seedS)")
+        if baseline is not None and baseline not in {m.name for m in methods} | {m.family for m in methods}:
+            raise ValueError(f"{where}: baseline {baseline!r} is not one of the methods (or a family run with "
+                             f"seeds: each seed's row is then compared with the baseline's row of that seed)")
         boot = data.get("bootstrap") or {}
         spec = cls(methods, benchmarks, baseline, Path(out or data.get("out") or "runs/compare"),
                    int(boot.get("resamples", 10_000)), int(boot.get("seed", 0)), float(boot.get("confidence", 0.95)),
@@ -657,7 +658,13 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
             aps[c["method"]] = np.array([per[q][-1] for q in query_ids])
             per_query += _per_query_rows(b.name, c["method"], "none", query_ids, per)
         cards[b.name] = protocol_card(b, bench, mine)
-        base = aps.get(spec.baseline) if spec.baseline else None
+        def baseline_of(cell: dict[str, Any]) -> Optional[str]:
+            """The row a cell is compared with: the baseline method, or, when the baseline is a
+            family run with seeds, its row of the cell's seed (paired by seed and by query)."""
+            if spec.baseline in aps:
+                return spec.baseline
+            seeded = f"{spec.baseline}@seed{cell.get('seed')}"
+            return seeded if cell.get("seed") is not None and seeded in aps else None
 
         def delta(ap: np.ndarray, reference: np.ndarray, prefix: str = "") -> dict[str, Any]:
             diff = paired_bootstrap(ap, reference, spec.resamples, spec.seed, spec.confidence)
@@ -670,8 +677,9 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
             if c.get("status") == "ok":
                 row.update(_metric_columns(c["_metrics"], c.get("_costs") or {}, c.get("seconds")))
                 row.update(extra_columns(spec.columns, c))
-                if base is not None and c["method"] != spec.baseline:
-                    row.update(vs_baseline=spec.baseline, **delta(aps[c["method"]], base))
+                ref = baseline_of(c)
+                if ref is not None and ref != c["method"]:
+                    row.update(vs_baseline=ref, **delta(aps[c["method"]], aps[ref]))
             else:
                 row["error"] = c.get("error")
             rows.append({**row, **_provenance_columns(c)})
@@ -695,8 +703,9 @@ def write_tables(spec: ComparisonSpec, cells: Sequence[dict[str, Any]]) -> dict[
                 per_query += _per_query_rows(b.name, c["method"], reranker.name, query_ids, per)
                 row.update(status="ok", **_metric_columns({**m, **metrics}, {}, None), shortlist=spec.shortlist)
                 reranked = np.array([per[q][-1] for q in query_ids])
-                if base is not None:
-                    row.update(vs_baseline=spec.baseline, **delta(reranked, base))
+                ref = baseline_of(c)
+                if ref is not None:
+                    row.update(vs_baseline=ref, **delta(reranked, aps[ref]))
                 # the re-ranker's own effect: against the plain search of the same cell
                 row.update(delta(reranked, aps[c["method"]], "vs_plain_"))
                 rows.append({**row, **_provenance_columns(c)})
@@ -998,7 +1007,7 @@ def report_markdown(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], cards:
             delta = ""
             if "delta_mAP@all" in r:
                 delta = _interval(r)
-            elif r["method"] == spec.baseline:
+            elif spec.baseline in (r["method"], r.get("family")):
                 delta = "baseline"
             if "vs_plain_delta_mAP@all" in r:
                 delta += f" (vs plain search: {_interval(r, 'vs_plain_')})"

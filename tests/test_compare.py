@@ -200,7 +200,7 @@ def test_shipped_comparisons_name_existing_configs(path, monkeypatch):
 
     monkeypatch.chdir(path.parents[2])  # paths in a comparison are relative to the repository, as configs' are
     spec = ComparisonSpec.load(path, check_inputs=False)
-    assert spec.baseline is None or spec.baseline in {m.name for m in spec.methods}
+    assert spec.baseline is None or spec.baseline in {m.name for m in spec.methods} | {m.family for m in spec.methods}
     for m in spec.methods:
         assert m.config.is_file(), m.name
         argv = ["--config", str(m.config)]  # parsed as the test command parses it (no subcommand)
@@ -506,3 +506,30 @@ def test_only_keeps_the_named_methods_the_baseline_and_the_checkpoints_they_use(
                                                 "exact@seed1"]
     with pytest.raises(ValueError, match="nope"):
         ComparisonSpec.load(path, check_inputs=False).only(["nope"])
+
+
+def test_a_family_baseline_is_compared_seed_by_seed(comparison, tmp_path):
+    """baseline: a family run with seeds -> each seeded row against the baseline's row of its seed."""
+    spec = yaml.safe_load(comparison.read_text())
+    config = spec["methods"][0]["config"]
+    spec["methods"] = [{"name": "a", "config": config, "seeds": [0, 1]},
+                       {"name": "b", "config": config, "seeds": [0, 1],
+                        "overrides": {"model.init_args.net.init_args.top_k": 1}}]
+    spec["baseline"] = "a"
+    comparison.write_text(yaml.safe_dump(spec))
+    assert main(["compare", "--config", str(comparison)]) == 0
+    out = tmp_path / "out"
+    rows = _rows(out)
+    assert rows["b@seed1"]["vs_baseline"] == "a@seed1" and rows["b@seed0"]["vs_baseline"] == "a@seed0"
+    assert rows["a@seed1"].get("vs_baseline", "") == ""
+    with open(out / "per_query.csv", newline="") as f:
+        ap = {(r["method"], r["query"]): float(r["AP@all"]) for r in csv.DictReader(f)}
+    queries = {q for _, q in ap}
+    for seed in (0, 1):
+        gain = np.mean([ap[(f"b@seed{seed}", q)] - ap[(f"a@seed{seed}", q)] for q in queries])
+        assert float(rows[f"b@seed{seed}"]["delta_mAP@all"]) == pytest.approx(gain, abs=2e-6)
+    with open(out / "seeds.csv", newline="") as f:
+        family = {r["family"]: r for r in csv.DictReader(f)}
+    deltas = [float(rows[f"b@seed{s}"]["delta_mAP@all"]) for s in (0, 1)]
+    assert float(family["b"]["delta_mAP@all mean"]) == pytest.approx(np.mean(deltas), abs=2e-6)
+    assert float(family["b"]["delta_mAP@all std"]) == pytest.approx(np.std(deltas, ddof=1), abs=2e-6)
