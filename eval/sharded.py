@@ -194,6 +194,7 @@ class _InMemoryRanking:
         self.rankings = (index.search(queries, top_images=cfg.ranking_depth, query_labels=labels,
                                       prune_by_label=cfg.prune_by_label) if len(queries) and len(store) else [])
         self.num_regions = len(store)
+        self.feature_bytes = int(store.features.nbytes)  # as indexed (whitened when the config whitens)
 
     def scores_of(self, judged: _Judged) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(found, score, region)`` of each judged pair: found where the ranking holds it."""
@@ -234,6 +235,7 @@ class _StreamedRanking:
     def __init__(self, shards: RegionShards, keep: np.ndarray, queries: np.ndarray, labels: Optional[list]):
         self.shards, self.keep, self.queries, self.labels = shards, keep, queries, labels
         self.num_regions = int(np.diff(shards.image_starts)[keep].sum())
+        self.feature_bytes = self.num_regions * int(shards.dim) * 4  # float32 on disk, as spilled
 
     def _blocks(self) -> Iterator:
         if not len(self.queries):
@@ -397,7 +399,7 @@ def evaluate_sharded(evaluator: "RetrievalEvaluator") -> Optional["EvaluationRes
     gt_ids, gt = gt_boxes(bench, available=ranked_here.__contains__)
     counts_iou = recall_at_iou(gt, _image_boxes(collection, gt_ids), thresholds=RECALL_THRESHOLDS)
     covered = np.nan_to_num(np.asarray(counts_iou["recall"], dtype=np.float64)) * counts_iou["num_gt"]
-    feature_bytes = ranking.num_regions * (features.shape[1] if len(features) else 0) * 4  # float32
+    feature_bytes = ranking.feature_bytes  # the float32 features this process ranks
     sums = all_reduce_sum(torch.tensor([*np.rint(covered), counts_iou["num_gt"], feature_bytes,
                                         int((local_position >= 0).sum()), ranking.num_regions],
                                        dtype=torch.float64))

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -100,7 +101,8 @@ class MethodSpec:
     #: a method listed with ``seeds:`` runs once per seed, as ``NAME@seedS`` of family NAME
     family: Optional[str] = None
     seed: Optional[int] = None
-    #: the training log (``metrics.csv``) of the checkpoint, once known: ``from: fit`` columns
+    #: the training log of the checkpoint (a CSV logger's folder: one ``version_N/metrics.csv`` per
+    #: attempt of a resumed training), once known: ``from: fit`` columns
     training_log: Optional[Path] = None
     #: the benchmarks the method runs on (default: all), e.g. a detector fine-tuned on one of them
     benchmarks: Optional[list[str]] = None
@@ -119,9 +121,17 @@ class MethodSpec:
         return {k: str(v.path) if isinstance(v, CheckpointOf) else v for k, v in self.overrides.items()}
 
     def hashed_overrides(self) -> dict[str, Any]:
-        """The overrides as hashed into keys: a referenced checkpoint by its content, not its path."""
-        return {k: {"checkpoint_sha256": _sha256(v.path)} if isinstance(v, CheckpointOf) else v
-                for k, v in self.overrides.items()}
+        """The overrides as hashed into keys: a referenced checkpoint, and a value naming an
+        existing file (a weights file), by its content as well, so that a file rewritten in place
+        makes new keys."""
+        def hashed(value: Any) -> Any:
+            if isinstance(value, CheckpointOf):
+                return {"checkpoint_sha256": _sha256(value.path)}
+            if isinstance(value, str) and len(value) < 4096 and Path(value).is_file():
+                return {"file": value, "sha256": _sha256(Path(value))}
+            return value
+
+        return {k: hashed(v) for k, v in self.overrides.items()}
 
 
 @dataclass
@@ -361,12 +371,24 @@ def _referenced(methods: Sequence[MethodSpec], by: MethodSpec, name: str) -> Opt
     return found.get(f"{name}@seed{by.seed}") if by.seed is not None else None
 
 
+#: the columns every row has (an extra column may not replace one)
+RESERVED_COLUMNS = frozenset({
+    "benchmark", "method", "reranker", "status", "family", "seed", "error", "shortlist", "vs_baseline",
+    "delta_mAP@all", "ci_low", "ci_high", "ci_excludes_0", "vs_plain_delta_mAP@all", "vs_plain_ci_low",
+    "vs_plain_ci_high", "vs_plain_ci_excludes_0", "mAP@10", "mAP@20", "mAP@50", "mAP@100", "mAP@all", "mIoU",
+    "recall@IoU0.5", "recall@IoU0.7", "regions_per_image", "test_seconds", "extraction_items_per_s",
+    "search_ms_per_query", "index_bytes_per_image", "commit", "dirty", "config", "cell_key",
+    "checkpoint_sha256", "benchmark_sha256", "device", "torch", "faiss"})
+
+
 def _extra_columns(entries: list, where: str) -> list[ExtraColumn]:
     columns = []
     for i, c in enumerate(entries):
         if not isinstance(c, dict) or "name" not in c or "key" not in c:
             raise ValueError(f"{where}: columns[{i}] needs a name and a key")
         column = ExtraColumn(str(c["name"]), str(c["key"]), str(c.get("from", "fit")), bool(c.get("every_epoch")))
+        if column.name in RESERVED_COLUMNS:
+            raise ValueError(f"{where}: columns[{i}]: {column.name!r} is a column of every row; name it otherwise")
         if column.source not in ExtraColumn.SOURCES:
             raise ValueError(f"{where}: columns[{i}].from is one of {ExtraColumn.SOURCES}")
         if column.every_epoch and column.source != "fit":
@@ -389,9 +411,18 @@ def _named_entries(data: dict, key: str, required: str, where: str, hint: str = 
 
 # ------------------------------------------------------------------------------ cells
 def _sha256(path: Optional[Path]) -> Optional[str]:
+    """A file's SHA-256, computed once per (path, size, modification time)."""
+    if path is None:
+        return None
+    stat = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     from instsearch.eval.shards import file_sha256
 
-    return file_sha256(path) if path is not None else None
+    return file_sha256(path)
 
 
 def cell_key(method: MethodSpec, benchmark: BenchmarkSpec, benchmark_sha256: str) -> str:
@@ -430,8 +461,10 @@ def train(method: MethodSpec, folder: Path, say=print) -> Path:
         return last
     folder.mkdir(parents=True, exist_ok=True)
     callbacks = [{"class_path": "instsearch.checkpointing.LastCheckpoint", "init_args": {"dirpath": str(folder)}}]
+    # a resumed training logs into a version of its own: the CSV logger empties an existing one
+    attempt = len(list((folder / "fit").glob("version_*")))
     argv = ["fit", "--config", str(method.config), *_override_args(method.command_overrides()),
-            "--trainer.logger", _csv_logger(folder, "fit"), "--trainer.callbacks", json.dumps(callbacks),
+            "--trainer.logger", _csv_logger(folder, "fit", attempt), "--trainer.callbacks", json.dumps(callbacks),
             *(["--ckpt_path", str(last)] if last.is_file() else [])]
     say(f"[train] {method.name}" + (" (resuming)" if last.is_file() else ""))
     t0 = time.perf_counter()
@@ -468,7 +501,7 @@ def prepare_checkpoints(methods: Sequence[MethodSpec], folder: Path, say=print) 
             try:
                 run = folder / f"{m.config.stem}__{train_key(m)}"  # shared by every method of that training
                 m.ckpt_path = train(m, run, say)
-                m.training_log = next(iter(sorted((run / "fit").rglob("metrics.csv"))), None)
+                m.training_log = run / "fit"
             except Exception as e:  # the method's cells are failed rows; the comparison goes on
                 failed[m.name] = f"training: {type(e).__name__}: {e}"
                 say(f"[failed] training {m.name}: {failed[m.name]}")
@@ -478,10 +511,10 @@ def prepare_checkpoints(methods: Sequence[MethodSpec], folder: Path, say=print) 
     return failed
 
 
-def _csv_logger(save_dir: Path, name: str) -> str:
-    """A ``--trainer.logger`` value: one CSV logger writing to ``save_dir/name/0``."""
+def _csv_logger(save_dir: Path, name: str, version: int = 0) -> str:
+    """A ``--trainer.logger`` value: one CSV logger writing to ``save_dir/name/version_N``."""
     return json.dumps([{"class_path": "pytorch_lightning.loggers.CSVLogger",
-                        "init_args": {"save_dir": str(save_dir), "name": name, "version": "0"}}])
+                        "init_args": {"save_dir": str(save_dir), "name": name, "version": int(version)}}])
 
 
 def _lightning(argv: list[str]):
@@ -501,9 +534,12 @@ def run_cell(method: MethodSpec, benchmark: BenchmarkSpec, folder: Path) -> dict
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="cell_", dir=folder.parent))
-    argv = ["test", "--config", str(method.config), "--data.init_args.benchmark", str(benchmark.path),
+    # the cell's benchmark and protocol after the method's overrides: they win over an override of
+    # the data's benchmark (which a fine-tuning on that collection may need for its fit)
+    argv = ["test", "--config", str(method.config),
             *(["--ckpt_path", str(method.checkpoint)] if method.checkpoint else []),
-            *_override_args({**method.command_overrides(), **benchmark.protocol_overrides}),
+            *_override_args({**method.command_overrides(), "data.init_args.benchmark": str(benchmark.path),
+                             **benchmark.protocol_overrides}),
             "--trainer.logger", _csv_logger(work, "test"),
             "--model.init_args.retrieval.grid_queries", "0"]
     t0 = time.perf_counter()
@@ -765,7 +801,7 @@ def extra_columns(columns: Sequence[ExtraColumn], cell: dict[str, Any]) -> dict[
     """The ``columns:`` figures of one cell (``None`` where the cell has no such figure)."""
     values: dict[str, Optional[float]] = {}
     log = cell.get("training_log")
-    logged = _read_training_log(Path(log)) if log and Path(log).is_file() else []
+    logged = _read_training_log(Path(log)) if log and Path(log).exists() else []
     for column in columns:
         if column.source == "fit":
             series = [(r.get("epoch"), r[column.key]) for r in logged if r.get(column.key) not in (None, "")]
@@ -781,8 +817,15 @@ def extra_columns(columns: Sequence[ExtraColumn], cell: dict[str, Any]) -> dict[
 
 
 def _read_training_log(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    """The rows of a CSV log, or of every attempt's ``version_N/metrics.csv`` under a logger's
+    folder in attempt order (a resumed training's later rows come last)."""
+    files = [path] if path.is_file() else sorted(
+        path.glob("version_*/metrics.csv"), key=lambda f: int(f.parent.name.split("_")[-1]))
+    rows: list[dict[str, str]] = []
+    for file in files:
+        with open(file, newline="", encoding="utf-8") as f:
+            rows += list(csv.DictReader(f))
+    return rows
 
 
 def _lookup(data: dict[str, Any], key: str) -> Any:
@@ -860,9 +903,12 @@ def _provenance_columns(cell: dict[str, Any]) -> dict[str, Any]:
 
 
 def _num(value: Any) -> Optional[float]:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A table number: ``None`` for a missing, NaN or non-numeric value."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
         return None
-    return round(float(value), 6)
+    return None if math.isnan(number) else round(number, 6)
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:

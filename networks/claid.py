@@ -315,8 +315,10 @@ class CLAID(ClassAgnostic, nn.Module):
         boxes, scores, masks = [], [], []
         for image in images:
             height, width = int(image.shape[-2]), int(image.shape[-1])
+            _synchronize(image)  # an accelerator's queued work is not the patch grid's
             start = time.perf_counter()
             grid = self.patch_grid(image)
+            _synchronize(grid)
             split = time.perf_counter()
             nodes = self.hierarchy_of_grid(grid)
             self._count(nodes, split - start, time.perf_counter() - split)
@@ -357,6 +359,12 @@ class CLAID(ClassAgnostic, nn.Module):
         check_images(images)
         boxes = check_box_lists(images, boxes)
         return list(self._describe(images, boxes).split([len(b) for b in boxes]))
+
+def _synchronize(tensor: Tensor) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously) before reading a clock."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
 
 def _backbone(backbone: BackboneArg, weights: Union[str, Path, None], options: Optional[dict[str, Any]],
               role: str) -> StagedBackbone:

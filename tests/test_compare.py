@@ -368,12 +368,16 @@ def test_a_group_of_benchmark_sizes_is_plotted_against_database_size(comparison,
         assert float(rows[("plus6", method)]["mAP@all"]) <= float(rows[("small", method)]["mAP@all"]) + 1e-9
     assert (out / "size_sizes.png").stat().st_size > 10_000
     # a method limited to some benchmarks (e.g. a detector fine-tuned on one) runs on those only
-    spec["methods"].append({**spec["methods"][0], "name": "three_small_only", "benchmarks": ["small"]})
+    # (its own override of the data's benchmark, which a fine-tuning may need, does not redirect the cell)
+    spec["methods"].append({**spec["methods"][0], "name": "three_small_only", "benchmarks": ["small"],
+                            "overrides": {"data.init_args.benchmark": str(tmp_path / "plus6.json")}})
     comparison.write_text(yaml.safe_dump(spec))
     assert main(["compare", "--config", str(comparison)]) == 0
     with open(out / "results.csv", newline="") as f:
-        ran = {(r["benchmark"], r["method"]) for r in csv.DictReader(f)}
+        ran = {(r["benchmark"], r["method"]): r for r in csv.DictReader(f) if r["reranker"] == "none"}
     assert ("small", "three_small_only") in ran and ("plus6", "three_small_only") not in ran
+    assert ran[("small", "three_small_only")]["mAP@all"] == ran[("small", "three")]["mAP@all"]
+    assert ran[("small", "three")]["mAP@all"] != ran[("plus6", "three")]["mAP@all"]
     assert "](size_sizes.png)" in (out / "report.md").read_text()
     assert "| distractor images | 6 |" in (out / "report.md").read_text()
 
@@ -464,6 +468,7 @@ def test_checkpoint_of_reuses_a_trained_method_and_columns_read_its_training_log
     ({"methods": [{"name": "a", "config": "a.yaml", "seed_options": ["x"]}]}, "needs seeds"),
     ({"columns": [{"name": "c", "key": "k", "from": "somewhere"}]}, "columns\\[0\\].from"),
     ({"methods": [{"name": "a", "config": "a.yaml", "benchmarks": ["elsewhere"]}]}, "'elsewhere'\\] are not"),
+    ({"columns": [{"name": "status", "key": "k"}]}, "column of every row"),
     ({"columns": [{"name": "c", "key": "k", "from": "costs", "every_epoch": True}]}, "every_epoch"),
 ])
 def test_bad_references_seeds_and_columns_are_named(tmp_path, change, message):
@@ -533,3 +538,39 @@ def test_a_family_baseline_is_compared_seed_by_seed(comparison, tmp_path):
     deltas = [float(rows[f"b@seed{s}"]["delta_mAP@all"]) for s in (0, 1)]
     assert float(family["b"]["delta_mAP@all mean"]) == pytest.approx(np.mean(deltas), abs=2e-6)
     assert float(family["b"]["delta_mAP@all std"]) == pytest.approx(np.std(deltas, ddof=1), abs=2e-6)
+
+
+def test_columns_read_every_attempt_of_a_resumed_training_and_skip_what_is_not_a_number(tmp_path):
+    """A resumed training logs into a new version folder: the last value and the per-epoch values
+    come from the latest attempt; a non-numeric figure is an empty cell, not a crash."""
+    from instsearch.compare_cli import ExtraColumn, extra_columns
+
+    log = tmp_path / "fit"
+    for version, rows in ((0, [(0, 3.0), (1, 2.5)]), (1, [(1, 2.0), (2, 1.5)])):  # epoch 1 redone
+        (log / f"version_{version}").mkdir(parents=True)
+        lines = ["epoch,step,train/loss,val/ap"] + [f"{e},{10 * e},{v}," for e, v in rows]
+        if version == 0:
+            lines.append("0,5,,0.25")  # logged once, in the first attempt only
+        (log / f"version_{version}" / "metrics.csv").write_text("\n".join(lines) + "\n")
+    cell = {"training_log": str(log), "_costs": {"search_rule": "sharded: ...", "network": {"cuts/img": 2}},
+            "_metrics": {"mAP@all": float("nan")}}
+    columns = [ExtraColumn("loss", "train/loss"), ExtraColumn("loss", "train/loss", every_epoch=True),
+               ExtraColumn("ap", "val/ap"), ExtraColumn("rule", "search_rule", "costs"),
+               ExtraColumn("cuts", "network.cuts/img", "costs"), ExtraColumn("m", "mAP@all", "metrics")]
+    assert extra_columns(columns, cell) == {"loss": 1.5, "loss e1": 3.0, "loss e2": 2.0, "loss e3": 1.5,
+                                            "ap": 0.25, "rule": None, "cuts": 2.0, "m": None}
+
+
+def test_a_weights_file_named_in_an_override_is_hashed_by_its_content(tmp_path):
+    from instsearch.compare_cli import MethodSpec
+
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"one")
+    method = MethodSpec("m", tmp_path / "c.yaml", overrides={"model.init_args.net.init_args.weights": str(weights),
+                                                             "x.patch_weights": CheckpointOf("stand_in", weights)})
+    before = method.hashed_overrides()
+    weights.write_bytes(b"two!")  # retrained in place
+    after = method.hashed_overrides()
+    assert all(after[k] != before[k] for k in before)
+    method.overrides.pop("x.patch_weights")
+    assert method.command_overrides() == {"model.init_args.net.init_args.weights": str(weights)}
