@@ -33,8 +33,8 @@ with ``seeds`` runs once per seed with ``seed_everything`` and every ``seed_opti
 it, and its family's mean ± sample standard deviation over seeds goes to ``seeds.csv`` and the
 reports; a family as the ``baseline`` compares each seed's row with the baseline's row of that seed. ``columns:`` adds method-specific figures to the rows: ``{name, key, from: fit}`` (the
 last value logged under ``key`` in the training log of the row's checkpoint; ``every_epoch: true``
-one column per epoch), ``from: costs`` (``costs.json``, e.g. ``network.cuts/img``) or ``from:
-metrics`` (``metrics.json``). ``--only NAME ...`` runs some methods (with the baseline and the
+one column per epoch), ``from: costs`` (``costs.json``, e.g. ``network.cuts/img``), ``from:
+metrics`` (``metrics.json``) or ``from: validate`` (``instsearch validate`` of the cell, run once). ``--only NAME ...`` runs some methods (with the baseline and the
 methods whose checkpoints they use). Every cell (method x benchmark) is ``instsearch test`` of
 that config, checkpoint and overrides
 on that benchmark, run in this process, so its numbers are exactly the command's. A cell's
@@ -141,14 +141,16 @@ class ExtraColumn:
     ``from``: ``fit`` -- the value logged under ``key`` in the training log of the cell's
     checkpoint (its last value, or one column per epoch with ``every_epoch``; logged under the
     method config's own protocol); ``costs`` -- the cell's ``costs.json`` (``network.KEY``: the
-    network's own figures, e.g. CLAID's ``cuts/img``); ``metrics`` -- the cell's ``metrics.json``.
-    A cell without the figure leaves the column empty."""
+    network's own figures, e.g. CLAID's ``cuts/img``); ``metrics`` -- the cell's ``metrics.json``;
+    ``validate`` -- ``instsearch validate`` of the cell's config, checkpoint and overrides, run once
+    per cell when a column asks for it (e.g. a detector's ``val/box_AP@0.5`` before and after
+    training). A cell without the figure leaves the column empty."""
     name: str
     key: str
     source: str = "fit"
     every_epoch: bool = False
 
-    SOURCES = ("fit", "costs", "metrics")
+    SOURCES = ("fit", "costs", "metrics", "validate")
 
 
 @dataclass
@@ -559,6 +561,35 @@ def run_cell(method: MethodSpec, benchmark: BenchmarkSpec, folder: Path) -> dict
     return {"seconds": round(seconds, 2), "argv": argv, "rerankable": reranking, "served_max_side": max_side}
 
 
+def validation_log(spec: "ComparisonSpec", method: MethodSpec, benchmark: BenchmarkSpec, folder: Path,
+                   say=print) -> Optional[str]:
+    """When a column reads ``from: validate``: ``instsearch validate`` of the cell's config,
+    checkpoint and overrides, logged once into ``folder/validate`` (kept with the cell, so a
+    column added later validates only then); the log's folder, or ``None``. A failing validation
+    leaves those columns empty and says why; the cell stays."""
+    if not any(c.source == "validate" for c in spec.columns):
+        return None
+    log = folder / "validate"
+    if (log / "done").is_file():
+        return str(log)
+    say(f"[validate] {method.name} on {benchmark.name}")
+    import shutil
+
+    shutil.rmtree(log, ignore_errors=True)
+    argv = ["validate", "--config", str(method.config),
+            *(["--ckpt_path", str(method.checkpoint)] if method.checkpoint else []),
+            *_override_args({**method.command_overrides(), "data.init_args.benchmark": str(benchmark.path),
+                             **benchmark.protocol_overrides}),
+            "--trainer.logger", _csv_logger(folder, "validate")]
+    try:
+        _lightning(argv)
+    except Exception as e:
+        say(f"[failed] validate {method.name} on {benchmark.name}: {type(e).__name__}: {e}")
+        return None
+    (log / "done").write_text(json.dumps({"argv": argv}) + "\n")
+    return str(log)
+
+
 def save_rerank_inputs(evaluator, path: Path) -> Optional[str]:
     """The cell's region features and searched queries for re-ranking; ``None`` when saved, else
     why not (a method searched from codes alone keeps no features)."""
@@ -637,6 +668,7 @@ def compare(spec: ComparisonSpec, say=print) -> dict[str, Any]:
                 say(f"[cached] {m.name} on {b.name}")
                 cached = json.loads(record.read_text())
                 cached["training_log"] = str(m.training_log) if m.training_log else None  # where it is now
+                cached["validation_log"] = validation_log(spec, m, b, folder, say)
                 cells.append(cached)
                 continue
             say(f"[run] {m.name} on {b.name}")
@@ -649,6 +681,7 @@ def compare(spec: ComparisonSpec, say=print) -> dict[str, Any]:
             try:
                 cell.update(run_cell(m, b, folder))
                 cell["status"] = "ok"
+                cell["validation_log"] = validation_log(spec, m, b, folder, say)
             except Exception as e:  # a failed method is a failed row; the comparison goes on
                 cell.update(status="failed", error=f"{type(e).__name__}: {e}",
                             traceback=traceback.format_exc(limit=5))
@@ -800,10 +833,14 @@ def log_to_wandb(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], plots: di
 def extra_columns(columns: Sequence[ExtraColumn], cell: dict[str, Any]) -> dict[str, Optional[float]]:
     """The ``columns:`` figures of one cell (``None`` where the cell has no such figure)."""
     values: dict[str, Optional[float]] = {}
-    log = cell.get("training_log")
+    log, validated = cell.get("training_log"), cell.get("validation_log")
     logged = _read_training_log(Path(log)) if log and Path(log).exists() else []
+    validation = _read_training_log(Path(validated)) if validated and Path(validated).exists() else []
     for column in columns:
-        if column.source == "fit":
+        if column.source == "validate":
+            found = [r[column.key] for r in validation if r.get(column.key) not in (None, "")]
+            values[column.name] = _num(found[-1]) if found else None
+        elif column.source == "fit":
             series = [(r.get("epoch"), r[column.key]) for r in logged if r.get(column.key) not in (None, "")]
             if column.every_epoch:
                 per_epoch = {int(float(e)): v for e, v in series if e not in (None, "")}

@@ -430,7 +430,9 @@ def test_checkpoint_of_reuses_a_trained_method_and_columns_read_its_training_log
             "columns": [{"name": "loss", "key": "train/loss"},
                         {"name": "loss", "key": "train/loss", "every_epoch": True},
                         {"name": "ms", "key": "search_ms_per_query", "from": "costs"},
-                        {"name": "r07", "key": "recall@IoU0.7", "from": "metrics"}]}
+                        {"name": "r07", "key": "recall@IoU0.7", "from": "metrics"},
+                        {"name": "fit box AP", "key": "val/box_AP@0.5"},
+                        {"name": "box AP", "key": "val/box_AP@0.5", "from": "validate"}]}
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert main(["compare", "--config", str(path)]) == 0
@@ -451,7 +453,10 @@ def test_checkpoint_of_reuses_a_trained_method_and_columns_read_its_training_log
         assert float(row["ms"]) == json.loads((cell / "costs.json").read_text())["search_ms_per_query"]
         assert float(row["r07"]) == pytest.approx(json.loads((cell / "metrics.json").read_text())["recall@IoU0.7"],
                                                   abs=1e-6)
-    assert "| method | loss | loss e1 | loss e2 | ms | r07 |" in (out / "report.md").read_text()
+    assert "| method | loss | loss e1 | loss e2 | ms | r07 | fit box AP | box AP |" in (out / "report.md").read_text()
+    # `instsearch validate` of the trained checkpoint scores what the training's last validation did
+    assert rows["drcnn"]["box AP"] != "" and float(rows["drcnn"]["box AP"]) == pytest.approx(
+        float(rows["drcnn"]["fit box AP"]), abs=1e-6)
 
 
 @pytest.mark.parametrize("change, message", [
