@@ -580,7 +580,9 @@ def validation_log(spec: "ComparisonSpec", method: MethodSpec, benchmark: Benchm
             *(["--ckpt_path", str(method.checkpoint)] if method.checkpoint else []),
             *_override_args({**method.command_overrides(), "data.init_args.benchmark": str(benchmark.path),
                              **benchmark.protocol_overrides}),
-            "--trainer.logger", _csv_logger(folder, "validate")]
+            "--trainer.logger", _csv_logger(folder, "validate"),
+            # no retrieval evaluation at the validation's end (the epoch is 0): the cell's test has it
+            "--retrieval.every_n_epochs", "1000000"]
     try:
         _lightning(argv)
     except Exception as e:
