@@ -1143,7 +1143,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default: the file's 'out')")
     p.add_argument("--only", nargs="+", metavar="METHOD", default=None,
                    help="run these methods only (a method run with seeds by its name), with the baseline and "
-                        "the methods whose checkpoints they use")
+                        "the methods whose checkpoints they use; the tables then list those (the other "
+                        "methods' cells stay cached for a full run)")
     args = p.parse_args(argv)
     try:
         spec = ComparisonSpec.load(args.config, args.out)
