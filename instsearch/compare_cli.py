@@ -1108,7 +1108,7 @@ def report_markdown(spec: ComparisonSpec, rows: Sequence[dict[str, Any]], cards:
         families = [f for f in seeds if f["benchmark"] == name]
         if families:
             keys = [k for k in (*SEED_METRICS, *extra) if any(f"{k} mean" in f for f in families)]
-            lines += [f"Over seeds (mean ± sample standard deviation):", "",
+            lines += ["Over seeds (mean ± sample standard deviation):", "",
                       "| method | re-ranker | seeds | " + " | ".join(keys) + " |", "|---|---|---|" + "---:|" * len(keys)]
             for f in families:
                 lines.append(f"| {f['family']} | {f['reranker']} | {f['seeds']} | " + " | ".join(

@@ -408,7 +408,7 @@ def test_seeds_run_once_each_and_their_spread_is_reported(comparison, tmp_path):
     assert float(family["mAP@all mean"]) == pytest.approx(mean, abs=2e-6)
     assert float(family["mAP@all std"]) == pytest.approx(std, abs=2e-6)
     report = (out / "report.md").read_text()
-    assert f"| rand | none | 0 1 2 | " in report and f"{mean:.4f} ± {std:.4f}" in report
+    assert "| rand | none | 0 1 2 | " in report and f"{mean:.4f} ± {std:.4f}" in report
 
 
 def test_checkpoint_of_reuses_a_trained_method_and_columns_read_its_training_log(tmp_path, synthetic_root,
