@@ -482,7 +482,6 @@ def prepare_checkpoints(methods: Sequence[MethodSpec], folder: Path, say=print) 
     :func:`train_key`) and resolve every ``checkpoint_of`` reference, a referenced method before the
     one that names it. Returns ``{method: why it cannot run}`` for the methods whose training (or a
     training they depend on) failed; the others run."""
-    by_name = {m.name: m for m in methods}
     failed: dict[str, str] = {}
     done: set[str] = set()
 
@@ -508,7 +507,7 @@ def prepare_checkpoints(methods: Sequence[MethodSpec], folder: Path, say=print) 
                 failed[m.name] = f"training: {type(e).__name__}: {e}"
                 say(f"[failed] training {m.name}: {failed[m.name]}")
 
-    for m in by_name.values():
+    for m in methods:
         prepare(m)
     return failed
 
@@ -530,19 +529,23 @@ def _lightning(argv: list[str]):
         raise RuntimeError(f"instsearch {argv[0]} rejected the options (exit {e.code}): {' '.join(argv)}") from e
 
 
+def _cell_argv(command: str, method: MethodSpec, benchmark: BenchmarkSpec) -> list[str]:
+    """``command`` (test / validate) of the method's config, checkpoint and overrides on the cell's
+    benchmark. The benchmark and its protocol come after the method's overrides: they win over an
+    override of the data's benchmark (which a fine-tuning on that collection may need for its fit)."""
+    return [command, "--config", str(method.config),
+            *(["--ckpt_path", str(method.checkpoint)] if method.checkpoint else []),
+            *_override_args({**method.command_overrides(), "data.init_args.benchmark": str(benchmark.path),
+                             **benchmark.protocol_overrides})]
+
+
 def run_cell(method: MethodSpec, benchmark: BenchmarkSpec, folder: Path) -> dict[str, Any]:
     """``instsearch test`` of one cell, its outputs copied into ``folder`` (``cell.json`` last)."""
     import shutil
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="cell_", dir=folder.parent))
-    # the cell's benchmark and protocol after the method's overrides: they win over an override of
-    # the data's benchmark (which a fine-tuning on that collection may need for its fit)
-    argv = ["test", "--config", str(method.config),
-            *(["--ckpt_path", str(method.checkpoint)] if method.checkpoint else []),
-            *_override_args({**method.command_overrides(), "data.init_args.benchmark": str(benchmark.path),
-                             **benchmark.protocol_overrides}),
-            "--trainer.logger", _csv_logger(work, "test"),
+    argv = [*_cell_argv("test", method, benchmark), "--trainer.logger", _csv_logger(work, "test"),
             "--model.init_args.retrieval.grid_queries", "0"]
     t0 = time.perf_counter()
     cli = _lightning(argv)
@@ -576,11 +579,7 @@ def validation_log(spec: "ComparisonSpec", method: MethodSpec, benchmark: Benchm
     import shutil
 
     shutil.rmtree(log, ignore_errors=True)
-    argv = ["validate", "--config", str(method.config),
-            *(["--ckpt_path", str(method.checkpoint)] if method.checkpoint else []),
-            *_override_args({**method.command_overrides(), "data.init_args.benchmark": str(benchmark.path),
-                             **benchmark.protocol_overrides}),
-            "--trainer.logger", _csv_logger(folder, "validate"),
+    argv = [*_cell_argv("validate", method, benchmark), "--trainer.logger", _csv_logger(folder, "validate"),
             # no retrieval evaluation at the validation's end (the epoch is 0): the cell's test has it
             "--retrieval.every_n_epochs", "1000000"]
     try:
@@ -839,11 +838,9 @@ def extra_columns(columns: Sequence[ExtraColumn], cell: dict[str, Any]) -> dict[
     logged = _read_training_log(Path(log)) if log and Path(log).exists() else []
     validation = _read_training_log(Path(validated)) if validated and Path(validated).exists() else []
     for column in columns:
-        if column.source == "validate":
-            found = [r[column.key] for r in validation if r.get(column.key) not in (None, "")]
-            values[column.name] = _num(found[-1]) if found else None
-        elif column.source == "fit":
-            series = [(r.get("epoch"), r[column.key]) for r in logged if r.get(column.key) not in (None, "")]
+        if column.source in ("fit", "validate"):
+            series = [(r.get("epoch"), r[column.key]) for r in (logged if column.source == "fit" else validation)
+                      if r.get(column.key) not in (None, "")]
             if column.every_epoch:
                 per_epoch = {int(float(e)): v for e, v in series if e not in (None, "")}
                 values.update({f"{column.name} e{e + 1}": _num(v) for e, v in sorted(per_epoch.items())})
